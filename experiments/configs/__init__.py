@@ -1,0 +1,1 @@
+"""Experiment configs; each names the paper table (and row/column) it reproduces."""

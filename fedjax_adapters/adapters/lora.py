@@ -1,0 +1,284 @@
+"""LoRA deltas as pure functions: dense, conv2d, embedding, bias and norm adaptors.
+
+Every adaptor group is stored with a leading adaptor axis ``C`` (``C = 1`` for a single LoRA), so the same code
+serves a plain LoRA, FLoRAL's mixture of ``C`` adaptors and FedDPA's global/local pair. Layouts follow Flax
+(``y = x @ kernel``): a dense LoRA is ``a: [C, d_in, r]``, ``b: [C, r, d_out]`` and adds
+``scale * x @ a[c] @ b[c]``, i.e. the dense weight ``kernel + scale * a[c] @ b[c]``.
+
+``weights`` (``[C]``) mixes the adaptors: ``delta = sum_c weights[c] * delta_c(x)``. FLoRAL (arXiv 2410.03497) mixes
+in parameter space, ``W + sum_c pi_c B_c A_c``; for a linear layer this is the same sum of per-adaptor outputs.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+Params = dict[str, Array]
+
+INITS = ('uniform_in', 'kaiming', 'normal')
+
+
+def resolve_rank(rank: int | float | str, d_in: int, d_out: int) -> int:
+  """Turns a rank request into an integer rank for a ``d_in -> d_out`` layer.
+
+  Args:
+    rank: an integer rank; a float ``0 < rho < 1`` meaning FLoRAL's relative parameter budget
+      (``r = max(1, int(rho * d_in * d_out / (d_in + d_out)))``, so ``r * (d_in + d_out) ~= rho * d_in * d_out``);
+      or ``'full'`` for ``min(d_in, d_out)``.
+    d_in: input dimension of the layer (conv: ``C_in * k_w``).
+    d_out: output dimension of the layer (conv: ``C_out * k_h``).
+
+  Returns:
+    The integer rank.
+
+  Raises:
+    ValueError: if the rank is not positive or larger than ``min(d_in, d_out)``.
+  """
+  if isinstance(rank, str):
+    if rank != 'full':
+      raise ValueError(f"rank {rank!r} is not understood: use an int, a float budget in (0, 1), or 'full'.")
+    return min(d_in, d_out)
+  if isinstance(rank, float) and not float(rank).is_integer():
+    if not 0.0 < rank < 1.0:
+      raise ValueError(f'a float rank is a parameter budget and must lie in (0, 1); got {rank}.')
+    return max(1, int(rank * d_in * d_out / (d_in + d_out)))
+  r = int(rank)
+  if r < 1:
+    raise ValueError(f'rank must be >= 1; got {rank}.')
+  if r > min(d_in, d_out):
+    raise ValueError(f'rank {r} is larger than the layer allows (d_in={d_in}, d_out={d_out}, '
+                     f'max rank {min(d_in, d_out)}).')
+  return r
+
+
+def _init_a(key: Array, shape: Sequence[int], fan_in: int, init: str, dtype) -> Array:
+  if init == 'uniform_in':    # FLoRAL's default: U(+-sqrt(6 / fan_in)).
+    bound = math.sqrt(6.0 / fan_in)
+  elif init == 'kaiming':     # PEFT's kaiming_uniform(a=sqrt(5)): U(+-1/sqrt(fan_in)).
+    bound = 1.0 / math.sqrt(fan_in)
+  elif init == 'normal':      # embedding LoRA: N(0, 1).
+    return jax.random.normal(key, shape, dtype)
+  else:
+    raise ValueError(f'unknown init {init!r}; choose one of {INITS}.')
+  return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def _init_bias(key: Array, shape: Sequence[int], fan_in: int, bias_init: str, dtype) -> Array:
+  if bias_init == 'zeros':
+    return jnp.zeros(shape, dtype)
+  if bias_init == 'uniform':  # FLoRAL's public code leaves PyTorch's default bias init: U(+-1/sqrt(fan_in)).
+    bound = 1.0 / math.sqrt(fan_in)
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  raise ValueError(f"unknown bias_init {bias_init!r}; choose 'zeros' or 'uniform'.")
+
+
+def _mix_weights(weights: Array | None, num: int) -> Array:
+  if weights is None:
+    return jnp.full((num,), 1.0 / num) if num > 1 else jnp.ones((1,))
+  if weights.shape != (num,):
+    raise ValueError(f'mixture weights have shape {tuple(weights.shape)} but the layer holds {num} adaptors; '
+                     f'expected shape ({num},).')
+  return weights
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dense
+# ----------------------------------------------------------------------------------------------------------------
+
+def init_dense(key: Array, d_in: int, d_out: int, rank: int | float | str, *, num_adaptors: int = 1,
+               bias: bool = False, init: str = 'uniform_in', bias_init: str = 'zeros',
+               dtype=jnp.float32) -> Params:
+  """Initializes ``num_adaptors`` dense LoRAs (``b = 0``, so the delta starts at zero unless a bias is drawn).
+
+  Returns:
+    ``{'a': [C, d_in, r], 'b': [C, r, d_out]}`` plus ``'bias': [C, d_out]`` when ``bias``.
+  """
+  r = resolve_rank(rank, d_in, d_out)
+  ka, kb = jax.random.split(key)
+  p = {'a': _init_a(ka, (num_adaptors, d_in, r), d_in, init, dtype),
+       'b': jnp.zeros((num_adaptors, r, d_out), dtype)}
+  if bias:
+    p['bias'] = _init_bias(kb, (num_adaptors, d_out), r, bias_init, dtype)
+  return p
+
+
+def dense_delta(params: Params, x: Array, weights: Array | None = None, *, scale: float = 1.0) -> Array:
+  """``scale * sum_c weights[c] * (x @ a[c] @ b[c] + bias[c])``.
+
+  Args:
+    params: ``{'a': [C, d_in, r], 'b': [C, r, d_out], 'bias'?: [C, d_out]}``; ``a``/``b`` may be absent for a
+      bias-only adaptor.
+    x: ``[..., d_in]``.
+    weights: ``[C]`` mixture weights (default: uniform).
+    scale: LoRA scaling, ``alpha / r`` in PEFT, 1 in FLoRAL.
+
+  Returns:
+    ``[..., d_out]``.
+  """
+  num = _num_adaptors(params)
+  w = _mix_weights(weights, num).astype(x.dtype)
+  out = 0.0
+  if 'a' in params:
+    h = jnp.einsum('...i,cir->...cr', x, params['a'])
+    out = jnp.einsum('...cr,c,cro->...o', h, w, params['b'])
+  if 'bias' in params:
+    out = out + w @ params['bias']
+  return scale * out
+
+
+def dense_dense_weight(params: Params, weights: Array | None = None, *, scale: float = 1.0) -> Array:
+  """The dense ``[d_in, d_out]`` weight change ``scale * sum_c w_c a_c @ b_c`` (for merging and reference tests)."""
+  w = _mix_weights(weights, _num_adaptors(params))
+  return scale * jnp.einsum('c,cir,cro->io', w, params['a'], params['b'])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Conv2d: FLoRAL's balanced factorization, a 1 x k_w conv (C_in -> r) then a k_h x 1 conv (r -> C_out)
+# ----------------------------------------------------------------------------------------------------------------
+
+def conv_padding(padding: Any, in_hw: Sequence[int], kernel_hw: Sequence[int], strides: Sequence[int],
+                 dilation: Sequence[int]) -> tuple[tuple[int, int], tuple[int, int]]:
+  """Explicit ``((lo_h, hi_h), (lo_w, hi_w))`` padding for a Flax-style padding spec."""
+  if isinstance(padding, str):
+    if padding not in ('SAME', 'VALID'):
+      raise ValueError(f"conv LoRA supports padding 'SAME', 'VALID' or explicit pairs; got {padding!r}.")
+    dilated = [(k - 1) * d + 1 for k, d in zip(kernel_hw, dilation)]
+    pads = lax.padtype_to_pads(tuple(in_hw), dilated, tuple(strides), padding)
+    return tuple((int(lo), int(hi)) for lo, hi in pads)  # type: ignore[return-value]
+  if isinstance(padding, int):
+    return ((padding, padding), (padding, padding))
+  pads = tuple(padding)
+  if len(pads) != 2:
+    raise ValueError(f'conv LoRA needs 2-d padding; got {padding!r}.')
+  return tuple((p, p) if isinstance(p, int) else (int(p[0]), int(p[1])) for p in pads)  # type: ignore[return-value]
+
+
+def init_conv(key: Array, in_channels: int, out_channels: int, kernel_size: Sequence[int],
+              rank: int | float | str, *, num_adaptors: int = 1, bias: bool = False, init: str = 'uniform_in',
+              bias_init: str = 'zeros', dtype=jnp.float32) -> Params:
+  """Initializes ``num_adaptors`` factorized conv LoRAs.
+
+  Rank rules use ``d_in = C_in * k_w`` and ``d_out = C_out * k_h`` (the two factors' fan-ins).
+
+  Returns:
+    ``{'a': [C, 1, k_w, C_in, r], 'b': [C, k_h, 1, r, C_out]}`` (Flax HWIO kernels) plus ``'bias': [C, C_out]``.
+  """
+  kh, kw = kernel_size
+  r = resolve_rank(rank, in_channels * kw, out_channels * kh)
+  ka, kb = jax.random.split(key)
+  p = {'a': _init_a(ka, (num_adaptors, 1, kw, in_channels, r), in_channels * kw, init, dtype),
+       'b': jnp.zeros((num_adaptors, kh, 1, r, out_channels), dtype)}
+  if bias:
+    p['bias'] = _init_bias(kb, (num_adaptors, out_channels), r * kh, bias_init, dtype)
+  return p
+
+
+def _conv(x, kernel, strides, padding, dilation):
+  return lax.conv_general_dilated(x, kernel, window_strides=strides, padding=padding, rhs_dilation=dilation,
+                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+def conv_delta(params: Params, x: Array, weights: Array | None = None, *, strides: Sequence[int] = (1, 1),
+               padding: Any = 'SAME', dilation: Sequence[int] = (1, 1), scale: float = 1.0) -> Array:
+  """``scale * sum_c weights[c] * (conv_{k_h x 1}(conv_{1 x k_w}(x, a[c]), b[c]) + bias[c])``.
+
+  The 1 x k_w factor takes the width stride, padding and dilation; the k_h x 1 factor takes the height ones, so
+  the composition has the geometry of the full k_h x k_w conv and equals a conv with kernel
+  ``K[i, j] = a[0, j] @ b[i, 0]``.
+
+  Args:
+    params: see :func:`init_conv`.
+    x: ``[N, H, W, C_in]``.
+    weights: ``[C]`` mixture weights (default uniform).
+    strides, padding, dilation: those of the adapted conv (Flax conventions).
+    scale: LoRA scaling.
+
+  Returns:
+    ``[N, H_out, W_out, C_out]``.
+  """
+  num = _num_adaptors(params)
+  w = _mix_weights(weights, num).astype(x.dtype)
+  out = 0.0
+  if 'a' in params:
+    kh, kw = params['b'].shape[1], params['a'].shape[2]
+    (ph, pw) = conv_padding(padding, x.shape[1:3], (kh, kw), strides, dilation)
+    sh, sw = strides
+    dh, dw = dilation
+
+    def one(a, b):
+      h = _conv(x, a, (1, sw), ((0, 0), pw), (1, dw))
+      return _conv(h, b, (sh, 1), (ph, (0, 0)), (dh, 1))
+
+    # Fold the mixture weight into the first factor: sum_c w_c conv(conv(x, a_c), b_c) without a [C, ...] output.
+    outs = [one(params['a'][c] * w[c], params['b'][c]) for c in range(num)]
+    out = sum(outs[1:], outs[0])
+  if 'bias' in params:
+    out = out + w @ params['bias']
+  return scale * out
+
+
+def conv_dense_kernel(params: Params, weights: Array | None = None, *, scale: float = 1.0) -> Array:
+  """The full ``[k_h, k_w, C_in, C_out]`` kernel change ``scale * sum_c w_c a_c (x) b_c`` (reference tests)."""
+  w = _mix_weights(weights, _num_adaptors(params))
+  return scale * jnp.einsum('c,cjir,chro->hjio', w, params['a'][:, 0], params['b'][:, :, 0])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Embedding LoRA: a [C, V, r] looked up, then b [C, r, D] (b = 0 at init)
+# ----------------------------------------------------------------------------------------------------------------
+
+def init_embed(key: Array, num_embeddings: int, features: int, rank: int | float | str, *, num_adaptors: int = 1,
+               dtype=jnp.float32) -> Params:
+  """Embedding LoRA (``a ~ N(0, 1)``, ``b = 0``): ``{'a': [C, V, r], 'b': [C, r, D]}``."""
+  r = resolve_rank(rank, num_embeddings, features)
+  return {'a': jax.random.normal(key, (num_adaptors, num_embeddings, r), dtype),
+          'b': jnp.zeros((num_adaptors, r, features), dtype)}
+
+
+def embed_delta(params: Params, ids: Array, weights: Array | None = None, *, scale: float = 1.0) -> Array:
+  """``scale * sum_c weights[c] * a[c][ids] @ b[c]``; ``ids: [...] int`` -> ``[..., D]``."""
+  w = _mix_weights(weights, _num_adaptors(params))
+  h = jnp.take(params['a'], ids, axis=1)  # [C, ..., r]
+  return scale * jnp.einsum('c...r,c,crd->...d', h, w.astype(params['b'].dtype), params['b'])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bias adaptor (a bias-only delta) and norm adaptor (an affine delta under the base norm's statistics)
+# ----------------------------------------------------------------------------------------------------------------
+
+def init_bias(key: Array, features: int, *, num_adaptors: int = 1, fan_in: int = 1, bias_init: str = 'zeros',
+              dtype=jnp.float32) -> Params:
+  """Bias adaptor: ``{'bias': [C, features]}``."""
+  return {'bias': _init_bias(key, (num_adaptors, features), fan_in, bias_init, dtype)}
+
+
+def bias_delta(params: Params, weights: Array | None = None) -> Array:
+  """``sum_c weights[c] * bias[c]``: ``[features]``, broadcast against the layer output."""
+  return _mix_weights(weights, params['bias'].shape[0]) @ params['bias']
+
+
+def init_norm(features: int, *, num_adaptors: int = 1, dtype=jnp.float32) -> Params:
+  """Norm adaptor ``{'scale': [C, F], 'shift': [C, F]}``, zero at init like FLoRAL's (gamma_c = beta_c = 0)."""
+  return {'scale': jnp.zeros((num_adaptors, features), dtype), 'shift': jnp.zeros((num_adaptors, features), dtype)}
+
+
+def norm_delta(params: Params, x_hat: Array, weights: Array | None = None) -> Array:
+  """``x_hat * sum_c w_c scale_c + sum_c w_c shift_c`` on the normalized input ``x_hat: [..., F]``.
+
+  FLoRAL's reparametrized norm adaptor acts as an affine delta under the main layer's statistics; this is that
+  delta, applied to the statistics the base norm uses (batch statistics in training, running ones in eval).
+  """
+  w = _mix_weights(weights, params['scale'].shape[0])
+  return x_hat * (w @ params['scale']) + w @ params['shift']
+
+
+def _num_adaptors(params: Params) -> int:
+  for k in ('a', 'bias', 'scale'):
+    if k in params:
+      return int(params[k].shape[0])
+  raise ValueError(f'adaptor params have none of the keys a/bias/scale: {sorted(params)}')

@@ -1,0 +1,88 @@
+"""FLoRAL (Almansoori, Takac, Horvath, CPAL 2025; arXiv 2410.03497): C shared adaptors mixed by local routers.
+
+Each client holds C router logits; its model is ``base + sum_c pi_c adaptor_c`` in every adapted layer, with
+``pi = max(softmax((w + noise) / T), floor)``. Base and adaptors are federated: the base by ``p(k)``, adaptor ``c``
+by ``p(k|c)`` (router-weighted averaging). Defaults follow the public code (``zeligism/FLoRAL``): SGD clients, LoRA
+gradient preconditioning, uniform router noise, 0.01 floor, nonzero bias-adaptor init, zero-initialized logits.
+The oracle variant fixes each client's logits to its true cluster (``-100`` elsewhere) and does not train them.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjax_adapters.adapters.mixture import aggregation_probs, oracle_logits, router_probs
+from fedjax_adapters.algorithms import model_based as mb
+from fedjax_adapters.algorithms.common import supervised
+from fedjax_adapters.federated.aggregators import router_weighted
+from fedjax_adapters.federated.round import Algorithm
+from fedjax_adapters.nn.adapt import AdapterSpec
+from fedjax_adapters.optim import label_tree, lora_preconditioner
+
+
+def floral(model_fn: mb.ModelFn, *, num_adaptors: int, loss: str, lr: float, batch_size: int, rank=0.01,
+           lora_lr: float | None = None, router_lr: float = 0.1, num_epochs: int = 1, shuffle: bool = False,
+           oracle_clusters=None, temperature: float = 1.0, noise_std: float = 1.0, floor: float | None = 0.01,
+           precondition: bool = True, precondition_eps: float = 1e-5, target: str = '.*', linear: bool = True,
+           conv: bool = True, bias: bool = True, norm: bool = False, embed: bool = False,
+           bias_init: str = 'uniform', server_optimizer: optax.GradientTransformation | None = None,
+           train_arg: str | None = None) -> Algorithm:
+  """FLoRAL with a learned router, or the oracle router when ``oracle_clusters`` (``[K]``) is given.
+
+  Args:
+    model_fn: ``rngs -> nnx.Module``.
+    num_adaptors: C.
+    loss: ``'mse'`` or ``'xent'``.
+    lr: client SGD learning rate of the base; ``lora_lr`` of the adaptors (default ``lr``); ``router_lr`` of the
+      logits.
+    batch_size, num_epochs, shuffle: local training (the public code: one epoch, no shuffling).
+    rank: int, float budget rho (FLoRAL 1% = 0.01, 10% = 0.1) or ``'full'``.
+    oracle_clusters: true cluster per client; fixes the router (``router_lr`` ignored).
+    temperature, noise_std, floor: router settings (see :func:`router_probs`).
+    precondition: FLoRAL's LoRA gradient preconditioning (:func:`lora_preconditioner`).
+    target, linear, conv, bias, norm, embed: which adaptors go where.
+    bias_init: ``'uniform'`` (public code) or ``'zeros'``.
+    server_optimizer: on the pseudo-gradient (default SGD lr 1).
+    train_arg: name of the model's train-mode keyword, if any.
+  """
+  if num_adaptors < 1:
+    raise ValueError(f'num_adaptors must be >= 1; got {num_adaptors}.')
+  spec = AdapterSpec(target=target, rank=rank, num_global=num_adaptors, linear=linear, conv=conv, bias=bias,
+                     norm=norm, embed=embed, bias_init=bias_init)
+  mdef, _ = mb.build(model_fn, jax.random.key(0), spec)
+  aggregator = router_weighted(('adapters',), server_optimizer=server_optimizer)
+  oracle = oracle_clusters is not None
+  lora_opt = optax.sgd(lora_lr if lora_lr is not None else lr)
+  if precondition:
+    lora_opt = optax.chain(lora_preconditioner(precondition_eps), lora_opt)
+
+  def init(key, num_clients):
+    _, parts = mb.build(model_fn, key, spec)
+    g = {'base': parts['base'], 'stats': parts['stats'], 'adapters': parts['adapters']}
+    if oracle:
+      logits = oracle_logits(mb.check_clusters(oracle_clusters, num_clients, num_adaptors), num_adaptors)
+    else:
+      logits = jnp.zeros((num_clients, num_adaptors))
+    return mb.server_state({}, g, {'logits': logits}, aggregator, key)
+
+  def mixture(logits, key, train):
+    return router_probs(logits, key, num_adaptors=num_adaptors, train=train, temperature=temperature,
+                        noise_std=noise_std, floor=floor)
+
+  def forward(trainable, frozen, x, key, train):
+    del frozen
+    g, l = trainable
+    out, stats = mdef.apply(g, x, mix=mixture(l['logits'], key, train), **mb.call_kwargs(train_arg, train))
+    return out, mb.stats_override(stats)
+
+  def labels(params):
+    g, l = params
+    gl = {k: label_tree(v, 'lora' if k == 'adapters' else 'base') for k, v in g.items()}
+    return (gl, label_tree(l, 'router'))
+
+  optimizer = optax.multi_transform(
+      {'base': optax.sgd(lr), 'lora': lora_opt, 'router': mb.sgd_or_zero(0.0 if oracle else router_lr)}, labels)
+  return supervised(init=init, forward=forward, loss=loss, optimizer=optimizer, batch_size=batch_size,
+                    num_epochs=num_epochs, shuffle=shuffle, aggregator=aggregator,
+                    output_aux=lambda g, l: {'router_probs': aggregation_probs(l['logits'], temperature)})

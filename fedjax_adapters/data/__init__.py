@@ -1,0 +1,1 @@
+"""Data: the padded federated format, partitioners, synthetic tasks and loaders."""

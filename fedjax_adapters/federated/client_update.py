@@ -1,0 +1,166 @@
+"""Local training on one client: ``lax.scan`` over padded, masked batches.
+
+``client_update(frozen, global_params, client_state, data, key) -> (ClientOutput, client_state, metrics)`` is the
+contract every algorithm's client work follows (design.md). :func:`make_client_update` builds one from a loss and an
+optax optimizer; it is a pure function of pytrees, so the round can ``vmap`` it over clients with ``frozen`` and
+``global_params`` broadcast.
+
+Uneven clients: a client's rows are zero-padded to the population maximum ``N``; every step takes a batch of index
+rows, masks those ``>= count``, averages the loss over real rows only, and a step with no real row leaves the
+parameters and optimizer state untouched (``jnp.where`` on the whole carry), so padding changes nothing.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+Array = jax.Array
+
+
+class ClientData(NamedTuple):
+  """One client's padded data: ``x: [N, ...]``, ``y: [N, ...]``, ``count: []`` real rows."""
+  x: Any
+  y: Any
+  count: Array
+
+
+class Batch(NamedTuple):
+  """A training batch: ``x: [B, ...]``, ``y: [B, ...]``, ``mask: [B]`` (False on padding rows)."""
+  x: Any
+  y: Any
+  mask: Array
+
+
+class ClientOutput(NamedTuple):
+  """What a client sends to the server.
+
+  Attributes:
+    params: the client's locally updated global params (same structure as the server's).
+    num_examples: number of real training examples (``[]``).
+    aux: algorithm-specific extras for the aggregator (e.g. FLoRAL's router probabilities ``[C]``).
+  """
+  params: Any
+  num_examples: Array
+  aux: Any = ()
+
+
+# loss_fn(trainable=(global_params, client_state), frozen, batch, key) -> (loss, (metrics, global_overrides))
+LossFn = Callable[[tuple, Any, Batch, Array], tuple[Array, tuple[dict, Any]]]
+
+
+def masked_mean(values: Array, mask: Array) -> Array:
+  """Mean of ``values: [B, ...]`` over the rows where ``mask: [B]`` is True (0 when none)."""
+  m = mask.reshape(mask.shape + (1,) * (values.ndim - 1)).astype(values.dtype)
+  per_row = values.size // max(values.shape[0], 1)
+  return jnp.sum(values * m) / jnp.maximum(jnp.sum(m) * per_row, 1.0)
+
+
+def batch_indices(key: Array, num_rows: int, count: Array, *, batch_size: int, num_epochs: int,
+                  shuffle: bool) -> Array:
+  """Row indices ``[steps, batch_size]`` for ``num_epochs`` passes; indices ``>= count`` are padding.
+
+  Without shuffling, batches take rows in order (FLoRAL's public code does not shuffle). With shuffling, each epoch
+  permutes only the real rows; padding rows stay at the end so every real row is seen once per epoch.
+  """
+  steps = math.ceil(num_rows / batch_size)
+  total = steps * batch_size
+  rows = jnp.arange(total)
+  orders = []
+  for e in range(num_epochs):
+    if shuffle:
+      r = jax.random.uniform(jax.random.fold_in(key, e), (num_rows,))
+      order = jnp.argsort(jnp.where(jnp.arange(num_rows) < count, r, 2.0 + jnp.arange(num_rows)))
+      order = jnp.concatenate([order, jnp.arange(num_rows, total)])
+    else:
+      order = rows
+    orders.append(order)
+  return jnp.stack(orders).reshape(num_epochs * steps, batch_size)
+
+
+def deep_update(tree: dict, overrides: dict) -> dict:
+  """``tree`` with the nested dict ``overrides`` written into it (a new dict; ``tree`` is not modified)."""
+  out = dict(tree)
+  for k, v in overrides.items():
+    out[k] = deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+  return out
+
+
+def _where(pred, new, old):
+  return jax.tree.map(lambda n, o: jnp.where(pred, n, o), new, old)
+
+
+def make_client_update(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, batch_size: int,
+                       num_epochs: int = 1, shuffle: bool = False, train: str = 'both',
+                       output_aux: Callable[[Any, Any], Any] | None = None):
+  """Builds ``client_update`` for one local phase.
+
+  Args:
+    loss_fn: ``loss_fn((global_params, client_state), frozen, batch, key) -> (loss, (metrics, overrides))``;
+      ``metrics`` is a dict of sums over the batch's real rows; ``overrides`` a nested dict written into the
+      updated global params after the optimizer step (batch-norm running statistics, e.g. ``{'stats': ...}``), or
+      ``{}``.
+    optimizer: optax transformation over the trained pytree (``(global, local)``, or one of them; see ``train``).
+      Re-initialized every call: both papers reset client optimizers each round / phase.
+    batch_size: rows per step.
+    num_epochs: passes over the client's rows.
+    shuffle: permute real rows each epoch.
+    train: ``'both'``, ``'global'`` or ``'local'``: which half gets gradients and updates.
+    output_aux: ``(global_params, client_state) -> aux`` sent to the aggregator (default ``()``).
+
+  Returns:
+    ``client_update(frozen, global_params, client_state, data: ClientData, key) -> (ClientOutput, client_state,
+    metrics)``.
+  """
+  if train not in ('both', 'global', 'local'):
+    raise ValueError(f"train must be 'both', 'global' or 'local'; got {train!r}.")
+  if batch_size < 1 or num_epochs < 1:
+    raise ValueError(f'batch_size and num_epochs must be >= 1; got {batch_size}, {num_epochs}.')
+
+  def pick(g, l):
+    return (g, l) if train == 'both' else (g if train == 'global' else l)
+
+  def unpick(t, g, l):
+    return t if train == 'both' else ((t, l) if train == 'global' else (g, t))
+
+  def client_update(frozen, global_params, client_state, data: ClientData, key):
+    x, y, count = data
+    num_rows = jax.tree.leaves(x)[0].shape[0]
+    idx = batch_indices(key, num_rows, count, batch_size=batch_size, num_epochs=num_epochs, shuffle=shuffle)
+    params = pick(global_params, client_state)
+    opt_state = optimizer.init(params)
+
+    def step(carry, inp):
+      params, opt_state = carry
+      rows, i = inp
+      mask = rows < count
+      safe = jnp.minimum(rows, num_rows - 1)
+      batch = Batch(jax.tree.map(lambda a: a[safe], x), jax.tree.map(lambda a: a[safe], y), mask)
+
+      def loss_of(p):
+        return loss_fn(unpick(p, global_params, client_state), frozen, batch,
+                       jax.random.fold_in(key, 1_000_003 + i))
+
+      (loss, (metrics, overrides)), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
+      updates, new_opt = optimizer.update(grads, opt_state, params)
+      new_params = optax.apply_updates(params, updates)
+      if overrides and train != 'local':
+        # Batch-norm running statistics come from the forward pass, not from the optimizer.
+        g_new, l_new = unpick(new_params, global_params, client_state)
+        new_params = pick(deep_update(g_new, overrides), l_new)
+      active = jnp.any(mask)
+      carry = _where(active, (new_params, new_opt), (params, opt_state))
+      metrics = jax.tree.map(lambda m: jnp.where(active, m, jnp.zeros_like(m)), metrics)
+      return carry, metrics
+
+    steps = jnp.arange(idx.shape[0])
+    (params, _), metrics = jax.lax.scan(step, (params, opt_state), (idx, steps))
+    new_global, new_local = unpick(params, global_params, client_state)
+    aux = output_aux(new_global, new_local) if output_aux is not None else ()
+    metrics = jax.tree.map(lambda m: jnp.sum(m, axis=0), metrics)
+    return ClientOutput(new_global, count, aux), new_local, metrics
+
+  return client_update

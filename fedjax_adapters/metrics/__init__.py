@@ -1,0 +1,1 @@
+"""Metrics: accuracy, mse, ROUGE."""

@@ -1,0 +1,1 @@
+"""Models: small vision nets from the FLoRAL paper and a LLaMA-architecture decoder (all Flax NNX)."""

@@ -1,0 +1,222 @@
+"""Model surgery and the functional bridge: ``adapt(model, spec)`` and ``split_model`` / ``ModelDef.apply``.
+
+``adapt`` swaps every ``nnx.Linear`` / ``nnx.Conv`` / ``nnx.Embed`` / norm layer whose module path matches a regex
+for an adapted wrapper (``fedjax_adapters.nn.layers``). ``split_model`` then cuts the model into plain nested-dict
+pytrees by variable type:
+
+* ``'base'``: ``nnx.Param`` of the original layers;
+* ``'stats'``: ``nnx.BatchStat`` (running statistics);
+* ``'adapters'``: :class:`GlobalAdapter` (aggregated adaptors; leading axis ``C``);
+* ``'local'``: :class:`LocalAdapter` (private adaptors; leading axis 1);
+* ``'router'``: :class:`RouterLogits` (``[C]``).
+
+Algorithms decide which of these parts are frozen, aggregated or kept per client. ``ModelDef.apply(parts, x, ...)``
+merges them back for one pure forward pass, so a client update is a plain function of pytrees and vmaps over
+clients with the frozen parts broadcast.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from fedjax_adapters.adapters.targeting import match_targets, path_str
+from fedjax_adapters.nn import layers as L
+
+PARTS = ('base', 'stats', 'adapters', 'local', 'router')
+_FILTERS = (L.RouterLogits, L.LocalAdapter, L.GlobalAdapter, nnx.BatchStat, nnx.Param)
+_ORDER = ('router', 'local', 'adapters', 'stats', 'base')  # first matching filter wins: adaptors before Param
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterSpec:
+  """What to adapt and how.
+
+  Attributes:
+    target: regex matched in full against module paths such as ``'layers.0'`` or
+      ``'model.layers.3.self_attn.q_proj'`` (PEFT's ``target_modules``). A pattern that matches no adaptable layer
+      raises.
+    rank: int rank, float budget ``rho`` in (0, 1) (FLoRAL) or ``'full'``; resolved per layer.
+    alpha: LoRA scaling numerator: scale ``alpha / r`` as in PEFT; ``None`` for FLoRAL's unscaled adaptors.
+    num_global: global adaptors per layer (FLoRAL: C; FedDPA: 1; 0: none).
+    num_local: local adaptors per layer (0 or 1).
+    router: give the model C router logits (FLoRAL).
+    linear: LoRA on ``nnx.Linear``; conv: LoRA on ``nnx.Conv``; bias: bias adaptors where the base has a bias;
+    embed: embedding LoRA on ``nnx.Embed``; norm: norm adaptors on LayerNorm / RMSNorm / BatchNorm.
+    init: ``'uniform_in'`` (FLoRAL), ``'kaiming'`` (PEFT) for the A factor.
+    bias_init: ``'zeros'`` or ``'uniform'`` (FLoRAL public code: PyTorch's default bias init, nonzero).
+  """
+  target: str = '.*'
+  rank: int | float | str = 0.01
+  alpha: float | None = None
+  num_global: int = 1
+  num_local: int = 0
+  router: bool = False
+  linear: bool = True
+  conv: bool = True
+  bias: bool = True
+  embed: bool = False
+  norm: bool = False
+  init: str = 'uniform_in'
+  bias_init: str = 'zeros'
+
+  def __post_init__(self):
+    if self.num_global < 0 or self.num_local not in (0, 1):
+      raise ValueError(f'num_global must be >= 0 and num_local 0 or 1; got {self.num_global}, {self.num_local}.')
+    if self.num_global == 0 and self.num_local == 0:
+      raise ValueError('AdapterSpec with num_global=0 and num_local=0 adds no adaptor.')
+    if self.router and self.num_global < 1:
+      raise ValueError('a router needs num_global >= 1 adaptors to mix.')
+
+
+_NORMS = (nnx.LayerNorm, nnx.RMSNorm, nnx.BatchNorm)
+
+
+def _kind(node, spec: AdapterSpec):
+  if isinstance(node, L._Adapted):
+    raise ValueError('this model is already adapted; adapt() must be called once, on the original model.')
+  if isinstance(node, nnx.Linear) and (spec.linear or spec.bias):
+    return L.AdaptedLinear
+  if isinstance(node, nnx.Conv) and (spec.conv or spec.bias):
+    return L.AdaptedConv
+  if isinstance(node, nnx.Embed) and spec.embed:
+    return L.AdaptedEmbed
+  if isinstance(node, _NORMS) and spec.norm:
+    return L.AdaptedNorm
+  return None
+
+
+def adaptable_paths(model: nnx.Module, spec: AdapterSpec | None = None) -> list[str]:
+  """Module paths of the layers that ``spec`` could adapt (all supported kinds if ``spec`` is None)."""
+  spec = spec or AdapterSpec(embed=True, norm=True)
+  return [path_str(p) for p, n in nnx.iter_graph(model) if p and _kind(n, spec) is not None]
+
+
+def adapt(model: nnx.Module, spec: AdapterSpec, *, key: jax.Array) -> nnx.Module:
+  """Adds adaptors to the layers of ``model`` that ``spec.target`` matches, in place, and returns the model.
+
+  Args:
+    model: any NNX model built from ``nnx.Linear`` / ``nnx.Conv`` / ``nnx.Embed`` / norm layers.
+    spec: what to adapt.
+    key: PRNG key for the adaptor initialization (each layer folds in its index).
+
+  Returns:
+    The same model object with the matched layers wrapped.
+
+  Raises:
+    ValueError: if ``spec.target`` matches no adaptable layer, or a rank does not fit a layer (the message names
+      the layer).
+  """
+  if _kind(model, spec) is not None:
+    raise ValueError(f'adapt() cannot swap the root module itself ({type(model).__name__}); wrap the layer in an '
+                     'nnx.Module (or nnx.Sequential) first.')
+  found = {path_str(p): (p, n) for p, n in nnx.iter_graph(model) if p and _kind(n, spec) is not None}
+  hits = match_targets(spec.target, found)
+  ctx = L.AdapterContext(spec.num_global, spec.num_local, spec.router)
+  swaps = []  # build every wrapper before swapping any, so a layer that fails leaves the model untouched
+  for i, name in enumerate(hits):
+    path, node = found[name]
+    cls = _kind(node, spec)
+    rank = spec.rank
+    scale = 1.0
+    try:
+      wrapped = cls(node, ctx, rank=rank, scale=1.0, bias=spec.bias, init=spec.init, bias_init=spec.bias_init,
+                    linear=(spec.conv if cls is L.AdaptedConv else spec.linear), key=jax.random.fold_in(key, i))
+    except ValueError as e:
+      raise ValueError(f'cannot adapt layer {name!r}: {e}') from None
+    if spec.alpha is not None:
+      r = _rank_of(wrapped)
+      scale = spec.alpha / r if r else 1.0
+    wrapped.scale = scale
+    swaps.append((path, wrapped))
+  for path, wrapped in swaps:
+    parent = model
+    for p in path[:-1]:
+      parent = parent[p] if isinstance(p, int) else getattr(parent, p)
+    if isinstance(path[-1], int):
+      parent[path[-1]] = wrapped
+    else:
+      setattr(parent, path[-1], wrapped)
+  return model
+
+
+def _rank_of(layer) -> int:
+  for group in ('global', 'local'):
+    b = getattr(layer, f'{group}_b', None)
+    if b is not None:
+      v = b.get_value()
+      return int(v.shape[-2] if v.ndim == 3 else v.shape[3])
+  return 0
+
+
+def find_context(model: nnx.Module) -> L.AdapterContext | None:
+  for _, node in nnx.iter_graph(model):
+    if isinstance(node, L.AdapterContext):
+      return node
+  return None
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ModelDef:
+  """The static half of a split model: graph definition plus templates to merge pure-dict parts into.
+
+  Instances are hashable by identity, so they can be closed over by jitted functions.
+  """
+  graphdef: Any
+  templates: tuple  # nnx.State per entry of _ORDER, then the rest
+  num_global: int
+  num_local: int
+
+  def merge(self, parts: Mapping[str, Any]) -> nnx.Module:
+    """Rebuilds the NNX model from pure-dict ``parts`` (missing parts come from the templates)."""
+    states = []
+    for name, tmpl in zip(_ORDER, self.templates[:-1]):
+      st = jax.tree.map(lambda x: x, tmpl)  # fresh copy: never write tracers into the template
+      if name in parts and parts[name] is not None:
+        nnx.replace_by_pure_dict(st, parts[name])
+      states.append(st)
+    states.append(jax.tree.map(lambda x: x, self.templates[-1]))
+    return nnx.merge(self.graphdef, *states)
+
+  def apply(self, parts: Mapping[str, Any], *args, mix=None, global_weight=1.0, local_weight=1.0,
+            method: str = '__call__', **kwargs):
+    """Pure forward pass.
+
+    Args:
+      parts: pure-dict parts (see module docstring); at least those the model needs to differ from its init.
+      *args: positional arguments of the model call (e.g. ``x: [B, ...]``).
+      mix: ``[C]`` mixture weights of the global adaptors (default uniform).
+      global_weight: scalar or ``[B]`` weight on the global delta (default 1).
+      local_weight: scalar or ``[B]`` weight on the local delta (default 1).
+      method: model method to call.
+      **kwargs: keyword arguments of the model call (e.g. ``train=True``).
+
+    Returns:
+      ``(output, new_stats)`` where ``new_stats`` is the pure dict of updated ``BatchStat`` (``{}`` if none).
+    """
+    model = self.merge(parts)
+    ctx = find_context(model)
+    if ctx is not None:
+      if mix is not None:
+        mix = jnp.asarray(mix)
+        if mix.shape != (max(ctx.num_global, 1),):
+          raise ValueError(f'mixture weights have shape {tuple(mix.shape)} but the model holds '
+                           f'{ctx.num_global} global adaptors per layer.')
+        ctx.mix.set_value(mix)
+      ctx.global_weight.set_value(jnp.asarray(global_weight))
+      ctx.local_weight.set_value(jnp.asarray(local_weight))
+    out = getattr(model, method)(*args, **kwargs)
+    stats = nnx.state(model, nnx.BatchStat).to_pure_dict()
+    return out, stats
+
+
+def split_model(model: nnx.Module) -> tuple[ModelDef, dict[str, Any]]:
+  """Splits an (adapted) NNX model into a :class:`ModelDef` and pure-dict parts keyed by ``PARTS``."""
+  graphdef, *states = nnx.split(model, *_FILTERS, ...)
+  ctx = find_context(model)
+  parts = {name: st.to_pure_dict() for name, st in zip(_ORDER, states[:-1])}
+  mdef = ModelDef(graphdef, tuple(states), ctx.num_global if ctx else 0, ctx.num_local if ctx else 0)
+  return mdef, parts

@@ -1,0 +1,73 @@
+"""Optimizer pieces as optax transformations: FLoRAL's LoRA gradient preconditioner and parameter-group helpers."""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+_GROUPS = ('global', 'local')
+
+
+def _solve_right(g, m):
+  """``g @ inv(m)`` for symmetric ``m``: ``[..., n, r], [..., r, r]``."""
+  return jnp.swapaxes(jnp.linalg.solve(m, jnp.swapaxes(g, -1, -2)), -1, -2)
+
+
+def _precondition_pair(ga, gb, a, b, eps):
+  if a.ndim == 3:  # dense / embedding: a [C, d_in, r], b [C, r, d_out]; delta W = a @ b
+    r = a.shape[-1]
+    eye = eps * jnp.eye(r, dtype=a.dtype)
+    # PyTorch layout A = a^T, B = b^T: g_A <- (B^T B + eps I)^-1 g_A  and  g_B <- g_B (A A^T + eps I)^-1.
+    ga = _solve_right(ga, jnp.einsum('cro,cso->crs', b, b) + eye)
+    gb = jnp.linalg.solve(jnp.einsum('cir,cis->crs', a, a) + eye, gb)
+    return ga, gb
+  if a.ndim == 5:  # conv: a [C, 1, k_w, C_in, r], b [C, k_h, 1, r, C_out]; scale by the other factor's Gram norm
+    pa = jnp.einsum('chwro,chwso->crs', b, b)
+    pb = jnp.einsum('chwir,chwis->crs', a, a)
+    na = jnp.sqrt(jnp.sum(pa * pa, axis=(1, 2)))
+    nb = jnp.sqrt(jnp.sum(pb * pb, axis=(1, 2)))
+    ga = ga / (na + eps).reshape((-1,) + (1,) * (ga.ndim - 1))
+    gb = gb / (nb + eps).reshape((-1,) + (1,) * (gb.ndim - 1))
+    return ga, gb
+  raise ValueError(f'cannot precondition adaptor factors of rank {a.ndim} (expected 3 or 5 dims).')
+
+
+def lora_preconditioner(eps: float = 1e-5) -> optax.GradientTransformation:
+  """FLoRAL's scaled-GD preconditioning of LoRA gradients (``floral/training/precondlora_trainer.py``).
+
+  For every pair ``{group}_a`` / ``{group}_b`` in a nested dict of adaptor params (as :func:`split_model` names
+  them): dense ``g_A <- (B^T B + eps I)^{-1} g_A``, ``g_B <- g_B (A A^T + eps I)^{-1}`` per adaptor; conv factors
+  divided by the Frobenius norm of the other factor's Gram matrix (+ eps). Biases pass through. Needs ``params``.
+  """
+
+  def init_fn(params):
+    del params
+    return optax.EmptyState()
+
+  def walk(g, p, eps):
+    if isinstance(g, optax.MaskedNode):
+      return g
+    if isinstance(g, (tuple, list)):
+      return type(g)(walk(gi, pi, eps) for gi, pi in zip(g, p))
+    if not isinstance(g, dict):
+      return g
+    out = {k: walk(v, p[k], eps) for k, v in g.items()}
+    for grp in _GROUPS:
+      ka, kb = f'{grp}_a', f'{grp}_b'
+      if ka in g and kb in g and not isinstance(g[ka], optax.MaskedNode):
+        out[ka], out[kb] = _precondition_pair(g[ka], g[kb], p[ka], p[kb], eps)
+    return out
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError('lora_preconditioner needs params (the current adaptor factors).')
+    return walk(updates, params, eps), state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def label_tree(tree: Any, label: str) -> Any:
+  """A pytree of the same structure with every leaf replaced by ``label`` (for ``optax.multi_transform``)."""
+  return jax.tree.map(lambda _: label, tree)
