@@ -1,0 +1,218 @@
+"""ROUGE for generated answers, and FedDPA's (test-time) personalization report.
+
+This module matches the official FedDPA ``code/metric.py`` (Lydia-yang/FedDPA), which calls
+``t5.evaluation.metrics.rouge`` once per ``category`` and once on the whole pool (``total``). That function:
+
+* builds ``rouge_score.rouge_scorer.RougeScorer(['rouge1', 'rouge2', 'rougeLsum'])`` with the default
+  ``use_stemmer=False``. **No stemming.** Every released version of ``t5`` leaves the stemmer off, although
+  ``reference/feddpa.md`` says "with stemming". Here ``use_stemmer=False`` is the default, and ``use_stemmer=True``
+  is available;
+* rewrites ``" . "`` as ``" .\\n"`` in targets and predictions, so that rougeLsum splits sentences. This changes
+  nothing for rouge1/rouge2/rougeL;
+* reports the F-measure ``x 100``, as the ``mid`` of a ``BootstrapAggregator`` (the median of 1,000 unseeded
+  bootstrap means, close to the plain mean).
+
+``metric.py`` also cuts a text at ``</s>`` when it ends with ``</s>``. A line doing exact match for paraphrase and
+question classification is commented out, so **every category is scored with ROUGE**: there is no accuracy or exact
+match.
+
+This module makes these choices:
+
+* scores are fractions in ``[0, 1]``. Multiply by 100 to compare with the paper's tables;
+* the aggregate is the plain mean over examples (deterministic). ``bootstrap_samples=1000`` gives the bootstrap
+  median instead, drawn from a seeded generator;
+* ``rouge1`` is the headline number (``personalization_report(rouge_type=...)`` can change it). The paper does not
+  say which variant its tables use. For the mostly one-word labels, rouge1 ≈ rougeL ≈ rougeLsum;
+* ``rougeL`` (no sentence splitting) is computed alongside the three types that t5 reports.
+
+Note that rouge2 of two one-word strings is 0 even when they are equal, because there is no bigram to match. On the
+label tasks (most of Dataset 1), rouge2 is therefore near 0 whatever the model does, and only rouge1/rougeL are
+informative there.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+from rouge_score import rouge_scorer
+
+from fedjax_adapters.data.feddpa import FedDPAData
+
+ROUGE_TYPES = ('rouge1', 'rouge2', 'rougeL', 'rougeLsum')
+_EOS = '</s>'
+
+
+def _prepare(text: str) -> str:
+  """The text clean-up of the official ``metric.py`` (``</s>`` cut) and of t5 (sentence newlines for rougeLsum)."""
+  if text.endswith(_EOS):
+    text = text.split(_EOS)[0]
+  return text.replace(' . ', ' .\n')
+
+
+def _check_types(rouge_types: Sequence[str]) -> tuple[str, ...]:
+  if isinstance(rouge_types, str):
+    rouge_types = (rouge_types,)
+  bad = [t for t in rouge_types if t not in ROUGE_TYPES]
+  if bad or not rouge_types:
+    raise ValueError(f'rouge_types must be a non-empty subset of {ROUGE_TYPES}, got {list(rouge_types)}.')
+  return tuple(rouge_types)
+
+
+def rouge_per_example(predictions: Sequence[str],
+                      references: Sequence[str],
+                      *,
+                      rouge_types: Sequence[str] = ROUGE_TYPES,
+                      use_stemmer: bool = False) -> dict[str, np.ndarray]:
+  """Per-example ROUGE F-measures.
+
+  Args:
+    predictions: ``N`` generated answers.
+    references: ``N`` reference outputs, aligned with ``predictions``.
+    rouge_types: which of ``ROUGE_TYPES`` to compute.
+    use_stemmer: apply the Porter stemmer. The official metric does not.
+
+  Returns:
+    rouge type -> ``[N]`` float64 F-measures in ``[0, 1]``.
+  """
+  rouge_types = _check_types(rouge_types)
+  if isinstance(predictions, str) or isinstance(references, str):
+    raise ValueError('predictions and references must be sequences of strings, not a single string.')
+  if len(predictions) != len(references):
+    raise ValueError(f'got {len(predictions)} predictions but {len(references)} references; they must be aligned.')
+  for name, texts in (('predictions', predictions), ('references', references)):
+    for i, t in enumerate(texts):
+      if not isinstance(t, str):
+        raise ValueError(f'{name}[{i}] is a {type(t).__name__}, not a string.')
+  scorer = rouge_scorer.RougeScorer(list(rouge_types), use_stemmer=use_stemmer)
+  out = {t: np.zeros(len(predictions), dtype=np.float64) for t in rouge_types}
+  for i, (pred, ref) in enumerate(zip(predictions, references)):
+    scores = scorer.score(target=_prepare(ref), prediction=_prepare(pred))
+    for t in rouge_types:
+      out[t][i] = scores[t].fmeasure
+  return out
+
+
+def _aggregate(values: np.ndarray, bootstrap_samples: int, rng: np.random.Generator) -> float:
+  """The mean of `values`, or, with `bootstrap_samples` > 0, the median of bootstrap means (rouge_score's `mid`)."""
+  if values.size == 0:
+    raise ValueError('cannot aggregate ROUGE over zero examples.')
+  if bootstrap_samples <= 0:
+    return float(values.mean())
+  idx = rng.integers(0, values.size, size=(bootstrap_samples, values.size))
+  return float(np.percentile(values[idx].mean(axis=1), 50))
+
+
+def rouge_scores(predictions: Sequence[str],
+                 references: Sequence[str],
+                 *,
+                 rouge_types: Sequence[str] = ROUGE_TYPES,
+                 use_stemmer: bool = False,
+                 bootstrap_samples: int = 0,
+                 seed: int = 0) -> dict[str, float]:
+  """Corpus ROUGE F-measure, averaged over examples.
+
+  Args:
+    predictions: ``N >= 1`` generated answers.
+    references: ``N`` reference outputs, aligned with ``predictions``.
+    rouge_types: which of ``('rouge1', 'rouge2', 'rougeL', 'rougeLsum')`` to compute.
+    use_stemmer: apply the Porter stemmer. The official FedDPA metric (t5's rouge) does not.
+    bootstrap_samples: 0 gives the plain mean. ``k > 0`` gives the median of ``k`` bootstrap means, like the ``mid``
+      of t5's ``BootstrapAggregator`` (which uses k = 1000), but seeded.
+    seed: seed of the bootstrap.
+
+  Returns:
+    rouge type -> F-measure in ``[0, 1]`` (the paper reports ``x 100``).
+  """
+  per_example = rouge_per_example(predictions, references, rouge_types=rouge_types, use_stemmer=use_stemmer)
+  rng = np.random.default_rng(seed)
+  return {t: _aggregate(v, bootstrap_samples, rng) for t, v in per_example.items()}
+
+
+def personalization_report(predictions_by_client: Mapping[int, Sequence[str]] | Sequence[Sequence[str]],
+                           data: FedDPAData,
+                           *,
+                           rouge_type: str = 'rouge1',
+                           use_stemmer: bool = False,
+                           bootstrap_samples: int = 0,
+                           seed: int = 0) -> dict[str, dict]:
+  """FedDPA's personalization (P) and test-time personalization (TTP) scores.
+
+  This is the protocol of the official ``GlobalModel_generated.py`` and ``metric.py``. Each client's personalized
+  model answers the **whole** test pool. ``score[k][c]`` is the ROUGE of client ``k``'s answers on category ``c``.
+  The paper's tables have one column per task, meaning the client that owns the task:
+
+  * ``personalization[c] = score[k(c)][c]``: the owner's score on its own task (the distribution it trained on);
+  * ``test_time[c] = mean over all categories u of score[k(c)][u]``: the owner's score over every task, **its own
+    included**. This follows the secondary summary of the paper cited in ``reference/feddpa.md`` (TTP = "average over
+    all tasks, including the client's own") and the reference pseudocode. When all categories have the same size
+    (200 each in Dataset 1), this also equals the owner's ROUGE over the pooled test set (``metric.py``'s ``total``).
+    ``test_time_others`` leaves the client's own task out, for comparison;
+  * ``avg`` is the mean over the reported columns.
+
+  When several clients own the same category, that column is the mean over those clients.
+
+  Args:
+    predictions_by_client: client id -> ``T`` answers aligned with ``data.test`` (``predictions[k][i]`` answers
+      ``data.test[i]``). This is a mapping (any subset of clients) or a sequence of length ``K``. Answers should
+      already be cleaned (see ``fedjax_adapters.data.feddpa.extract_response``).
+    data: the dataset the predictions were made on.
+    rouge_type: the ROUGE variant to report (``rouge1`` by default, see the module docstring).
+    use_stemmer: apply the Porter stemmer (off in the official metric).
+    bootstrap_samples: 0 for the plain mean per (client, category), or ``k`` for the bootstrap median.
+    seed: seed of the bootstrap.
+
+  Returns:
+    A dict with these keys:
+      ``'personalization'``: {category: score, ..., 'avg': mean}, for the categories of the clients given.
+      ``'test_time'``: {category: score, ..., 'avg': mean}, the same columns.
+      ``'test_time_others'``: like ``test_time``, but without the client's own category.
+      ``'per_client'``: {client id: {category: score for every test category}}.
+    Every score is a fraction in ``[0, 1]``.
+  """
+  (rouge_type,) = _check_types((rouge_type,))
+  if isinstance(predictions_by_client, Mapping):
+    preds = dict(predictions_by_client)
+  else:
+    preds = dict(enumerate(predictions_by_client))
+    if len(preds) != data.num_clients:
+      raise ValueError(f'predictions_by_client is a sequence of {len(preds)} clients, but the data has '
+                       f'{data.num_clients}; pass a mapping {{client_id: predictions}} to report a subset.')
+  if not preds:
+    raise ValueError('predictions_by_client is empty.')
+  if 'avg' in data.test_indices:
+    raise ValueError("a category is named 'avg', which clashes with the report's average key.")
+  references = [ex.output for ex in data.test]
+  for k, p in preds.items():
+    if not isinstance(k, (int, np.integer)) or not 0 <= k < data.num_clients:
+      raise ValueError(f'client id {k!r} is not in range(0, {data.num_clients}).')
+    if isinstance(p, str) or len(p) != len(references):
+      raise ValueError(f'client {k} has {1 if isinstance(p, str) else len(p)} predictions, but the test pool has '
+                       f'{len(references)}; predictions_by_client[k] must be aligned with data.test.')
+
+  rng = np.random.default_rng(seed)
+  per_client: dict[int, dict[str, float]] = {}
+  for k in sorted(preds):
+    values = rouge_per_example(list(preds[k]), references, rouge_types=(rouge_type,), use_stemmer=use_stemmer)
+    values = values[rouge_type]
+    per_client[int(k)] = {c: _aggregate(values[idx], bootstrap_samples, rng) for c, idx in data.test_indices.items()}
+
+  personalization: dict[str, float] = {}
+  test_time: dict[str, float] = {}
+  test_time_others: dict[str, float] = {}
+  for c in data.categories:
+    owners = [k for k in data.clients_of(c) if k in per_client]
+    if not owners:
+      continue
+    personalization[c] = float(np.mean([per_client[k][c] for k in owners]))
+    test_time[c] = float(np.mean([np.mean(list(per_client[k].values())) for k in owners]))
+    others = [[v for u, v in per_client[k].items() if u != c] for k in owners]
+    # With a single category there is no "other" task; report nan instead of a misleading number.
+    test_time_others[c] = float(np.mean([np.mean(o) for o in others])) if all(others) else float('nan')
+  for table in (personalization, test_time, test_time_others):
+    table['avg'] = float(np.mean(list(table.values())))
+  return {
+      'personalization': personalization,
+      'test_time': test_time,
+      'test_time_others': test_time_others,
+      'per_client': per_client,
+  }
