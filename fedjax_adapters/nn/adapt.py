@@ -17,7 +17,7 @@ clients with the frozen parts broadcast.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +48,8 @@ class AdapterSpec:
     embed: embedding LoRA on ``nnx.Embed``; norm: norm adaptors on LayerNorm / RMSNorm / BatchNorm.
     init: ``'uniform_in'`` (FLoRAL), ``'kaiming'`` (PEFT) for the A factor.
     bias_init: ``'zeros'`` or ``'uniform'`` (FLoRAL public code: PyTorch's default bias init, nonzero).
+    dropout: LoRA dropout on the adaptor input of linear layers (PEFT's ``lora_dropout``; FedDPA: 0.05), active
+      only when :meth:`ModelDef.apply` gets a ``dropout_key``.
   """
   target: str = '.*'
   rank: int | float | str = 0.01
@@ -62,8 +64,11 @@ class AdapterSpec:
   norm: bool = False
   init: str = 'uniform_in'
   bias_init: str = 'zeros'
+  dropout: float = 0.0
 
   def __post_init__(self):
+    if not 0.0 <= self.dropout < 1.0:
+      raise ValueError(f'LoRA dropout must lie in [0, 1); got {self.dropout}.')
     if self.num_global < 0 or self.num_local not in (0, 1):
       raise ValueError(f'num_global must be >= 0 and num_local 0 or 1; got {self.num_global}, {self.num_local}.')
     if self.num_global == 0 and self.num_local == 0:
@@ -131,6 +136,9 @@ def adapt(model: nnx.Module, spec: AdapterSpec, *, key: jax.Array) -> nnx.Module
       r = _rank_of(wrapped)
       scale = spec.alpha / r if r else 1.0
     wrapped.scale = scale
+    if isinstance(wrapped, L.AdaptedLinear):
+      wrapped.dropout_rate = spec.dropout
+      wrapped.dropout_id = L.AdapterRuntime(jnp.asarray(i, jnp.uint32))
     swaps.append((path, wrapped))
   for path, wrapped in swaps:
     parent = model
@@ -181,21 +189,12 @@ class ModelDef:
     states.append(jax.tree.map(lambda x: x, self.templates[-1]))
     return nnx.merge(self.graphdef, *states)
 
-  def apply(self, parts: Mapping[str, Any], *args, mix=None, global_weight=1.0, local_weight=1.0,
-            method: str = '__call__', **kwargs):
-    """Pure forward pass.
+  def bind(self, parts: Mapping[str, Any], *, mix=None, global_weight=1.0, local_weight=1.0,
+           dropout_key=None) -> nnx.Module:
+    """Merges ``parts`` and sets the adaptor weights of this call; returns the live NNX model.
 
-    Args:
-      parts: pure-dict parts (see module docstring); at least those the model needs to differ from its init.
-      *args: positional arguments of the model call (e.g. ``x: [B, ...]``).
-      mix: ``[C]`` mixture weights of the global adaptors (default uniform).
-      global_weight: scalar or ``[B]`` weight on the global delta (default 1).
-      local_weight: scalar or ``[B]`` weight on the local delta (default 1).
-      method: model method to call.
-      **kwargs: keyword arguments of the model call (e.g. ``train=True``).
-
-    Returns:
-      ``(output, new_stats)`` where ``new_stats`` is the pure dict of updated ``BatchStat`` (``{}`` if none).
+    Use it inside a traced function to run any function of the model (e.g. a decoding loop) with per-example
+    adaptor weights. Arguments as in :meth:`apply`.
     """
     model = self.merge(parts)
     ctx = find_context(model)
@@ -208,6 +207,29 @@ class ModelDef:
         ctx.mix.set_value(mix)
       ctx.global_weight.set_value(jnp.asarray(global_weight))
       ctx.local_weight.set_value(jnp.asarray(local_weight))
+      if dropout_key is not None:
+        ctx.dropout_key = L.AdapterRuntime(dropout_key)
+    return model
+
+  def apply(self, parts: Mapping[str, Any], *args, mix=None, global_weight=1.0, local_weight=1.0,
+            dropout_key=None, method: str = '__call__', **kwargs):
+    """Pure forward pass.
+
+    Args:
+      parts: pure-dict parts (see module docstring); at least those the model needs to differ from its init.
+      *args: positional arguments of the model call (e.g. ``x: [B, ...]``).
+      mix: ``[C]`` mixture weights of the global adaptors (default uniform).
+      global_weight: scalar or ``[B]`` weight on the global delta (default 1).
+      local_weight: scalar or ``[B]`` weight on the local delta (default 1).
+      dropout_key: PRNG key for LoRA dropout (``AdapterSpec.dropout``); ``None`` disables dropout (evaluation).
+      method: model method to call.
+      **kwargs: keyword arguments of the model call (e.g. ``train=True``).
+
+    Returns:
+      ``(output, new_stats)`` where ``new_stats`` is the pure dict of updated ``BatchStat`` (``{}`` if none).
+    """
+    model = self.bind(parts, mix=mix, global_weight=global_weight, local_weight=local_weight,
+                      dropout_key=dropout_key)
     out = getattr(model, method)(*args, **kwargs)
     stats = nnx.state(model, nnx.BatchStat).to_pure_dict()
     return out, stats
@@ -217,6 +239,33 @@ def split_model(model: nnx.Module) -> tuple[ModelDef, dict[str, Any]]:
   """Splits an (adapted) NNX model into a :class:`ModelDef` and pure-dict parts keyed by ``PARTS``."""
   graphdef, *states = nnx.split(model, *_FILTERS, ...)
   ctx = find_context(model)
+  parts = {name: st.to_pure_dict() for name, st in zip(_ORDER, states[:-1])}
+  # Copy the Variables: nnx.split's states alias the live model's, so later changes to the model (an eager
+  # BatchNorm update, nnx.update) would otherwise leak into the templates.
+  templates = tuple(jax.tree.map(lambda x: x, st) for st in states)
+  mdef = ModelDef(graphdef, templates, ctx.num_global if ctx else 0, ctx.num_local if ctx else 0)
+  return mdef, parts
+
+
+_BUILDERS: dict = {}
+
+
+def build_and_split(make: Callable[[jax.Array], nnx.Module], key: jax.Array) -> tuple[ModelDef, dict[str, Any]]:
+  """``split_model(make(key))`` with the model built inside one ``jax.jit``.
+
+  Building an NNX model eagerly compiles one random-number kernel per parameter shape (seconds each on a CPU); one
+  jitted build compiles once and is cached per ``make`` function, so every later ``init`` is fast.
+
+  Args:
+    make: ``key -> nnx.Module`` (e.g. construct and :func:`adapt`); must build the same structure for every key.
+    key: PRNG key.
+  """
+  abstract = nnx.eval_shape(lambda: make(key))
+  graphdef, *_ = nnx.split(abstract, *_FILTERS, ...)
+  ctx = find_context(abstract)
+  if make not in _BUILDERS:
+    _BUILDERS[make] = jax.jit(lambda k: tuple(nnx.split(make(k), *_FILTERS, ...)[1:]))
+  states = _BUILDERS[make](key)
   parts = {name: st.to_pure_dict() for name, st in zip(_ORDER, states[:-1])}
   mdef = ModelDef(graphdef, tuple(states), ctx.num_global if ctx else 0, ctx.num_local if ctx else 0)
   return mdef, parts

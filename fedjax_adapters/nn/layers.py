@@ -104,9 +104,21 @@ class AdaptedLinear(_Adapted):
           p = {'bias': p['bias']} if 'bias' in p else {}
       self._set(group, p)
 
+  dropout_rate: float = 0.0
+
+  def _dropout(self, x):
+    key = getattr(self.ctx, 'dropout_key', None)
+    if not self.dropout_rate or key is None:
+      return x
+    # Each layer draws its own mask: fold the layer's index (state, so scanned layers stay uniform) into the key.
+    key = jax.random.fold_in(key.get_value(), self.dropout_id.get_value())
+    keep = jax.random.bernoulli(key, 1.0 - self.dropout_rate, x.shape)
+    return jnp.where(keep, x / (1.0 - self.dropout_rate), 0.0).astype(x.dtype)
+
   def __call__(self, x, **kwargs):
+    x_lora = self._dropout(x)
     return self._delta(lambda p, x, w: lora.dense_delta(p, x, w, scale=self.scale) if p else 0.0,
-                       self.base(x, **kwargs), x)
+                       self.base(x, **kwargs), x_lora)
 
 
 class AdaptedConv(_Adapted):
