@@ -1,0 +1,740 @@
+"""A LLaMA-architecture decoder in Flax NNX, with a pure KV cache and decoding.
+
+FedDPA (Yang et al., NeurIPS 2024) fine-tunes a frozen LLaMA with LoRA adapters. This module provides that base model
+with module paths that read like Hugging Face's (``model.layers.0.self_attn.q_proj``), so adapter targeting written
+for PEFT-style names works unchanged, and so ``llama_loaders`` can map checkpoint names one to one.
+
+Two design points matter to the rest of the library:
+
+* The forward pass only *calls* its projection and embedding modules (``self.q_proj(x)``, ``embed_tokens(ids)``) and
+  never reads their kernels, so adapter surgery can swap an ``nnx.Linear`` for a wrapper that is called the same way.
+  The one exception is the tied output head, which needs the embedding table itself (it uses ``embed.attend`` when
+  the module has it).
+* The KV cache is a plain pytree (:class:`KVCache`) that is passed in and returned, never NNX state, so a decode step
+  is a pure function: it can be jitted, scanned, and vmapped over clients.
+
+Example:
+  >>> config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+  ...                      num_attention_heads=4, num_key_value_heads=2)
+  >>> model = Llama(config, rngs=nnx.Rngs(0))
+  >>> ids = jnp.array([[0, 0, 5, 7]]); mask = jnp.array([[0, 0, 1, 1]])  # left padded
+  >>> model(ids, mask).shape
+  (1, 4, 32)
+  >>> greedy_decode(model, ids, mask, max_new_tokens=3, eos_id=1, pad_id=0).shape
+  (1, 3)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# A large negative number instead of -inf for masked attention scores: a row with every key masked (a padding query)
+# then gets a uniform softmax instead of NaNs, and NaNs never leak into real rows through later layers.
+_MASK_VALUE = float(jnp.finfo(jnp.float32).min)
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Hyperparameters of a LLaMA-architecture decoder (the fields of Hugging Face's ``LlamaConfig`` we use).
+
+  Attributes:
+    vocab_size: V, number of token ids.
+    hidden_size: D, width of the residual stream.
+    intermediate_size: F, width of the SwiGLU MLP.
+    num_hidden_layers: L, number of decoder layers.
+    num_attention_heads: H, query heads.
+    num_key_value_heads: KV, key/value heads (grouped-query attention); defaults to H. H must be a multiple of KV.
+    head_dim: Dh, width of one head; defaults to D // H. Must be even (rotary embeddings rotate pairs).
+    rms_norm_eps: epsilon of every RMSNorm.
+    rope_theta: base of the rotary frequencies.
+    tie_word_embeddings: if True, there is no ``lm_head`` and logits are ``h @ embed_tokens.embedding.T``.
+    max_position_embeddings: the context length the checkpoint was trained for (informational; positions beyond it
+      still compute).
+    dtype: computation dtype of activations (attention softmax and RMSNorm statistics always use float32).
+    param_dtype: dtype of the parameters.
+  """
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_hidden_layers: int
+  num_attention_heads: int
+  num_key_value_heads: int | None = None
+  head_dim: int | None = None
+  rms_norm_eps: float = 1e-6
+  rope_theta: float = 10000.0
+  tie_word_embeddings: bool = False
+  max_position_embeddings: int = 2048
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    for name in ('vocab_size', 'hidden_size', 'intermediate_size', 'num_hidden_layers', 'num_attention_heads'):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value <= 0:
+        raise ValueError(f'LlamaConfig.{name} must be a positive int, got {value!r}.')
+    # Frozen dataclass: defaults that depend on other fields are filled in with object.__setattr__.
+    if self.num_key_value_heads is None:
+      object.__setattr__(self, 'num_key_value_heads', self.num_attention_heads)
+    if self.head_dim is None:
+      if self.hidden_size % self.num_attention_heads:
+        raise ValueError(f'hidden_size={self.hidden_size} is not divisible by num_attention_heads='
+                         f'{self.num_attention_heads}; pass head_dim explicitly.')
+      object.__setattr__(self, 'head_dim', self.hidden_size // self.num_attention_heads)
+    if self.num_key_value_heads <= 0 or self.num_attention_heads % self.num_key_value_heads:
+      raise ValueError(f'num_attention_heads={self.num_attention_heads} must be a positive multiple of '
+                       f'num_key_value_heads={self.num_key_value_heads}.')
+    if self.head_dim <= 0 or self.head_dim % 2:
+      raise ValueError(f'head_dim={self.head_dim} must be positive and even (rotary embeddings rotate pairs).')
+
+  @property
+  def num_groups(self) -> int:
+    """Query heads per key/value head (H // KV)."""
+    return self.num_attention_heads // self.num_key_value_heads
+
+  @classmethod
+  def from_hf_dict(cls, d: Mapping[str, Any], *, dtype: Any = jnp.float32,
+                   param_dtype: Any | None = None) -> LlamaConfig:
+    """Builds a config from a Hugging Face ``config.json`` dict of a LLaMA model.
+
+    Args:
+      d: the parsed ``config.json``.
+      dtype: computation dtype.
+      param_dtype: parameter dtype; defaults to ``dtype``.
+
+    Returns:
+      The config.
+
+    Raises:
+      ValueError: for a key that is missing, or a feature this implementation does not have (another model type,
+        biases, rope scaling, an activation other than SiLU).
+    """
+    model_type = d.get('model_type', 'llama')
+    if model_type != 'llama':
+      raise ValueError(f"Expected a LLaMA config (model_type='llama'), got model_type={model_type!r}.")
+    if d.get('attention_bias') or d.get('mlp_bias'):
+      raise ValueError(f"Biased projections are not supported: attention_bias={d.get('attention_bias')!r}, "
+                       f"mlp_bias={d.get('mlp_bias')!r}.")
+    if d.get('rope_scaling') is not None:
+      raise ValueError(f"rope_scaling={d['rope_scaling']!r} is not supported (only plain RoPE).")
+    act = d.get('hidden_act', 'silu')
+    if act != 'silu':
+      raise ValueError(f"hidden_act={act!r} is not supported; LLaMA uses 'silu'.")
+    required = ('vocab_size', 'hidden_size', 'intermediate_size', 'num_hidden_layers', 'num_attention_heads')
+    missing = [k for k in required if k not in d]
+    if missing:
+      raise ValueError(f'config.json lacks required keys {missing}.')
+    return cls(
+        vocab_size=int(d['vocab_size']),
+        hidden_size=int(d['hidden_size']),
+        intermediate_size=int(d['intermediate_size']),
+        num_hidden_layers=int(d['num_hidden_layers']),
+        num_attention_heads=int(d['num_attention_heads']),
+        num_key_value_heads=None if d.get('num_key_value_heads') is None else int(d['num_key_value_heads']),
+        head_dim=None if d.get('head_dim') is None else int(d['head_dim']),
+        rms_norm_eps=float(d.get('rms_norm_eps', 1e-6)),
+        rope_theta=float(d.get('rope_theta', 10000.0)),
+        tie_word_embeddings=bool(d.get('tie_word_embeddings', False)),
+        max_position_embeddings=int(d.get('max_position_embeddings', 2048)),
+        dtype=dtype,
+        param_dtype=dtype if param_dtype is None else param_dtype,
+    )
+
+  def to_hf_dict(self) -> dict[str, Any]:
+    """The Hugging Face ``config.json`` fields for this config (inverse of :meth:`from_hf_dict`)."""
+    return {
+        'architectures': ['LlamaForCausalLM'],
+        'model_type': 'llama',
+        'vocab_size': self.vocab_size,
+        'hidden_size': self.hidden_size,
+        'intermediate_size': self.intermediate_size,
+        'num_hidden_layers': self.num_hidden_layers,
+        'num_attention_heads': self.num_attention_heads,
+        'num_key_value_heads': self.num_key_value_heads,
+        'head_dim': self.head_dim,
+        'rms_norm_eps': self.rms_norm_eps,
+        'rope_theta': self.rope_theta,
+        'tie_word_embeddings': self.tie_word_embeddings,
+        'max_position_embeddings': self.max_position_embeddings,
+        'hidden_act': 'silu',
+        'attention_bias': False,
+        'mlp_bias': False,
+        'rope_scaling': None,
+    }
+
+
+class KVCache(NamedTuple):
+  """Keys and values of every layer for the slots decoded so far; a plain pytree.
+
+  Slots are filled left to right, the same slot range for every row, so one scalar ``index`` serves the whole batch;
+  rows that are shorter (padding) are told apart by ``mask``.
+
+  Attributes:
+    k: [L, B, S, KV, Dh] rotated keys.
+    v: [L, B, S, KV, Dh] values.
+    mask: [B, S] bool, True where a slot holds a real (non-padding) token.
+    index: [] int32, the next slot to write.
+  """
+  k: jax.Array
+  v: jax.Array
+  mask: jax.Array
+  index: jax.Array
+
+
+def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype: Any = None) -> KVCache:
+  """An empty cache for ``batch`` rows of up to ``max_len`` tokens (prompt plus generated).
+
+  Args:
+    config: the model config.
+    batch: B.
+    max_len: S, total slots; prefill and every later call each take as many slots as their input has tokens.
+    dtype: dtype of keys and values; defaults to ``config.dtype``.
+
+  Returns:
+    A :class:`KVCache` with zero keys/values, an all-False mask and index 0.
+  """
+  if batch <= 0 or max_len <= 0:
+    raise ValueError(f'init_cache needs positive batch and max_len, got batch={batch}, max_len={max_len}.')
+  dtype = config.dtype if dtype is None else dtype
+  shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim)
+  return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), mask=jnp.zeros((batch, max_len), bool),
+                 index=jnp.zeros((), jnp.int32))
+
+
+def rotary_cos_sin(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+  """Cosines and sines of the rotary embedding in Hugging Face's "rotate_half" layout.
+
+  Frequency i (of Dh/2) is ``theta ** (-2i / Dh)``; it is used by dims i and i + Dh/2, which rotate as a pair.
+
+  Args:
+    positions: [B, T] int positions.
+    head_dim: Dh.
+    theta: the rope base.
+
+  Returns:
+    (cos, sin), each [B, T, Dh] float32.
+  """
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
+  angles = jnp.concatenate([angles, angles], axis=-1)
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Rotates ``x`` [B, T, heads, Dh] by position; cos/sin are [B, T, Dh]. Computed in float32."""
+  half = x.shape[-1] // 2
+  xf = x.astype(jnp.float32)
+  rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+  out = xf * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+  return out.astype(x.dtype)
+
+
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  """Grouped-query attention.
+
+  Args:
+    q: [B, T, H, Dh] queries.
+    k: [B, S, KV, Dh] keys.
+    v: [B, S, KV, Dh] values.
+    mask: [B, T, S] bool, True where query t may attend to key s.
+
+  Returns:
+    [B, T, H * Dh].
+  """
+  b, t, h, dh = q.shape
+  kv = k.shape[2]
+  # Query head h uses key/value head h // (H // KV), as in HF's repeat_kv: grouping the query heads as [KV, G]
+  # gets that without materialising repeated keys.
+  q = q.reshape(b, t, kv, h // kv, dh)
+  scores = jnp.einsum('btkgd,bskd->bkgts', q, k, preferred_element_type=jnp.float32) * (dh ** -0.5)
+  scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum('bkgts,bskd->btkgd', probs, v)
+  return out.reshape(b, t, h * dh)
+
+
+class LlamaAttention(nnx.Module):
+  """Self-attention with rotary embeddings and grouped-query heads; HF names ``q_proj``, ``k_proj``, ...."""
+
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    self.num_heads = config.num_attention_heads
+    self.num_kv_heads = config.num_key_value_heads
+    self.head_dim = config.head_dim
+    linear = functools.partial(nnx.Linear, use_bias=False, dtype=config.dtype, param_dtype=config.param_dtype,
+                               rngs=rngs)
+    d, h, kv, dh = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    self.q_proj = linear(d, h * dh)
+    self.k_proj = linear(d, kv * dh)
+    self.v_proj = linear(d, kv * dh)
+    self.o_proj = linear(h * dh, d)
+
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+               cache_kv: tuple[jax.Array, jax.Array] | None = None, cache_index: jax.Array | None = None,
+               layer: int | jax.Array = 0) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """Attends ``x`` [B, T, D] to itself, or to the cached keys plus itself.
+
+    Args:
+      x: [B, T, D] normed hidden states.
+      cos: [B, T, Dh] rotary cosines.
+      sin: [B, T, Dh] rotary sines.
+      mask: [B, T, S] bool attention mask (S = T without a cache, S = cache length with one).
+      cache_kv: optional (k, v), each [L, B, S, KV, Dh], the whole cache; this layer's new keys go into slots
+        ``cache_index .. cache_index + T - 1`` of entry ``layer``.
+      cache_index: [] int32, the first slot to write.
+      layer: which entry of the cache is this layer's (an int, or a traced index inside a scan over layers).
+
+    Returns:
+      ([B, T, D] output, the updated whole cache (k, v) or None).
+    """
+    b, t, _ = x.shape
+    q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+    k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    q = apply_rotary(q, cos, sin)
+    k = apply_rotary(k, cos, sin)
+    if cache_kv is not None:
+      ck, cv = cache_kv
+      # Update the stacked [L, ...] arrays in place (write T slots, then read this layer's entry) rather than slice,
+      # update and restack, which would copy the whole cache at every decoding step.
+      start = (layer, 0, cache_index, 0, 0)
+      ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype)[None], start)
+      cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype)[None], start)
+      k = jax.lax.dynamic_index_in_dim(ck, layer, axis=0, keepdims=False)
+      v = jax.lax.dynamic_index_in_dim(cv, layer, axis=0, keepdims=False)
+      cache_kv = (ck, cv)
+    out = _attend(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+    return self.o_proj(out), cache_kv
+
+
+class LlamaMLP(nnx.Module):
+  """SwiGLU feed-forward: ``down_proj(silu(gate_proj(x)) * up_proj(x))``."""
+
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    linear = functools.partial(nnx.Linear, use_bias=False, dtype=config.dtype, param_dtype=config.param_dtype,
+                               rngs=rngs)
+    self.gate_proj = linear(config.hidden_size, config.intermediate_size)
+    self.up_proj = linear(config.hidden_size, config.intermediate_size)
+    self.down_proj = linear(config.intermediate_size, config.hidden_size)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _rms_norm(config: LlamaConfig, rngs: nnx.Rngs) -> nnx.RMSNorm:
+  # nnx.RMSNorm computes x * rsqrt(mean(x^2) + eps) * scale with float32 statistics: LLaMA's formula. Using the
+  # stock module (parameter `scale`) lets norm adaptors target it by type.
+  return nnx.RMSNorm(config.hidden_size, epsilon=config.rms_norm_eps, dtype=config.dtype,
+                     param_dtype=config.param_dtype, rngs=rngs)
+
+
+class LlamaDecoderLayer(nnx.Module):
+  """Pre-norm block: ``h = x + attn(norm(x)); out = h + mlp(norm(h))``."""
+
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    self.self_attn = LlamaAttention(config, rngs=rngs)
+    self.mlp = LlamaMLP(config, rngs=rngs)
+    self.input_layernorm = _rms_norm(config, rngs)
+    self.post_attention_layernorm = _rms_norm(config, rngs)
+
+  def __call__(self, x, cos, sin, mask, cache_kv=None, cache_index=None, layer=0):
+    """Same arguments as :meth:`LlamaAttention.__call__`; returns ([B, T, D], updated cache (k, v) or None)."""
+    attn, cache_kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_kv, cache_index, layer)
+    h = x + attn
+    return h + self.mlp(self.post_attention_layernorm(h)), cache_kv
+
+
+class LlamaModel(nnx.Module):
+  """The decoder stack (HF's ``LlamaModel``): ``embed_tokens``, ``layers``, ``norm``."""
+
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, dtype=config.dtype,
+                                  param_dtype=config.param_dtype, rngs=rngs)
+    self.layers = nnx.List([LlamaDecoderLayer(config, rngs=rngs) for _ in range(config.num_hidden_layers)])
+    self.norm = _rms_norm(config, rngs)
+
+
+def _split_layers(layers) -> list[tuple[Any, Any]] | int:
+  """Splits each layer into (graphdef, state); returns the first odd layer's index if the graphdefs differ."""
+  splits = [nnx.split(layer) for layer in layers]
+  for i, (graphdef, _) in enumerate(splits):
+    if graphdef != splits[0][0]:
+      return i
+  return splits
+
+
+def layers_are_uniform(model: Llama) -> bool:
+  """Whether every decoder layer has the same module structure (so ``scan_layers=True`` applies)."""
+  return not isinstance(_split_layers(model.model.layers), int)
+
+
+class Llama(nnx.Module):
+  """LLaMA causal language model (HF's ``LlamaForCausalLM``): ``model`` plus ``lm_head`` (absent when tied).
+
+  Module paths mirror Hugging Face, e.g. ``model.layers.0.self_attn.q_proj`` and ``lm_head``.
+  """
+
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    self.model = LlamaModel(config, rngs=rngs)
+    if config.tie_word_embeddings:
+      self.lm_head = None
+    else:
+      self.lm_head = nnx.Linear(config.hidden_size, config.vocab_size, use_bias=False, dtype=config.dtype,
+                                param_dtype=config.param_dtype, rngs=rngs)
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """Output head: [B, T, D] normed hidden states -> [B, T, V] float32 logits."""
+    if self.lm_head is not None:
+      return self.lm_head(hidden).astype(jnp.float32)
+    embed = self.model.embed_tokens
+    if hasattr(embed, 'attend'):
+      return embed.attend(hidden).astype(jnp.float32)
+    return (hidden @ embed.embedding[...].T).astype(jnp.float32)
+
+  def _scan_layers(self, splits, x, cos, sin, attn_mask, cache_kv, cache_index):
+    """The layer loop as one ``lax.scan`` over the layers' stacked states; returns (x, updated cache or None)."""
+    graphdef = splits[0][0]
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[state for _, state in splits])
+
+    def body(carry, layer_inputs):
+      # The whole cache rides in the carry (not in xs/ys), so each step writes only its new slots in place.
+      x, cache_kv = carry
+      layer_state, i = layer_inputs
+      layer = nnx.merge(graphdef, layer_state)
+      x, cache_kv = layer(x, cos, sin, attn_mask, cache_kv, cache_index, i)
+      return (x, cache_kv), None
+
+    (x, cache_kv), _ = jax.lax.scan(body, (x, cache_kv), (stacked, jnp.arange(len(splits))))
+    return x, cache_kv
+
+  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
+               positions: jax.Array | None = None, cache: KVCache | None = None, return_hidden: bool = False,
+               scan_layers: bool = False):
+    """Runs the decoder.
+
+    Without a cache, this is a full causal forward over ``input_ids``. With a cache, the T new tokens go into slots
+    ``cache.index .. cache.index + T - 1`` and attend to every earlier real slot; call it once with the (padded)
+    prompt to prefill, then with one token per step.
+
+    Args:
+      input_ids: [B, T] int token ids.
+      attention_mask: [B, T], 1 for real tokens and 0 for padding (left or right); defaults to all ones.
+      positions: [B, T] int rotary positions. Defaults to the count of real tokens before each one
+        (``cumsum(mask) - 1`` clipped at 0, plus the real tokens already in the cache), so left padding does not
+        shift positions.
+      cache: optional :class:`KVCache` with at least ``cache.index + T`` slots.
+      return_hidden: also return the final normed hidden states.
+      scan_layers: run the layers with ``lax.scan`` over their stacked states instead of a Python loop. The
+        result is the same; the compiled program holds one layer instead of L, which cuts XLA compile time several
+        fold (the decoding functions use it), at the cost of a stacked copy of the layer weights per call (under
+        ``jit`` XLA hoists that copy out of decode loops). Needs all layers to have the same structure (adapter
+        surgery that treats layers differently rules it out; a ValueError says which layer differs). Layer state
+        is read-only in the scan: a change a layer makes to its own variables during the call is dropped (the
+        LLaMA layers and the adapter wrappers make none).
+
+    Returns:
+      logits [B, T, V] float32; then hidden [B, T, D] if ``return_hidden``; then the updated cache if one was given.
+      A single array when neither extra is asked for, else a tuple in that order.
+    """
+    config = self.config
+    if input_ids.ndim != 2:
+      raise ValueError(f'input_ids must be [B, T], got shape {input_ids.shape}.')
+    b, t = input_ids.shape
+    if attention_mask is None:
+      attention_mask = jnp.ones((b, t), bool)
+    if attention_mask.shape != (b, t):
+      raise ValueError(f'attention_mask shape {attention_mask.shape} does not match input_ids shape {(b, t)}.')
+    mask = attention_mask.astype(bool)
+    if scan_layers:
+      splits = _split_layers(self.model.layers)
+      if isinstance(splits, int):
+        raise ValueError(f'scan_layers=True needs layers of one structure, but layer {splits} differs from layer 0.')
+
+    if cache is None:
+      key_mask = mask  # [B, S=T]
+      query_slots = jnp.arange(t)
+      prior_real = 0
+    else:
+      if cache.mask.shape[0] != b:
+        raise ValueError(f'cache batch {cache.mask.shape[0]} does not match input batch {b}.')
+      s = cache.mask.shape[1]
+      try:  # A concrete index lets us catch an overflow that dynamic_update_slice would silently clamp.
+        index = int(cache.index)
+      except TypeError:  # a tracer (jit or vmap); ConcretizationTypeError is a TypeError
+        index = None
+      if index is not None and index + t > s:
+        raise ValueError(f'KV cache overflow: {t} new tokens at slot {index} exceed max_len={s}.')
+      prior_real = cache.mask.sum(-1, keepdims=True)
+      key_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (0, cache.index))  # [B, S]
+      query_slots = cache.index + jnp.arange(t)
+    if positions is None:
+      positions = jnp.maximum(prior_real + jnp.cumsum(mask, axis=-1) - 1, 0)
+    if positions.shape != (b, t):
+      raise ValueError(f'positions shape {positions.shape} does not match input_ids shape {(b, t)}.')
+
+    # Causality is by slot, not by position: padding slots carry clipped positions, but real tokens of one row are
+    # in increasing slot order, so "key slot <= query slot" plus the key mask is exactly the causal mask.
+    key_slots = jnp.arange(key_mask.shape[1])
+    attn_mask = (key_slots[None, :] <= query_slots[:, None])[None] & key_mask[:, None, :]  # [B, T, S]
+    cos, sin = rotary_cos_sin(positions, config.head_dim, config.rope_theta)
+
+    x = self.model.embed_tokens(input_ids)
+    cache_kv = None if cache is None else (cache.k, cache.v)
+    cache_index = None if cache is None else cache.index
+    if scan_layers:
+      x, cache_kv = self._scan_layers(splits, x, cos, sin, attn_mask, cache_kv, cache_index)
+    else:
+      for i, layer in enumerate(self.model.layers):
+        x, cache_kv = layer(x, cos, sin, attn_mask, cache_kv, cache_index, i)
+    hidden = self.model.norm(x)
+    logits = self.logits(hidden)
+
+    outputs = (logits,)
+    if return_hidden:
+      outputs += (hidden,)
+    if cache is not None:
+      outputs += (KVCache(k=cache_kv[0], v=cache_kv[1], mask=key_mask, index=cache.index + t),)
+    return outputs[0] if len(outputs) == 1 else outputs
+
+
+def abstract_llama(config: LlamaConfig) -> Llama:
+  """A :class:`Llama` whose parameters are ``jax.ShapeDtypeStruct`` placeholders, for loaders to fill in.
+
+  Equivalent to ``nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))`` but much faster for deep models: that
+  traces every initializer of the whole model in one program, and NNX's per-variable RNG bookkeeping makes the cost
+  grow quadratically with depth (about 10 s for a 30-layer model on a small CPU). Here one layer is traced and
+  cloned.
+  """
+  one_layer = dataclasses.replace(config, num_hidden_layers=1)
+  model = nnx.eval_shape(lambda: Llama(one_layer, rngs=nnx.Rngs(0)))
+  layer = model.model.layers[0]
+  model.model.layers = nnx.List([layer] + [nnx.clone(layer) for _ in range(config.num_hidden_layers - 1)])
+  model.config = config
+  return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decoding.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _eos_array(eos_id: int | Sequence[int]) -> jax.Array:
+  # A traced argument, not a static one, so that changing the EOS id does not recompile the decoder.
+  ids = jnp.atleast_1d(jnp.asarray(eos_id, jnp.int32))
+  if ids.ndim != 1 or ids.shape[0] == 0:
+    raise ValueError(f'eos_id must be an int or a non-empty sequence of ints, got {eos_id!r}.')
+  return ids
+
+
+def _check_decode_args(model, input_ids, attention_mask, max_new_tokens):
+  config = getattr(model, 'config', None)
+  if not isinstance(config, LlamaConfig):
+    raise ValueError(f'The model must carry a LlamaConfig as `.config` (to size the KV cache), got {config!r}.')
+  if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
+    raise ValueError(f'input_ids {input_ids.shape} and attention_mask {attention_mask.shape} must both be [B, T].')
+  if max_new_tokens <= 0:
+    raise ValueError(f'max_new_tokens must be positive, got {max_new_tokens}.')
+  return config
+
+
+def _call_kwargs(model, scan_layers: bool | None) -> dict[str, Any]:
+  """Extra keyword arguments for the model's calls: scan the layers when asked, or (None) when possible."""
+  if scan_layers is None:
+    scan_layers = isinstance(model, Llama) and layers_are_uniform(model)
+  return {'scan_layers': True} if scan_layers else {}
+
+
+def _prefill(model, input_ids, attention_mask, max_len, call_kwargs):
+  """Runs the prompt through the model into a fresh cache; returns (next-token logits [B, V], cache)."""
+  config = model.config
+  cache = init_cache(config, input_ids.shape[0], max_len)
+  logits, cache = model(input_ids, attention_mask, cache=cache, **call_kwargs)
+  t = input_ids.shape[1]
+  # The last real token, so right-padded prompts work too (with left padding it is simply slot T - 1).
+  last = t - 1 - jnp.argmax(attention_mask.astype(bool)[:, ::-1], axis=-1)
+  return jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0], cache
+
+
+def greedy_decode(model: nnx.Module, input_ids: jax.Array, attention_mask: jax.Array, *, max_new_tokens: int,
+                  eos_id: int | Sequence[int], pad_id: int, scan_layers: bool | None = None) -> jax.Array:
+  """Greedy decoding with the KV cache: prefill the prompt, then one token per step in a ``lax.while_loop``.
+
+  The model is any NNX module called like :class:`Llama` (adapter-wrapped layers included) with a ``LlamaConfig``
+  as ``model.config``. It is split into (graphdef, state) and the loop is jitted with the graphdef static, so
+  repeated calls with equal shapes compile once; the function also works inside ``jax.jit`` / ``jax.vmap``.
+
+  Args:
+    model: the decoder.
+    input_ids: [B, T] int prompt ids (left padding recommended; right padding also works).
+    attention_mask: [B, T], 1 for real tokens.
+    max_new_tokens: N, tokens to generate.
+    eos_id: end-of-sequence id, or a sequence of ids that all end a row.
+    pad_id: written after a row's EOS.
+    scan_layers: passed to :meth:`Llama.__call__`; None (default) scans whenever the model is a :class:`Llama`
+      whose layers share one structure, which compiles several times faster for deep models.
+
+  Returns:
+    [B, N] int32 generated ids; a row's EOS is kept and followed by ``pad_id``.
+  """
+  _check_decode_args(model, input_ids, attention_mask, max_new_tokens)
+  graphdef, state = nnx.split(model)
+  return _greedy_jit(graphdef, state, jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask, jnp.int32),
+                     _eos_array(eos_id), jnp.asarray(pad_id, jnp.int32), max_new_tokens=int(max_new_tokens),
+                     scan_layers=scan_layers)
+
+
+@functools.partial(jax.jit, static_argnames=('graphdef', 'max_new_tokens', 'scan_layers'))
+def _greedy_jit(graphdef, state, input_ids, attention_mask, eos, pad_id, *, max_new_tokens, scan_layers):
+  model = nnx.merge(graphdef, state)
+  call_kwargs = _call_kwargs(model, scan_layers)
+  b, t = input_ids.shape
+  logits, cache = _prefill(model, input_ids, attention_mask, t + max_new_tokens, call_kwargs)
+  out = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
+
+  def cond(carry):
+    step, _, _, done, _ = carry
+    return (step < max_new_tokens) & ~jnp.all(done)
+
+  def body(carry):
+    step, logits, cache, done, out = carry
+    token = jnp.where(done, pad_id, jnp.argmax(logits, axis=-1).astype(jnp.int32))
+    out = jax.lax.dynamic_update_slice(out, token[:, None], (0, step))
+    done = done | jnp.isin(token, eos)
+    logits, cache = model(token[:, None], jnp.ones((b, 1), jnp.int32), cache=cache, **call_kwargs)
+    return step + 1, logits[:, 0], cache, done, out
+
+  carry = (jnp.zeros((), jnp.int32), logits, cache, jnp.zeros((b,), bool), out)
+  return jax.lax.while_loop(cond, body, carry)[-1]
+
+
+def beam_search(model: nnx.Module, input_ids: jax.Array, attention_mask: jax.Array, *, num_beams: int,
+                max_new_tokens: int, eos_id: int | Sequence[int], pad_id: int, length_penalty: float = 1.0,
+                return_scores: bool = False, scan_layers: bool | None = None):
+  """Beam search with the KV cache (prefill once, then one token per beam per step).
+
+  A hypothesis of n generated tokens (counting its EOS) scores ``sum log p / n ** length_penalty``. Each step expands
+  the K alive beams, ranks the candidates by summed log-probability, moves EOS candidates ranked within the top K to
+  the row's K finished slots (best K by score kept), and keeps the best K non-EOS candidates alive. A row stops once
+  it holds K finished hypotheses (HF's ``early_stopping=True``); after N steps, alive beams compete with the finished
+  ones at length N. With ``num_beams=1`` this is exactly greedy decoding.
+
+  The model is called on B * K rows, row ``b * K + k`` being beam k of prompt b, from the prefill on; per-example
+  state a caller put in the model (such as per-example adapter weights) must therefore be repeated K times
+  (``jnp.repeat(w, K, axis=0)``).
+
+  Args:
+    model: the decoder (see :func:`greedy_decode`).
+    input_ids: [B, T] int prompt ids.
+    attention_mask: [B, T], 1 for real tokens.
+    num_beams: K.
+    max_new_tokens: N.
+    eos_id: end-of-sequence id or ids.
+    pad_id: written after EOS.
+    length_penalty: exponent of the length normalisation (0 = plain sum of log-probs).
+    return_scores: also return the winning scores.
+    scan_layers: see :func:`greedy_decode`.
+
+  Returns:
+    [B, N] int32 best hypotheses (EOS kept, then ``pad_id``); and [B] float32 scores if ``return_scores``.
+  """
+  _check_decode_args(model, input_ids, attention_mask, max_new_tokens)
+  if num_beams <= 0:
+    raise ValueError(f'num_beams must be positive, got {num_beams}.')
+  eos = _eos_array(eos_id)
+  if eos.shape[0] >= model.config.vocab_size:
+    raise ValueError(f'eos_id {eos_id!r} covers the whole vocabulary; nothing could stay alive.')
+  graphdef, state = nnx.split(model)
+  tokens, scores = _beam_jit(graphdef, state, jnp.asarray(input_ids, jnp.int32),
+                             jnp.asarray(attention_mask, jnp.int32), eos, jnp.asarray(pad_id, jnp.int32),
+                             jnp.asarray(length_penalty, jnp.float32), num_beams=int(num_beams),
+                             max_new_tokens=int(max_new_tokens), scan_layers=scan_layers)
+  return (tokens, scores) if return_scores else tokens
+
+
+@functools.partial(jax.jit, static_argnames=('graphdef', 'num_beams', 'max_new_tokens', 'scan_layers'))
+def _beam_jit(graphdef, state, input_ids, attention_mask, eos, pad_id, length_penalty, *, num_beams, max_new_tokens,
+              scan_layers):
+  model = nnx.merge(graphdef, state)
+  call_kwargs = _call_kwargs(model, scan_layers)
+  k_beams, n_new = num_beams, max_new_tokens
+  b, t = input_ids.shape
+  vocab = model.config.vocab_size
+  neg_inf = jnp.float32(-jnp.inf)
+
+  # Every call sees B * K rows (row b * K + k is beam k of prompt b), the prefill too: prefilling B rows and copying
+  # the cache would be cheaper, but per-example inputs of the model (e.g. FedDPA's per-example adapter weights,
+  # which the caller repeats K times) must have one batch size throughout.
+  input_ids = jnp.repeat(input_ids, k_beams, axis=0)
+  attention_mask = jnp.repeat(attention_mask, k_beams, axis=0)
+  logits, cache = _prefill(model, input_ids, attention_mask, t + n_new, call_kwargs)
+  # Enough candidates that K non-EOS ones always survive even if every beam's best tokens are EOS ids.
+  num_cand = min(k_beams * (1 + eos.shape[0]), k_beams * vocab)
+
+  # Only beam 0 is live at first, so the K copies of the prompt do not yield K identical hypotheses.
+  alive_logp = jnp.full((b, k_beams), neg_inf).at[:, 0].set(0.0)
+  alive_seq = jnp.full((b, k_beams, n_new), pad_id, jnp.int32)
+  fin_score = jnp.full((b, k_beams), neg_inf)
+  fin_seq = jnp.full((b, k_beams, n_new), pad_id, jnp.int32)
+
+  def take(x, idx):  # x [B, C, ...], idx [B, K] -> [B, K, ...]
+    return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+  def cond(carry):
+    step, *_, done = carry
+    return (step < n_new) & ~jnp.all(done)
+
+  def body(carry):
+    step, logits, cache, alive_logp, alive_seq, fin_score, fin_seq, done = carry
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1).reshape(b, k_beams, vocab)
+    cand = (alive_logp[:, :, None] + logp).reshape(b, k_beams * vocab)
+    cand_logp, flat = jax.lax.top_k(cand, num_cand)  # [B, C], sorted best first
+    parent, token = flat // vocab, (flat % vocab).astype(jnp.int32)
+    seqs = take(alive_seq, parent)
+    seqs = jax.lax.dynamic_update_slice(seqs, token[:, :, None], (0, 0, step))
+    is_eos = jnp.isin(token, eos)
+
+    # Finished: EOS candidates ranked within the top K (as HF does; it is what makes K = 1 greedy).
+    length = (step + 1).astype(jnp.float32)
+    rank = jnp.arange(num_cand)[None, :]
+    new_fin = jnp.where(is_eos & (rank < k_beams) & (cand_logp > neg_inf), cand_logp / length ** length_penalty,
+                        neg_inf)
+    fin_all = jnp.concatenate([fin_score, new_fin], axis=1)
+    fin_best, fin_idx = jax.lax.top_k(fin_all, k_beams)
+    fin_seq_new = take(jnp.concatenate([fin_seq, seqs], axis=1), fin_idx)
+
+    # Alive: the best K non-EOS candidates.
+    alive_best, alive_idx = jax.lax.top_k(jnp.where(is_eos, neg_inf, cand_logp), k_beams)
+    alive_seq_new = take(seqs, alive_idx)
+    alive_parent = take(parent, alive_idx)
+    alive_token = take(token, alive_idx)
+
+    # Rows that already stopped keep their hypotheses; their beams keep decoding harmlessly (static shapes).
+    keep = done[:, None]
+    fin_score = jnp.where(keep, fin_score, fin_best)
+    fin_seq = jnp.where(keep[..., None], fin_seq, fin_seq_new)
+    alive_logp = jnp.where(keep, alive_logp, alive_best)
+    alive_seq = jnp.where(keep[..., None], alive_seq, alive_seq_new)
+    done = done | (jnp.sum(fin_score > neg_inf, axis=-1) >= k_beams)
+
+    rows = (jnp.arange(b)[:, None] * k_beams + alive_parent).reshape(-1)
+    cache = KVCache(k=cache.k[:, rows], v=cache.v[:, rows], mask=cache.mask[rows], index=cache.index)
+    logits, cache = model(alive_token.reshape(-1, 1), jnp.ones((b * k_beams, 1), jnp.int32), cache=cache,
+                          **call_kwargs)
+    return step + 1, logits[:, 0], cache, alive_logp, alive_seq, fin_score, fin_seq, done
+
+  carry = (jnp.zeros((), jnp.int32), logits, cache, alive_logp, alive_seq, fin_score, fin_seq,
+           jnp.zeros((b,), bool))
+  step, _, _, alive_logp, alive_seq, fin_score, fin_seq, done = jax.lax.while_loop(cond, body, carry)
+
+  # Rows still running after N steps: their alive beams are complete hypotheses of length N.
+  alive_score = jnp.where(done[:, None], neg_inf, alive_logp / step.astype(jnp.float32) ** length_penalty)
+  scores = jnp.concatenate([fin_score, alive_score], axis=1)
+  seqs = jnp.concatenate([fin_seq, alive_seq], axis=1)
+  best = jnp.argmax(scores, axis=1)
+  return (jnp.take_along_axis(seqs, best[:, None, None], axis=1)[:, 0],
+          jnp.take_along_axis(scores, best[:, None], axis=1)[:, 0])
