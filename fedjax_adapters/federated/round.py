@@ -3,6 +3,10 @@
 Two backends run the same ``client_update``: ``'vmap'`` (one ``jax.vmap`` over the client axis with the frozen base
 and global params broadcast, ``in_axes=None``, so the base is never copied per client) and ``'sequential'`` (a
 Python loop over clients, for checking). The whole experiment state is one pytree, :class:`ServerState`.
+
+``make_round(..., mesh=mesh)`` compiles the same vmapped round with the client axis sharded over the mesh's
+``'clients'`` axis (``federated/sharding.py``); :func:`make_sampled_round` is the part that only sees the sampled
+clients, shared with the host-memory client store of ``federated/host_store.py``.
 """
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fedjax_adapters.federated import client_store
+from fedjax_adapters.federated import client_store, sharding
 from fedjax_adapters.federated.aggregators import Aggregator
 from fedjax_adapters.federated.client_update import ClientData, ClientOutput
 from fedjax_adapters.federated.sampling import sample_clients
@@ -69,12 +73,57 @@ def _check(state: ServerState, data: ClientData):
       raise ValueError(f'the data holds {k_data} clients but the client store holds {k_state}; they must match.')
 
 
-def _round_keys(state: ServerState):
+def round_client_ids(key: Array, round_: Array, num_clients: int, clients_per_round: int) -> Array:
+  """The ids round ``round_`` of an experiment with PRNG ``key`` samples: ``[M] int32``, sorted.
+
+  Every round runner samples through this (the host-store round too), so they all pick the same clients.
+  """
+  sampling_key = jax.random.fold_in(jax.random.fold_in(key, round_), 0x5A3)
+  return sample_clients(sampling_key, num_clients, clients_per_round)
+
+
+def _client_keys(state: ServerState, client_ids: Array) -> Array:
+  """Client ``k``'s key in round ``t``: ``fold_in(fold_in(key, t), k)``; ``[M]`` keys."""
   key_r = jax.random.fold_in(state.key, state.round)
-  return key_r, jax.random.fold_in(key_r, 0x5A3)  # (client keys base, sampling key)
+  return jax.vmap(lambda i: jax.random.fold_in(key_r, i))(client_ids)
 
 
-def make_round(algorithm: Algorithm, *, clients_per_round: int, backend: str = 'vmap', jit: bool = True):
+def _server_update(algorithm: Algorithm, state: ServerState, client_ids, client_mask, outs: ClientOutput, metrics):
+  weights = outs.num_examples.astype(jnp.float32) * client_mask
+  g, agg = algorithm.aggregator.aggregate(state.global_params, outs, weights, state.agg_state)
+  metrics = dict(metrics, client_ids=client_ids, client_mask=client_mask)
+  return state._replace(global_params=g, agg_state=agg, round=state.round + 1), metrics
+
+
+def make_sampled_round(algorithm: Algorithm, *, constrain: Callable[[Any], Any] | None = None):
+  """The part of a round that sees only the sampled clients (shared by the device and host-store rounds).
+
+  Args:
+    algorithm: the algorithm.
+    constrain: applied to the stacked per-client pytrees (inputs and outputs of the vmapped ``client_update``); the
+      sharded round passes ``with_sharding_constraint`` to the mesh's client axis. Default: identity.
+
+  Returns:
+    ``sampled_round(state, local, data, client_ids, client_mask) -> (state, new_local, metrics)``: ``local`` and
+    ``data`` are the sampled clients' state and :class:`ClientData` ``[M, ...]``; each client gets the key
+    ``fold_in(fold_in(state.key, state.round), client_id)``; the global params and server state are aggregated and
+    the round counter advanced, while ``state.clients`` is left alone (the caller scatters ``new_local [M, ...]``).
+  """
+  constrain = constrain or (lambda t: t)
+
+  def sampled_round(state, local, data, client_ids, client_mask):
+    keys = _client_keys(state, client_ids)
+    local, data, keys = constrain((local, data, keys))
+    outs, new_local, metrics = constrain(jax.vmap(algorithm.client_update, in_axes=(None, None, 0, 0, 0))(
+        state.frozen, state.global_params, local, data, keys))
+    state, metrics = _server_update(algorithm, state, client_ids, client_mask, outs, metrics)
+    return state, new_local, metrics
+
+  return sampled_round
+
+
+def make_round(algorithm: Algorithm, *, clients_per_round: int, backend: str = 'vmap', jit: bool = True,
+               mesh=None, axis_name: str = 'clients', shard_store: bool = True):
   """Builds ``round_fn(state, data, client_ids=None, client_mask=None) -> (state, metrics)``.
 
   Args:
@@ -82,6 +131,13 @@ def make_round(algorithm: Algorithm, *, clients_per_round: int, backend: str = '
     clients_per_round: ``M``, clients sampled each round (fixed, so the round compiles once).
     backend: ``'vmap'`` or ``'sequential'``.
     jit: compile the vmapped round (the sequential backend always jits per client).
+    mesh: a ``jax.sharding.Mesh`` (e.g. :func:`fedjax_adapters.federated.sharding.client_mesh`): run the same
+      round with the client axis sharded over ``mesh``'s ``axis_name`` and the frozen/global params, server state
+      and key replicated (``'vmap'`` backend, jitted). ``M`` must divide over the axis; pad with ``client_ids`` +
+      ``client_mask``.
+    axis_name: the client axis of ``mesh``.
+    shard_store: with ``mesh``, also shard the client store and the data ``[K, ...]`` (``K`` must divide over the
+      axis); ``False`` replicates them, so only the sampled clients ``[M, ...]`` are sharded.
 
   Returns:
     ``round_fn``. ``data`` is :class:`ClientData` for all ``K`` clients; ``client_ids: [M]`` overrides sampling
@@ -92,34 +148,42 @@ def make_round(algorithm: Algorithm, *, clients_per_round: int, backend: str = '
     raise ValueError(f"backend must be 'vmap' or 'sequential'; got {backend!r}.")
   if clients_per_round < 1:
     raise ValueError(f'clients_per_round must be >= 1; got {clients_per_round}.')
+  layout = None
+  if mesh is not None:
+    if backend != 'vmap' or not jit:
+      raise ValueError(f"a mesh needs backend='vmap' and jit=True; got backend={backend!r}, jit={jit}.")
+    layout = sharding.RoundLayout(mesh, axis_name, shard_store)
+    layout.check_clients_per_round(clients_per_round)
 
   def select(state, data, client_ids, client_mask):
-    num_clients = data.count.shape[0]
-    key_r, key_s = _round_keys(state)
     if client_ids is None:
-      client_ids = sample_clients(key_s, num_clients, clients_per_round)
+      client_ids = round_client_ids(state.key, state.round, data.count.shape[0], clients_per_round)
     if client_mask is None:
       client_mask = jnp.ones(client_ids.shape, bool)
-    keys = jax.vmap(lambda i: jax.random.fold_in(key_r, i))(client_ids)
-    return client_ids, client_mask, keys
+    return client_ids, client_mask
 
   def finish(state, client_ids, client_mask, outs: ClientOutput, new_local, metrics):
-    weights = outs.num_examples.astype(jnp.float32) * client_mask
-    g, agg = algorithm.aggregator.aggregate(state.global_params, outs, weights, state.agg_state)
-    clients = client_store.scatter(state.clients, client_ids, new_local, client_mask)
-    metrics = dict(metrics, client_ids=client_ids, client_mask=client_mask)
-    return state._replace(global_params=g, clients=clients, agg_state=agg, round=state.round + 1), metrics
+    state, metrics = _server_update(algorithm, state, client_ids, client_mask, outs, metrics)
+    return state._replace(clients=client_store.scatter(state.clients, client_ids, new_local, client_mask)), metrics
+
+  sampled_round = make_sampled_round(algorithm, constrain=layout.constrain if layout else None)
 
   def vmap_round(state, data, client_ids=None, client_mask=None):
-    client_ids, client_mask, keys = select(state, data, client_ids, client_mask)
+    client_ids, client_mask = select(state, data, client_ids, client_mask)
     local = client_store.gather(state.clients, client_ids)
     cdata = client_store.gather(data, client_ids)
-    outs, new_local, metrics = jax.vmap(algorithm.client_update, in_axes=(None, None, 0, 0, 0))(
-        state.frozen, state.global_params, local, cdata, keys)
-    return finish(state, client_ids, client_mask, outs, new_local, metrics)
+    state, new_local, metrics = sampled_round(state, local, cdata, client_ids, client_mask)
+    return state._replace(clients=client_store.scatter(state.clients, client_ids, new_local, client_mask)), metrics
 
   if backend == 'vmap':
-    compiled = jax.jit(vmap_round) if jit else vmap_round
+    if layout is None:
+      compiled = jax.jit(vmap_round) if jit else vmap_round
+    else:
+      # The state leaves as it came in (store per `shard_store`, the rest replicated), so the next round moves
+      # nothing; per-client metrics stay on the client axis.
+      rep = layout.replicated
+      state_out = ServerState(rep, rep, layout.store, rep, rep, rep)
+      compiled = jax.jit(vmap_round, out_shardings=(state_out, layout.clients))
 
     def round_fn(state, data, client_ids=None, client_mask=None):
       _check(state, data)
@@ -129,9 +193,13 @@ def make_round(algorithm: Algorithm, *, clients_per_round: int, backend: str = '
         if client_ids.shape != (clients_per_round,):
           raise ValueError(f'client_ids has shape {tuple(client_ids.shape)}; this round takes '
                            f'clients_per_round={clients_per_round}.')
+      if layout is not None:
+        state, data = layout.place(state, data)
+        client_ids, client_mask = jax.device_put((client_ids, client_mask), layout.replicated)
       return compiled(state, data, client_ids, client_mask)
 
     round_fn.compiled = compiled
+    round_fn.layout = layout
     return round_fn
 
   update_one = jax.jit(algorithm.client_update)
@@ -143,7 +211,8 @@ def make_round(algorithm: Algorithm, *, clients_per_round: int, backend: str = '
     if client_ids is not None:
       client_store.check_client_ids(client_ids, int(data.count.shape[0]))
       client_ids = jnp.asarray(client_ids, jnp.int32)
-    client_ids, client_mask, keys = select_j(state, data, client_ids, client_mask)
+    client_ids, client_mask = select_j(state, data, client_ids, client_mask)
+    keys = _client_keys(state, client_ids)
     results = []
     for j in range(int(client_ids.shape[0])):
       i = client_ids[j]
