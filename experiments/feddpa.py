@@ -87,7 +87,7 @@ def train(method: str, cfg, base_model, tokenizer, data: fdata.FedDPAData, *, se
   cdata = client_arrays(tokenizer, train_sets, cfg)
   k = len(train_sets)
   state = fd.algorithm.init(jax.random.key(seed), k)
-  round_fn = make_round(fd.algorithm, clients_per_round=k)
+  round_fn = make_round(fd.algorithm, clients_per_round=k, backend=cfg.backend)
   for r in range(cfg.rounds):
     t0 = time.time()
     state, metrics = round_fn(state, cdata)
@@ -95,7 +95,7 @@ def train(method: str, cfg, base_model, tokenizer, data: fdata.FedDPAData, *, se
     tokens = float(jnp.sum(metrics.get('global_tokens', metrics.get('local_tokens', 1.0))))
     print(f'    {method} round {r}: train loss {loss / max(tokens, 1):.3f} ({time.time() - t0:.0f} s)', flush=True)
   if method == 'feddpa_f':
-    state = fd.personalize_from_global(state, cdata)
+    state = fd.personalize_from_global(state, cdata, backend=cfg.backend)
   return fd, state
 
 

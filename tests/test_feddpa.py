@@ -122,6 +122,8 @@ def test_feddpa_f_local_is_the_global_fine_tuned_per_client():
   s = fd.algorithm.init(jax.random.key(0), K)
   s, _ = round_of('feddpa_f')(s, data)
   p = fd.personalize_from_global(s, data)
+  p_seq = fd.personalize_from_global(s, data, backend='sequential')
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6), p.clients, p_seq.clients)
   assert leaves_equal(p.global_params, s.global_params)
   g = jax.tree.leaves(s.global_params['adapters'])
   for k in range(K):

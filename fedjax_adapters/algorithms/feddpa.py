@@ -163,21 +163,29 @@ def feddpa(model_fn: mb.ModelFn, *, variant: str = 'feddpa_t', spec: AdapterSpec
     total, count = token_loss(logits, x['input_ids'], x['loss_mask'], rows)
     return {'loss': total, 'tokens': count}
 
-  def personalize_from_global(state: ServerState, data: ClientData) -> ServerState:
-    """FedDPA-F: every client's local LoRA := the final global LoRA fine-tuned alone on its data (vmapped)."""
+  def personalize_from_global(state: ServerState, data: ClientData, *, backend: str = 'vmap') -> ServerState:
+    """FedDPA-F: every client's local LoRA := the final global LoRA fine-tuned alone on its data.
+
+    ``backend='vmap'`` fine-tunes all clients in one vmapped call; ``'sequential'`` one client at a time (same
+    result, memory of one client).
+    """
     rows = num_rows or jax.tree.leaves(data.x)[0].shape[0]
     update = phase('global', rows)
-    keys = jax.vmap(lambda k: jax.random.fold_in(jax.random.fold_in(state.key, 0xF), k))(jnp.arange(data.count.shape[0]))
-
-    @jax.jit
-    def run(frozen, global_params, clients, data, keys):
-      outs, _, _ = jax.vmap(update, in_axes=(None, None, 0, 0, 0))(frozen, global_params, clients['local'], data,
-                                                                   keys)
-      # The fine-tuned copy lives in the local slot; its structure mirrors the global adapters.
-      local = _global_to_local(outs.params['adapters'])
-      return dict(clients, local=local)
-
-    return state._replace(clients=run(state.frozen, state.global_params, state.clients, data, keys))
+    num_clients = int(data.count.shape[0])
+    keys = jax.vmap(lambda k: jax.random.fold_in(jax.random.fold_in(state.key, 0xF), k))(jnp.arange(num_clients))
+    if backend == 'vmap':
+      outs, _, _ = jax.jit(jax.vmap(update, in_axes=(None, None, 0, 0, 0)))(
+          state.frozen, state.global_params, state.clients['local'], data, keys)
+      tuned = outs.params['adapters']
+    elif backend == 'sequential':
+      one = jax.jit(update)
+      per_client = [one(state.frozen, state.global_params, jax.tree.map(lambda x: x[k], state.clients['local']),
+                        jax.tree.map(lambda x: x[k], data), keys[k])[0].params['adapters'] for k in range(num_clients)]
+      tuned = jax.tree.map(lambda *xs: jnp.stack(xs), *per_client)
+    else:
+      raise ValueError(f"backend must be 'vmap' or 'sequential'; got {backend!r}.")
+    # The fine-tuned copy lives in the local slot; its structure mirrors the global adapters.
+    return state._replace(clients=dict(state.clients, local=_global_to_local(tuned)))
 
   algorithm = Algorithm(init, client_update, Aggregator(base_agg.init, aggregate), evaluate)
   return FedDPA(algorithm, mdef, variant, personalize_from_global)
@@ -199,7 +207,7 @@ class FedDPA:
     algorithm: run it with ``make_round``.
     mdef: the adapted model's :class:`ModelDef` (``mdef.bind(parts, global_weight=w[B], local_weight=...)``).
     variant: one of ``VARIANTS``.
-    personalize_from_global: ``(state, data) -> state`` for FedDPA-F.
+    personalize_from_global: ``(state, data, backend='vmap') -> state`` for FedDPA-F.
   """
   algorithm: Algorithm
   mdef: ModelDef
