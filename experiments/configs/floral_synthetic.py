@@ -13,6 +13,7 @@ import dataclasses
 import jax
 from flax import nnx
 
+from experiments.configs.common import FloralTask
 from fedjax_adapters.data.synthetic import synthetic_task
 
 
@@ -26,30 +27,25 @@ def mlp_model(rngs: nnx.Rngs) -> nnx.Module:
   return nnx.Sequential(nnx.Linear(10, 20, rngs=rngs), jax.nn.relu, nnx.Linear(20, 1, rngs=rngs))
 
 
-@dataclasses.dataclass(frozen=True)
-class TaskConfig:
-  name: str
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TaskConfig(FloralTask):
+  """A synthetic task: its model factory plus the shared training settings."""
   model_fn: object
-  loss: str
-  metric: str
-  rounds: int
-  batch_size: int
-  lr: float
-  router_lr: float
-  fraction: float = 1.0
-  rank: object = 0.01
-  num_epochs: int = 1
-  train_arg: str | None = None
 
-  def load(self, seed: int):
+  def load(self, seed: int, *, data_dir=None):
+    del data_dir  # unused: the data is generated
     return synthetic_task(self.name, seed=seed)
+
+  def smoke(self) -> TaskConfig:
+    """The same task for 2 rounds (tests)."""
+    return dataclasses.replace(self, rounds=2)
 
 
 SYNTHETIC = {
     # conf/task/synthetic_linear.yaml: 10 clients / 2 clusters, Linear(10,3), 2000 rounds, batch 4, lr 0.1.
-    'synthetic_linear': TaskConfig('synthetic_linear', linear_model, 'mse', 'test_mse', rounds=2000, batch_size=4,
-                                   lr=0.1, router_lr=0.1),
+    'synthetic_linear': TaskConfig(name='synthetic_linear', model_fn=linear_model, loss='mse', metric='test_mse',
+                                   rounds=2000, batch_size=4, lr=0.1, router_lr=0.1),
     # conf/task/synthetic_mlp.yaml: 20 clients / 4 clusters, 10-20-1 MLP, 2000 rounds, batch 8, lr 0.03.
-    'synthetic_mlp': TaskConfig('synthetic_mlp', mlp_model, 'mse', 'test_mse', rounds=2000, batch_size=8, lr=0.03,
-                                router_lr=0.1),
+    'synthetic_mlp': TaskConfig(name='synthetic_mlp', model_fn=mlp_model, loss='mse', metric='test_mse',
+                                rounds=2000, batch_size=8, lr=0.03, router_lr=0.1),
 }

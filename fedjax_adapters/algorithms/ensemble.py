@@ -27,6 +27,7 @@ def ensemble(model_fn: mb.ModelFn, *, num_members: int, loss: str, lr: float, ba
   if num_members < 1:
     raise ValueError(f'num_members must be >= 1; got {num_members}.')
   mdef, _ = mb.build(model_fn, jax.random.key(0))
+  takes_rngs = mb.takes_call_rngs(mdef)
   aggregator = router_weighted(('members',), server_optimizer=server_optimizer)
   oracle = oracle_clusters is not None
 
@@ -44,7 +45,13 @@ def ensemble(model_fn: mb.ModelFn, *, num_members: int, loss: str, lr: float, ba
     g, l = trainable
     pi = router_probs(l['logits'], key, num_adaptors=num_members, train=train, temperature=temperature,
                       noise_std=noise_std, floor=floor)
-    outs, stats = jax.vmap(lambda p: mdef.apply(p, x, **mb.call_kwargs(train_arg, train)))(g['members'])
+
+    def member(p, c):
+      # Each member draws its own dropout masks; the augmented input (the `augment` stream) is shared.
+      rngs = mb.call_rngs(jax.random.fold_in(key, c), shared_key=key) if takes_rngs else None
+      return mdef.apply(p, x, **mb.call_kwargs(train_arg, train, rngs))
+
+    outs, stats = jax.vmap(member)(g['members'], jnp.arange(num_members))
     return jnp.einsum('c,c...->...', pi, outs), mb.stats_override(stats, ('members', 'stats'))
 
   def labels(params):

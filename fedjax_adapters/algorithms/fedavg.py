@@ -24,6 +24,7 @@ def fedavg(model_fn: mb.ModelFn, *, loss: str, lr: float, batch_size: int, num_e
     train_arg: name of the model's train-mode keyword (e.g. ``'train'``), if any.
   """
   mdef, _ = mb.build(model_fn, jax.random.key(0))
+  takes_rngs = mb.takes_call_rngs(mdef)
   aggregator = fedavg_aggregator(server_optimizer)
 
   def init(key, num_clients):
@@ -31,9 +32,10 @@ def fedavg(model_fn: mb.ModelFn, *, loss: str, lr: float, batch_size: int, num_e
     return mb.server_state({}, {'base': parts['base'], 'stats': parts['stats']}, {}, aggregator, key)
 
   def forward(trainable, frozen, x, key, train):
-    del frozen, key
+    del frozen
     g, _ = trainable
-    out, stats = mdef.apply(g, x, **mb.call_kwargs(train_arg, train))
+    rngs = mb.call_rngs(key if takes_rngs else None)
+    out, stats = mdef.apply(g, x, **mb.call_kwargs(train_arg, train, rngs))
     return out, mb.stats_override(stats)
 
   return supervised(init=init, forward=forward, loss=loss, optimizer=optax.sgd(lr), batch_size=batch_size,

@@ -51,6 +51,7 @@ def floral(model_fn: mb.ModelFn, *, num_adaptors: int, loss: str, lr: float, bat
   spec = AdapterSpec(target=target, rank=rank, num_global=num_adaptors, linear=linear, conv=conv, bias=bias,
                      norm=norm, embed=embed, bias_init=bias_init)
   mdef, _ = mb.build(model_fn, jax.random.key(0), spec)
+  takes_rngs = mb.takes_call_rngs(mdef)
   aggregator = router_weighted(('adapters',), server_optimizer=server_optimizer)
   oracle = oracle_clusters is not None
   lora_opt = optax.sgd(lora_lr if lora_lr is not None else lr)
@@ -73,7 +74,8 @@ def floral(model_fn: mb.ModelFn, *, num_adaptors: int, loss: str, lr: float, bat
   def forward(trainable, frozen, x, key, train):
     del frozen
     g, l = trainable
-    out, stats = mdef.apply(g, x, mix=mixture(l['logits'], key, train), **mb.call_kwargs(train_arg, train))
+    rngs = mb.call_rngs(key if takes_rngs else None)
+    out, stats = mdef.apply(g, x, mix=mixture(l['logits'], key, train), **mb.call_kwargs(train_arg, train, rngs))
     return out, mb.stats_override(stats)
 
   def labels(params):

@@ -22,6 +22,7 @@ def local_adaptor(model_fn: mb.ModelFn, *, loss: str, lr: float, batch_size: int
   spec = AdapterSpec(target=target, rank=rank, num_global=0, num_local=1, conv=conv, bias=bias, norm=norm,
                      embed=embed, bias_init=bias_init)
   mdef, _ = mb.build(model_fn, jax.random.key(0), spec)
+  takes_rngs = mb.takes_call_rngs(mdef)
   aggregator = fedavg_aggregator(server_optimizer)
   lora = optax.chain(lora_preconditioner(), optax.sgd(lora_lr or lr)) if precondition else optax.sgd(lora_lr or lr)
 
@@ -31,9 +32,10 @@ def local_adaptor(model_fn: mb.ModelFn, *, loss: str, lr: float, batch_size: int
     return mb.server_state({}, g, {'local': mb.broadcast_clients(parts['local'], num_clients)}, aggregator, key)
 
   def forward(trainable, frozen, x, key, train):
-    del frozen, key
+    del frozen
     g, l = trainable
-    out, stats = mdef.apply({**g, 'local': l['local']}, x, **mb.call_kwargs(train_arg, train))
+    rngs = mb.call_rngs(key if takes_rngs else None)
+    out, stats = mdef.apply({**g, 'local': l['local']}, x, **mb.call_kwargs(train_arg, train, rngs))
     return out, mb.stats_override(stats)
 
   def labels(params):

@@ -1,6 +1,7 @@
 """Helpers shared by algorithms built on an NNX model factory."""
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
 import jax
@@ -9,21 +10,70 @@ import optax
 from flax import nnx
 
 from fedjax_adapters.federated.round import ServerState
-from fedjax_adapters.nn.adapt import AdapterSpec, ModelDef, adapt, split_model
+from fedjax_adapters.nn.adapt import AdapterSpec, ModelDef, adapt, build_and_split, split_model
 
 ModelFn = Callable[[nnx.Rngs], nnx.Module]
 
 
+_MAKERS: dict = {}
+
+
 def build(model_fn: ModelFn, key: jax.Array, spec: AdapterSpec | None = None) -> tuple[ModelDef, dict]:
-  """Builds (and adapts) a model from ``key`` and splits it into a :class:`ModelDef` and pure-dict parts."""
-  model = model_fn(nnx.Rngs(params=key, dropout=jax.random.fold_in(key, 7)))
-  if spec is not None:
-    adapt(model, spec, key=jax.random.fold_in(key, 1))
-  return split_model(model)
+  """Builds (and adapts) a model from ``key`` and splits it into a :class:`ModelDef` and pure-dict parts.
+
+  The build runs inside one cached ``jax.jit`` per ``(model_fn, spec)`` (see :func:`build_and_split`).
+  """
+  if (model_fn, spec) not in _MAKERS:
+    def make(k):
+      model = model_fn(nnx.Rngs(params=k, dropout=jax.random.fold_in(k, 7)))
+      if spec is not None:
+        adapt(model, spec, key=jax.random.fold_in(k, 1))
+      return model
+    _MAKERS[(model_fn, spec)] = make
+  return build_and_split(_MAKERS[(model_fn, spec)], key)
 
 
-def call_kwargs(train_arg: str | None, train: bool) -> dict:
-  return {train_arg: train} if train_arg else {}
+# Stream name of input-level randomness (data augmentation) that every member of an ensemble shares.
+AUGMENT_STREAM = 'augment'
+_MODEL_KEY_SALT = 0x6D0D  # model-call randomness is drawn from fold_in(step key, salt), apart from router noise
+
+
+def takes_call_rngs(mdef: ModelDef) -> bool:
+  """Whether the model's ``__call__`` takes an ``rngs`` keyword (``model(x, *, train, rngs)``, as every model in
+  ``fedjax_adapters.models``); such models get fresh call-time randomness (dropout, augmentation) in training."""
+  model = mdef.merge({})
+  try:
+    params = inspect.signature(model.__call__).parameters
+  except (TypeError, ValueError):
+    return False
+  p = params.get('rngs')
+  return p is not None and p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+def call_rngs(key: jax.Array | None, *, shared_key: jax.Array | None = None) -> nnx.Rngs | None:
+  """Call-time randomness of one training forward pass from the step's PRNG ``key`` (``None`` passes through).
+
+  The model's streams (``dropout``, ...) draw from ``fold_in(key, salt)``, so they never reuse the key of FLoRAL's
+  router noise. ``shared_key`` (an ensemble's one key for all members) feeds the ``augment`` stream, so members see
+  the same augmented batch while their dropout masks differ.
+
+  Without call-time ``rngs``, an NNX model split into pure dicts would restart its construction-time RNG state on
+  every call and draw the same dropout mask at every step.
+  """
+  if key is None:
+    return None
+  streams = {'default': jax.random.fold_in(key, _MODEL_KEY_SALT)}
+  if shared_key is not None:
+    streams[AUGMENT_STREAM] = jax.random.fold_in(shared_key, _MODEL_KEY_SALT + 1)
+  return nnx.Rngs(**streams)
+
+
+def call_kwargs(train_arg: str | None, train: bool, rngs: nnx.Rngs | None = None) -> dict:
+  """Keyword arguments of one model call: ``{train_arg: train}`` and, in training, ``rngs`` when given."""
+  kwargs = {train_arg: train} if train_arg else {}
+  if train and rngs is not None:
+    kwargs['rngs'] = rngs
+  return kwargs
 
 
 def broadcast_clients(tree: Any, num_clients: int) -> Any:
