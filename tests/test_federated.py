@@ -11,7 +11,7 @@ from fedjax_adapters.data.federated import FederatedData, stack_clients
 from fedjax_adapters.data.synthetic import synthetic_task
 from fedjax_adapters.federated import aggregators, client_store
 from fedjax_adapters.federated.client_update import ClientData, ClientOutput, make_client_update
-from fedjax_adapters.federated.round import Algorithm, client_data, evaluate, make_round
+from fedjax_adapters.federated.round import Algorithm, client_data, evaluate, make_round, run_rounds
 from fedjax_adapters.federated.sampling import clients_per_round, sample_clients
 
 TOL = dict(rtol=1e-5, atol=1e-6)
@@ -204,6 +204,41 @@ def test_three_rounds_compile_once():
     state, _ = round_fn(state, data)
   assert len(traces) == 1
   assert round_fn.compiled._cache_size() == 1
+
+
+def test_run_rounds_equals_round_by_round_and_compiles_once():
+  ds = uneven_linear_task()
+  base = ALGS['floral'](ds)
+  traces = []
+
+  def counted(*args):
+    traces.append(1)
+    return base.client_update(*args)
+
+  alg = base._replace(client_update=counted)
+  data = client_data(ds.train)
+  round_fn = make_round(alg, clients_per_round=4)
+  state = alg.init(jax.random.key(0), ds.train.num_clients)
+  s_loop = state
+  history = []
+  for _ in range(3):
+    s_loop, m = round_fn(s_loop, data)
+    history.append(m)
+  s_scan, m_scan = run_rounds(round_fn, state, data, 3)
+  s_scan, m_more = run_rounds(round_fn, s_scan, data, 3)  # the cached loop: no new trace
+  for _ in range(3):
+    s_loop, _ = round_fn(s_loop, data)
+  assert_trees_close(s_scan, s_loop)
+  assert int(s_scan.round) == 6
+  np.testing.assert_array_equal(m_scan['client_ids'], np.stack([h['client_ids'] for h in history]))
+  assert len(traces) == 1  # the loop reuses the round's trace
+  assert round_fn.loops[3]._cache_size() == 1
+  with pytest.raises(ValueError, match='num_rounds must be >= 1; got 0'):
+    run_rounds(round_fn, state, data, 0)
+  seq = make_round(alg, clients_per_round=4, backend='sequential')
+  s_seq, m_seq = run_rounds(seq, state, data, 3)
+  assert_trees_close(s_seq, run_rounds(round_fn, state, data, 3)[0])
+  assert m_seq['client_ids'].shape == (3, 4)
 
 
 def test_same_seed_same_result_and_different_seed_differs():

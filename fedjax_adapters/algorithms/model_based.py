@@ -39,8 +39,11 @@ _MODEL_KEY_SALT = 0x6D0D  # model-call randomness is drawn from fold_in(step key
 
 
 def takes_call_rngs(mdef: ModelDef) -> bool:
-  """Whether the model's ``__call__`` takes an ``rngs`` keyword (``model(x, *, train, rngs)``, as every model in
-  ``fedjax_adapters.models``); such models get fresh call-time randomness (dropout, augmentation) in training."""
+  """Whether the model's ``__call__`` takes an ``rngs`` keyword.
+
+  Every model in ``fedjax_adapters.models`` does (``model(x, *, train, rngs)``); the algorithms then pass fresh
+  call-time randomness (dropout, augmentation) at every training step.
+  """
   model = mdef.merge({})
   try:
     params = inspect.signature(model.__call__).parameters

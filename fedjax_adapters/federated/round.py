@@ -225,6 +225,40 @@ def make_round(algorithm: Algorithm, *, clients_per_round: int, backend: str = '
   return sequential_round
 
 
+def run_rounds(round_fn: Callable, state: ServerState, data: ClientData, num_rounds: int
+               ) -> tuple[ServerState, dict[str, Array]]:
+  """Runs ``num_rounds`` rounds of a vmapped ``round_fn`` (from :func:`make_round`) inside one compiled loop.
+
+  The same as calling ``round_fn(state, data)`` ``num_rounds`` times, without a Python dispatch per round: the
+  rounds run in a ``lax.scan`` around the round ``make_round`` compiled, which pays off when rounds are small (the
+  FLoRAL MNIST MLP runs about twice as fast). The loop compiles once per ``num_rounds`` and is cached on
+  ``round_fn``. Returns the final state and every round's metrics, stacked on a leading ``[num_rounds]`` axis.
+  The sequential backend has no compiled round; it is looped in Python.
+  """
+  num_rounds = int(num_rounds)
+  if num_rounds < 1:
+    raise ValueError(f'num_rounds must be >= 1; got {num_rounds}.')
+  compiled = getattr(round_fn, 'compiled', None)
+  if compiled is None:
+    history = []
+    for _ in range(num_rounds):
+      state, metrics = round_fn(state, data)
+      history.append(metrics)
+    return state, jax.tree.map(lambda *xs: jnp.stack(xs), *history)
+  _check(state, data)
+  layout = round_fn.layout
+  if layout is not None:
+    state, data = layout.place(state, data)
+  cache = round_fn.__dict__.setdefault('loops', {})
+  if num_rounds not in cache:
+    def loop(state, data):
+      def body(state, _):
+        return compiled(state, data, None, None)
+      return jax.lax.scan(body, state, None, length=num_rounds)
+    cache[num_rounds] = jax.jit(loop)
+  return cache[num_rounds](state, data)
+
+
 @functools.lru_cache(maxsize=64)
 def _compiled_evaluate(evaluate_fn):
   return jax.jit(jax.vmap(evaluate_fn, in_axes=(None, None, 0, 0)))
