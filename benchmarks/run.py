@@ -437,6 +437,8 @@ def parse(argv=None):
   p.add_argument('--compile-rounds', type=int, default=100)
   p.add_argument('--compile-clients', type=int, default=8)
   p.add_argument('--torch-device', default=None, help="'cpu' or 'cuda' (default: cuda when torch sees a GPU)")
+  p.add_argument('--workloads', default='mnist_mlp,cifar_cnn',
+                 help='comma-separated throughput workloads: mnist_mlp,cifar_cnn (quick: mnist_mlp only)')
   p.add_argument('--skip', default='', help='comma-separated sections to skip: equivalence,throughput,compute_bound,'
                  'memory,compile')
   return p.parse_args(argv)
@@ -509,6 +511,11 @@ def main(argv=None) -> dict:
       cifar_cap = args.cifar_max_clients or args.max_clients
       loads = [(setups.mnist_mlp(examples=args.mnist_examples), _powers(args.max_clients)),
                (setups.cifar_cnn(examples=args.cifar_examples), _powers(cifar_cap))]
+      wanted = {w.strip() for w in args.workloads.split(',') if w.strip()}
+      unknown = wanted - {w.name for w, _ in loads}
+      if unknown:
+        raise SystemExit(f'unknown workload(s) {sorted(unknown)}; valid: mnist_mlp, cifar_cnn')
+      loads = [(w, c) for w, c in loads if w.name in wanted]
     result['throughput'] = {}
     for w, clients in loads:
       log(f'throughput {w.name}: clients {clients}, backends {backends}')

@@ -11,11 +11,13 @@ in parameter space, ``W + sum_c pi_c B_c A_c``; for a linear layer this is the s
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from fedjax_adapters.conv import conv_auto
 
 Array = jax.Array
 Params = dict[str, Array]
@@ -178,13 +180,14 @@ def init_conv(key: Array, in_channels: int, out_channels: int, kernel_size: Sequ
   return p
 
 
-def _conv(x, kernel, strides, padding, dilation):
-  return lax.conv_general_dilated(x, kernel, window_strides=strides, padding=padding, rhs_dilation=dilation,
-                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+def _conv(x, kernel, strides, padding, dilation, conv=None):
+  return (conv or conv_auto)(x, kernel, strides, padding, rhs_dilation=dilation,
+                             dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
 def conv_delta(params: Params, x: Array, weights: Array | None = None, *, strides: Sequence[int] = (1, 1),
-               padding: Any = 'SAME', dilation: Sequence[int] = (1, 1), scale: float = 1.0) -> Array:
+               padding: Any = 'SAME', dilation: Sequence[int] = (1, 1), scale: float = 1.0,
+               conv: Callable | None = None) -> Array:
   """``scale * sum_c weights[c] * (conv_{k_h x 1}(conv_{1 x k_w}(x, a[c]), b[c]) + bias[c])``.
 
   The 1 x k_w factor takes the width stride, padding and dilation; the k_h x 1 factor takes the height ones, so
@@ -197,6 +200,8 @@ def conv_delta(params: Params, x: Array, weights: Array | None = None, *, stride
     weights: ``[C]`` mixture weights (default uniform).
     strides, padding, dilation: those of the adapted conv (Flax conventions).
     scale: LoRA scaling.
+    conv: a function with ``lax.conv_general_dilated``'s signature (default :func:`fedjax_adapters.conv.conv_auto`:
+      slices and a matmul on the CPU, XLA's conv elsewhere).
 
   Returns:
     ``[N, H_out, W_out, C_out]``.
@@ -211,8 +216,8 @@ def conv_delta(params: Params, x: Array, weights: Array | None = None, *, stride
     dh, dw = dilation
 
     def one(a, b):
-      h = _conv(x, a, (1, sw), ((0, 0), pw), (1, dw))
-      return _conv(h, b, (sh, 1), (ph, (0, 0)), (dh, 1))
+      h = _conv(x, a, (1, sw), ((0, 0), pw), (1, dw), conv)
+      return _conv(h, b, (sh, 1), (ph, (0, 0)), (dh, 1), conv)
 
     # Fold the mixture weight into the first factor: sum_c w_c conv(conv(x, a_c), b_c) without a [C, ...] output.
     outs = [one(params['a'][c] * w[c], params['b'][c]) for c in range(num)]

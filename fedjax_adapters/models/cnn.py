@@ -15,12 +15,15 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
+from fedjax_adapters.conv import conv_fn
 from fedjax_adapters.models.mlp import torch_bias_init, torch_kernel_init, torch_linear
 
 
-def torch_conv(in_features: int, out_features: int, kernel_size: int, *, padding, rngs: nnx.Rngs) -> nnx.Conv:
-  """An ``nnx.Conv`` (stride 1) initialized like PyTorch's ``nn.Conv2d``."""
+def torch_conv(in_features: int, out_features: int, kernel_size: int, *, padding, rngs: nnx.Rngs,
+               conv_impl: str = 'auto') -> nnx.Conv:
+  """An ``nnx.Conv`` (stride 1) initialized like PyTorch's ``nn.Conv2d``, convolving with ``conv_fn(conv_impl)``."""
   return nnx.Conv(in_features, out_features, (kernel_size, kernel_size), padding=padding,
+                  conv_general_dilated=conv_fn(conv_impl),
                   kernel_init=torch_kernel_init(),
                   bias_init=torch_bias_init(kernel_size * kernel_size * in_features), rngs=rngs)
 
@@ -48,18 +51,21 @@ class CifarCNN(nnx.Module):
     (4, 10)
   """
 
-  def __init__(self, in_features: int = 3, num_classes: int = 10, *, image_size: int = 32, rngs: nnx.Rngs):
+  def __init__(self, in_features: int = 3, num_classes: int = 10, *, image_size: int = 32, conv_impl: str = 'auto',
+               rngs: nnx.Rngs):
     """Builds the layers.
 
     Args:
       in_features: input channels (3 for CIFAR).
       num_classes: outputs of the head.
       image_size: side of the square input images; fixes fc1's fan-in (1024 for 32).
+      conv_impl: ``'auto'`` (slices + matmul on the CPU, XLA's conv elsewhere), ``'matmul'`` or ``'xla'``; see
+        :mod:`fedjax_adapters.conv`.
       rngs: initialization randomness.
     """
     self.flat_features = cifar_cnn_flat_features(image_size, 64)
-    self.conv1 = torch_conv(in_features, 32, 5, padding='VALID', rngs=rngs)
-    self.conv2 = torch_conv(32, 64, 3, padding='VALID', rngs=rngs)
+    self.conv1 = torch_conv(in_features, 32, 5, padding='VALID', rngs=rngs, conv_impl=conv_impl)
+    self.conv2 = torch_conv(32, 64, 3, padding='VALID', rngs=rngs, conv_impl=conv_impl)
     self.fc1 = torch_linear(self.flat_features, 64, rngs=rngs)
     self.fc2 = torch_linear(64, num_classes, rngs=rngs)
 

@@ -21,14 +21,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fedjax_adapters.conv import conv_fn
 from fedjax_adapters.models.mlp import torch_linear
 
 
-def _he_conv(in_features: int, out_features: int, kernel_size: int, stride: int, *, rngs: nnx.Rngs) -> nnx.Conv:
+def _he_conv(in_features: int, out_features: int, kernel_size: int, stride: int, *, rngs: nnx.Rngs,
+             conv_impl: str = 'auto') -> nnx.Conv:
   # Bias-free: the following batch norm has its own shift. Symmetric padding (k//2) rather than 'SAME', because
   # 'SAME' pads stride-2 convs asymmetrically and would differ from the PyTorch ResNets the literature uses.
   return nnx.Conv(in_features, out_features, (kernel_size, kernel_size), strides=stride,
-                  padding=kernel_size // 2, use_bias=False,
+                  padding=kernel_size // 2, use_bias=False, conv_general_dilated=conv_fn(conv_impl),
                   kernel_init=nnx.initializers.variance_scaling(2.0, 'fan_out', 'normal'), rngs=rngs)
 
 
@@ -36,7 +38,7 @@ class BasicBlock(nnx.Module):
   """Two 3×3 conv+BN layers with an identity or projection (1×1 conv + BN) shortcut."""
 
   def __init__(self, in_features: int, out_features: int, stride: int = 1, *, bn_momentum: float = 0.9,
-               rngs: nnx.Rngs):
+               conv_impl: str = 'auto', rngs: nnx.Rngs):
     """Builds the block.
 
     Args:
@@ -44,14 +46,16 @@ class BasicBlock(nnx.Module):
       out_features: output channels.
       stride: stride of the first conv (and of the projection); 2 halves the image side.
       bn_momentum: running-statistics decay, Flax convention (0.9 = PyTorch's momentum 0.1).
+      conv_impl: how convs are computed: ``'auto'`` (slices + matmul on the CPU, XLA's conv elsewhere), ``'matmul'``
+        or ``'xla'``; see :mod:`fedjax_adapters.conv`.
       rngs: initialization randomness.
     """
-    self.conv1 = _he_conv(in_features, out_features, 3, stride, rngs=rngs)
+    self.conv1 = _he_conv(in_features, out_features, 3, stride, rngs=rngs, conv_impl=conv_impl)
     self.bn1 = nnx.BatchNorm(out_features, momentum=bn_momentum, epsilon=1e-5, rngs=rngs)
-    self.conv2 = _he_conv(out_features, out_features, 3, 1, rngs=rngs)
+    self.conv2 = _he_conv(out_features, out_features, 3, 1, rngs=rngs, conv_impl=conv_impl)
     self.bn2 = nnx.BatchNorm(out_features, momentum=bn_momentum, epsilon=1e-5, rngs=rngs)
     if stride != 1 or in_features != out_features:
-      self.shortcut_conv = _he_conv(in_features, out_features, 1, stride, rngs=rngs)
+      self.shortcut_conv = _he_conv(in_features, out_features, 1, stride, rngs=rngs, conv_impl=conv_impl)
       self.shortcut_bn = nnx.BatchNorm(out_features, momentum=bn_momentum, epsilon=1e-5, rngs=rngs)
     else:
       self.shortcut_conv = None
@@ -80,7 +84,8 @@ class ResNet(nnx.Module):
   """
 
   def __init__(self, in_features: int = 3, num_classes: int = 10, *, stage_sizes: Sequence[int] = (1, 1, 1),
-               widths: Sequence[int] = (16, 32, 64), bn_momentum: float = 0.9, rngs: nnx.Rngs):
+               widths: Sequence[int] = (16, 32, 64), bn_momentum: float = 0.9, conv_impl: str = 'auto',
+               rngs: nnx.Rngs):
     """Builds the network.
 
     Args:
@@ -89,6 +94,8 @@ class ResNet(nnx.Module):
       stage_sizes: blocks per stage; every stage after the first starts with a stride-2 block.
       widths: channels of each stage (the stem uses ``widths[0]``).
       bn_momentum: running-statistics decay, Flax convention (0.9 = PyTorch's momentum 0.1).
+      conv_impl: how convs are computed: ``'auto'`` (slices + matmul on the CPU, XLA's conv elsewhere), ``'matmul'``
+        or ``'xla'``; see :mod:`fedjax_adapters.conv`.
       rngs: initialization randomness.
     """
     stage_sizes = tuple(int(s) for s in stage_sizes)
@@ -96,14 +103,14 @@ class ResNet(nnx.Module):
     if not stage_sizes or len(stage_sizes) != len(widths) or min(stage_sizes) < 1:
       raise ValueError(f'ResNet needs one positive block count per stage width, got stage_sizes={stage_sizes} '
                        f'and widths={widths}.')
-    self.stem_conv = _he_conv(in_features, widths[0], 3, 1, rngs=rngs)
+    self.stem_conv = _he_conv(in_features, widths[0], 3, 1, rngs=rngs, conv_impl=conv_impl)
     self.stem_bn = nnx.BatchNorm(widths[0], momentum=bn_momentum, epsilon=1e-5, rngs=rngs)
     blocks = []
     c_in = widths[0]
     for stage, (num_blocks, c_out) in enumerate(zip(stage_sizes, widths)):
       for b in range(num_blocks):
         stride = 2 if stage > 0 and b == 0 else 1
-        blocks.append(BasicBlock(c_in, c_out, stride, bn_momentum=bn_momentum, rngs=rngs))
+        blocks.append(BasicBlock(c_in, c_out, stride, bn_momentum=bn_momentum, conv_impl=conv_impl, rngs=rngs))
         c_in = c_out
     self.blocks = nnx.List(blocks)
     self.head = torch_linear(c_in, num_classes, rngs=rngs)

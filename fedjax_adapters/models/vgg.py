@@ -20,6 +20,7 @@ from typing import Sequence
 import jax
 from flax import nnx
 
+from fedjax_adapters.conv import conv_fn
 from fedjax_adapters.models.mlp import torch_linear
 
 VGG8_CONV_WIDTHS = (16, 32, 64, 128, 512)
@@ -38,7 +39,8 @@ class VGG8(nnx.Module):
   """
 
   def __init__(self, in_features: int = 3, num_classes: int = 100, *, conv_widths: Sequence[int] = VGG8_CONV_WIDTHS,
-               hidden: int = 512, dropout_rate: float = 0.5, image_size: int = 32, rngs: nnx.Rngs):
+               hidden: int = 512, dropout_rate: float = 0.5, image_size: int = 32, conv_impl: str = 'auto',
+               rngs: nnx.Rngs):
     """Builds the layers.
 
     Args:
@@ -48,6 +50,8 @@ class VGG8(nnx.Module):
       hidden: width of the two hidden FC layers.
       dropout_rate: drop probability before fc1 and fc2 (PyTorch ``nn.Dropout()`` default, 0.5).
       image_size: side of the square inputs; must be divisible by ``2 ** len(conv_widths)``.
+      conv_impl: how convs are computed: ``'auto'`` (slices + matmul on the CPU, XLA's conv elsewhere), ``'matmul'``
+        or ``'xla'``; see :mod:`fedjax_adapters.conv`.
       rngs: initialization randomness; its ``dropout`` (or ``default``) stream also drives dropout in training
         unless ``__call__`` gets its own ``rngs``.
     """
@@ -62,7 +66,7 @@ class VGG8(nnx.Module):
     convs = []
     for c_in, c_out in zip((in_features,) + conv_widths[:-1], conv_widths):
       # He-normal on fan_out = k·k·out, zero bias: the FLoRAL VGG8 init (no batch norm, so the scale matters).
-      convs.append(nnx.Conv(c_in, c_out, (3, 3), padding=1,
+      convs.append(nnx.Conv(c_in, c_out, (3, 3), padding=1, conv_general_dilated=conv_fn(conv_impl),
                             kernel_init=nnx.initializers.variance_scaling(2.0, 'fan_out', 'normal'),
                             bias_init=nnx.initializers.zeros_init(), rngs=rngs))
     self.convs = nnx.List(convs)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fedjax_adapters.adapters import lora
+from fedjax_adapters.conv import conv_auto, conv_matmul, conv_xla
 from fedjax_adapters.adapters.dual import example_weight
 
 
@@ -137,6 +138,9 @@ class AdaptedConv(_Adapted):
     self.base, self.ctx, self.scale = base, ctx, scale
     self.strides, self.dilation = _pair(base.strides), _pair(base.kernel_dilation)
     self.padding = base.padding
+    # The LoRA factors convolve like the base layer when it uses one of fedjax_adapters.conv's functions.
+    own = base.conv_general_dilated
+    self.conv = own if own in (conv_matmul, conv_xla, conv_auto) else conv_auto
     for group, num, k in (('global', ctx.num_global, 0), ('local', ctx.num_local, 1)):
       p = {}
       if num:
@@ -149,7 +153,7 @@ class AdaptedConv(_Adapted):
 
   def __call__(self, x, **kwargs):
     fn = lambda p, x, w: (lora.conv_delta(p, x, w, strides=self.strides, padding=self.padding,
-                                          dilation=self.dilation, scale=self.scale) if p else 0.0)
+                                          dilation=self.dilation, scale=self.scale, conv=self.conv) if p else 0.0)
     return self._delta(fn, self.base(x, **kwargs), x)
 
 
