@@ -99,27 +99,44 @@ def train(method: str, cfg, base_model, tokenizer, data: fdata.FedDPAData, *, se
   return fd, state
 
 
+def _embed_prompts(fd, parts, tokenizer, prompts: list[str], cfg) -> jax.Array:
+  """``[len(prompts), D]`` embeddings, in chunks of ``cfg.eval_batch`` (the last padded, so one compile)."""
+  out = []
+  for start in range(0, len(prompts), cfg.eval_batch):
+    chunk = prompts[start:start + cfg.eval_batch]
+    padded = chunk + [chunk[-1]] * (cfg.eval_batch - len(chunk))
+    b = fdata.tokenize_prompts(tokenizer, padded, max_length=cfg.prompt_length, truncation='left',
+                               length=cfg.prompt_length)
+    out.append(_embed(fd, parts, jnp.asarray(b.input_ids), jnp.asarray(b.attention_mask), cfg.embed_adapter)
+               [:len(chunk)])
+  return jnp.concatenate(out)
+
+
 def generate(fd, state, tokenizer, data, cfg, *, client: int, seed: int) -> list[str]:
   """Client ``client``'s answers to the whole test pool, with the method's adapter weighting."""
   parts = fd.client_parts(state, client)
   prompts = [fdata.build_prompt(e.instruction) for e in data.test]
   eos = tokenizer.eos_token_id
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-  refs_pool = [fdata.build_prompt(e.instruction) for e in data.train[min(client, len(data.train) - 1)]]
-  ref_idx = fdata.sample_references(np.random.default_rng([seed, client]), len(refs_pool), cfg.num_refs, len(prompts))
+  ref_emb = None
+  if fd.variant in ('feddpa_t', 'feddpa_f'):
+    # References are drawn from the client's own training data (the examples it trained on), S per test prompt.
+    # Each distinct reference is embedded once: the embedding depends only on the prompt and the client's model.
+    local = data.train[min(client, len(data.train) - 1)][:cfg.train_per_client]
+    refs_pool = [fdata.build_prompt(e.instruction) for e in local]
+    ref_idx = fdata.sample_references(np.random.default_rng([seed, client]), len(refs_pool), cfg.num_refs,
+                                      len(prompts))
+    used, inverse = np.unique(ref_idx, return_inverse=True)
+    ref_emb = _embed_prompts(fd, parts, tokenizer, [refs_pool[j] for j in used], cfg)[inverse.reshape(ref_idx.shape)]
   outputs = []
   for start in range(0, len(prompts), cfg.eval_batch):
     chunk = prompts[start:start + cfg.eval_batch]
     pb = fdata.tokenize_prompts(tokenizer, chunk, max_length=cfg.prompt_length, truncation='left',
                                 length=cfg.prompt_length)
     ids, mask = jnp.asarray(pb.input_ids), jnp.asarray(pb.attention_mask)
-    if fd.variant in ('feddpa_t', 'feddpa_f'):
-      refs = [refs_pool[j] for row in ref_idx[start:start + len(chunk)] for j in row]
-      rb = fdata.tokenize_prompts(tokenizer, refs, max_length=cfg.prompt_length, truncation='left',
-                                  length=cfg.prompt_length)
+    if ref_emb is not None:
       e_test = _embed(fd, parts, ids, mask, cfg.embed_adapter)
-      e_ref = _embed(fd, parts, jnp.asarray(rb.input_ids), jnp.asarray(rb.attention_mask), cfg.embed_adapter)
-      w = instance_weights(e_test, e_ref.reshape(len(chunk), cfg.num_refs, -1), lam=cfg.lam)
+      w = instance_weights(e_test, ref_emb[start:start + len(chunk)], lam=cfg.lam)
       gw, lw = mixing_weights(w, target=cfg.weight_target)
     elif fd.variant == 'local':
       gw, lw = jnp.zeros(len(chunk)), jnp.ones(len(chunk))
@@ -151,7 +168,9 @@ def _embed(fd, parts, ids, mask, adapter):
 
 def evaluate_method(method, fd, state, tokenizer, data, cfg, *, seed: int) -> dict:
   k = data.num_clients
-  if method == 'centralized':
+  if method in ('centralized', 'fedit'):
+    # One model serves every client (FedIT decodes with the averaged global adapter alone), so its answers are
+    # computed once and given to each client.
     answers = generate(fd, state, tokenizer, data, cfg, client=0, seed=seed)
     predictions = [answers] * k
   else:
@@ -179,6 +198,7 @@ def main(argv=None) -> dict:
   cfg = CONFIGS[args.config]
   if args.rounds is not None:
     cfg = cfg.__class__(**{**cfg.__dict__, 'rounds': args.rounds})
+  t_start = time.time()
   data = fdata.load_feddpa(args.data)
   if cfg.test_per_task < 200:
     data = data.subset_test(cfg.test_per_task)
@@ -196,6 +216,7 @@ def main(argv=None) -> dict:
     r = results[method]
     print(f'  {method:<12} P avg {r["personalization"]["avg"]:.4f}  TTP avg {r["test_time"]["avg"]:.4f}  '
           f'(train {t1 - t0:.0f} s, eval {time.time() - t1:.0f} s)', flush=True)
+    _write(args.json, _output(cfg, args, results))  # after every method, so a long run can be watched
   cats = list(data.categories)
   print()
   for block in ('personalization', 'test_time'):
@@ -204,12 +225,22 @@ def main(argv=None) -> dict:
     print('|---' * (len(cats) + 2) + '|')
     for m, r in results.items():
       print(f'| {m} | ' + ' | '.join(f'{100 * r[block][c]:.1f}' for c in cats) + f' | {100 * r[block]["avg"]:.1f} |')
-  out = {'config': cfg.name, 'seed': args.seed, 'rounds': cfg.rounds, 'metric': 'rouge1', 'methods': results}
-  if args.json:
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, 'w') as f:
-      json.dump(out, f, indent=2, default=str)
+  out = _output(cfg, args, results)
+  out['seconds'] = round(time.time() - t_start, 1)
+  _write(args.json, out)
   return out
+
+
+def _output(cfg, args, results) -> dict:
+  return {'config': cfg.name, 'settings': dict(cfg.__dict__), 'seed': args.seed, 'rounds': cfg.rounds,
+          'metric': 'rouge1', 'methods': results}
+
+
+def _write(path, out) -> None:
+  if path:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, 'w') as f:
+      json.dump(out, f, indent=2, default=str)
 
 
 if __name__ == '__main__':

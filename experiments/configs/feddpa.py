@@ -48,7 +48,7 @@ CONFIGS = {
                           eval_batch=16),
     # On a 24 GiB CPU the 8 vmapped clients' activations and 49k-vocabulary logits do not fit beside each other,
     # so this config trains clients one after another (the sequential backend runs the same client_update).
-    'cpu': FedDPAConfig('cpu', model='smollm2', train_per_client=16, test_per_task=5, rounds=2, num_epochs=1,
+    'cpu': FedDPAConfig('cpu', model='smollm2', train_per_client=8, test_per_task=4, rounds=2, num_epochs=1,
                         batch_size=8, max_length=80, prompt_length=80, max_new_tokens=8, num_beams=1,
                         backend='sequential'),
     'smoke': FedDPAConfig('smoke', model='tiny', train_per_client=4, test_per_task=1, rounds=2, num_epochs=1,
