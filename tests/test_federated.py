@@ -68,6 +68,23 @@ def test_vmap_round_equals_sequential_loop(name):
   assert int(s_v.round) == 3
 
 
+def test_chunked_client_map_equals_full_vmap():
+  ds = uneven_linear_task()
+  alg = ALGS['floral'](ds)
+  data = client_data(ds.train)
+  state = alg.init(jax.random.key(0), ds.train.num_clients)
+  full = make_round(alg, clients_per_round=6)
+  want, m_want = full(state, data)
+  for chunk in (1, 4):  # 4 does not divide 6: lax.map runs the remainder as its own chunk
+    got, m_got = make_round(alg, clients_per_round=6, client_chunk=chunk)(state, data)
+    assert_trees_close(got, want)
+    np.testing.assert_array_equal(m_got['client_ids'], m_want['client_ids'])
+  with pytest.raises(ValueError, match='client_chunk must be None or >= 1'):
+    make_round(alg, clients_per_round=6, client_chunk=0)
+  with pytest.raises(ValueError, match="backend='sequential'"):
+    make_round(alg, clients_per_round=6, backend='sequential', client_chunk=2)
+
+
 def test_padded_clients_change_nothing():
   """Padding slots (mask False) repeat a real id, train, but neither weigh in nor write back."""
   ds = uneven_linear_task()

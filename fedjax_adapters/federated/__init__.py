@@ -7,7 +7,7 @@ from fedjax_adapters.federated.client_update import (Batch, ClientData, ClientOu
 from fedjax_adapters.federated.host_store import (HostClientStore, evaluate_host, host_data, host_init,
                                                   make_host_round)
 from fedjax_adapters.federated.round import (Algorithm, ServerState, client_data, evaluate, make_round,
-                                             make_sampled_round, round_client_ids, run_rounds)
+                                             make_sampled_round, map_clients, round_client_ids, run_rounds)
 from fedjax_adapters.federated.sampling import clients_per_round, sample_clients
 from fedjax_adapters.federated.sharding import (client_mesh, client_sharding, initialize_distributed, replicate,
                                                 replicated_sharding, shard_clients)
@@ -16,5 +16,6 @@ __all__ = ['Aggregator', 'fedavg', 'per_adaptor_weights', 'router_weighted', 'we
            'gather', 'scatter', 'Batch', 'ClientData', 'ClientOutput', 'batch_indices', 'make_client_update',
            'masked_mean', 'HostClientStore', 'evaluate_host', 'host_data', 'host_init', 'make_host_round',
            'Algorithm', 'ServerState', 'client_data', 'evaluate', 'make_round', 'make_sampled_round',
-           'round_client_ids', 'run_rounds', 'clients_per_round', 'sample_clients', 'client_mesh', 'client_sharding',
+           'round_client_ids', 'map_clients', 'run_rounds', 'clients_per_round', 'sample_clients', 'client_mesh',
+           'client_sharding',
            'initialize_distributed', 'replicate', 'replicated_sharding', 'shard_clients']
