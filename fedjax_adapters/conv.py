@@ -22,15 +22,36 @@ Array = jax.Array
 CONV_IMPLS = ('auto', 'matmul', 'xla')
 
 
-def _pair(v, default: int = 1) -> tuple[int, int]:
+def pair(v, default: int = 1) -> tuple[int, int]:
+  """A 2-d stride / dilation / padding value as ``(h, w)``: ``None`` -> ``(default, default)``, ``n`` or ``(n,)``
+  -> ``(n, n)``."""
   if v is None:
     return (default, default)
   if isinstance(v, int):
     return (v, v)
   v = tuple(int(a) for a in v)
+  if len(v) == 1:
+    return (v[0], v[0])
   if len(v) != 2:
     raise ValueError(f'expected a 2-d value; got {v!r}.')
   return v  # type: ignore[return-value]
+
+
+def conv_padding(padding: Any, in_hw: Sequence[int], kernel_hw: Sequence[int], strides: Sequence[int],
+                 dilation: Sequence[int]) -> tuple[tuple[int, int], tuple[int, int]]:
+  """Explicit ``((lo_h, hi_h), (lo_w, hi_w))`` padding for a Flax-style padding spec."""
+  if isinstance(padding, str):
+    if padding not in ('SAME', 'VALID'):
+      raise ValueError(f"2-d convs here support padding 'SAME', 'VALID' or explicit pairs; got {padding!r}.")
+    dilated = [(k - 1) * d + 1 for k, d in zip(kernel_hw, dilation)]
+    pads = lax.padtype_to_pads(tuple(in_hw), dilated, tuple(strides), padding)
+    return tuple((int(lo), int(hi)) for lo, hi in pads)  # type: ignore[return-value]
+  if isinstance(padding, int):
+    return ((padding, padding), (padding, padding))
+  pads = tuple(padding)
+  if len(pads) != 2:
+    raise ValueError(f'conv needs 2-d padding; got {padding!r}.')
+  return tuple((p, p) if isinstance(p, int) else (int(p[0]), int(p[1])) for p in pads)  # type: ignore[return-value]
 
 
 def _is_nhwc_hwio(dimension_numbers) -> bool:
@@ -60,14 +81,11 @@ def conv2d_matmul(x: Array, kernel: Array, strides: Sequence[int] = (1, 1), padd
   kh, kw, c_in, c_out = kernel.shape
   if x.shape[-1] != c_in:
     raise ValueError(f'input has {x.shape[-1]} channels but the kernel expects {c_in}.')
-  sh, sw = _pair(strides)
-  dh, dw = _pair(dilation)
-  if isinstance(padding, str):
-    pads = lax.padtype_to_pads(x.shape[1:3], ((kh - 1) * dh + 1, (kw - 1) * dw + 1), (sh, sw), padding)
-  else:
-    pads = [_pair(p, 0) for p in padding]
+  sh, sw = pair(strides)
+  dh, dw = pair(dilation)
+  pads = conv_padding(padding, x.shape[1:3], (kh, kw), (sh, sw), (dh, dw))
   if any(p != (0, 0) for p in pads):
-    x = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
+    x = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
   n, h, w, _ = x.shape
   h_out = (h - (kh - 1) * dh - 1) // sh + 1
   w_out = (w - (kw - 1) * dw - 1) // sw + 1
@@ -88,12 +106,12 @@ def conv_matmul(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilati
   if feature_group_count != 1:
     raise ValueError(f'conv_matmul does not support grouped convolutions (feature_group_count='
                      f'{feature_group_count}); use conv_xla.')
-  if _pair(lhs_dilation) != (1, 1):
+  if pair(lhs_dilation) != (1, 1):
     raise ValueError(f'conv_matmul does not support input dilation {lhs_dilation}; use conv_xla.')
   if lhs.ndim != 4 or not _is_nhwc_hwio(dimension_numbers):
     raise ValueError(f'conv_matmul supports 2-d NHWC inputs with HWIO kernels; got input shape {lhs.shape} and '
                      f'dimension_numbers={dimension_numbers}; use conv_xla.')
-  return conv2d_matmul(lhs, rhs, window_strides, padding, _pair(rhs_dilation), precision, preferred_element_type)
+  return conv2d_matmul(lhs, rhs, window_strides, padding, pair(rhs_dilation), precision, preferred_element_type)
 
 
 def conv_xla(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
@@ -111,7 +129,7 @@ def conv_auto(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation
   """:func:`conv_matmul` on the CPU when it applies (2-d, ungrouped, NHWC / HWIO), else :func:`conv_xla`."""
   args = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
           precision, preferred_element_type)
-  if (jax.default_backend() == 'cpu' and feature_group_count == 1 and _pair(lhs_dilation) == (1, 1)
+  if (jax.default_backend() == 'cpu' and feature_group_count == 1 and pair(lhs_dilation) == (1, 1)
       and lhs.ndim == 4 and _is_nhwc_hwio(dimension_numbers)):
     return conv_matmul(*args)
   return conv_xla(*args, **unused)

@@ -204,16 +204,20 @@ def test_server_optimizer_matches_hand_applied_optax():
   assert_trees_close(params, hand_p)
 
 
-def test_three_rounds_compile_once():
-  ds = uneven_linear_task()
-  base = ALGS['floral'](ds)
+def _trace_counting(base: Algorithm):
+  """``base`` with a client_update that records each trace in the returned list."""
   traces = []
 
   def counted(*args):
     traces.append(1)
     return base.client_update(*args)
 
-  alg = base._replace(client_update=counted)
+  return base._replace(client_update=counted), traces
+
+
+def test_three_rounds_compile_once():
+  ds = uneven_linear_task()
+  alg, traces = _trace_counting(ALGS['floral'](ds))
   round_fn = make_round(alg, clients_per_round=4)
   state = alg.init(jax.random.key(0), ds.train.num_clients)
   data = client_data(ds.train)
@@ -225,14 +229,7 @@ def test_three_rounds_compile_once():
 
 def test_run_rounds_equals_round_by_round_and_compiles_once():
   ds = uneven_linear_task()
-  base = ALGS['floral'](ds)
-  traces = []
-
-  def counted(*args):
-    traces.append(1)
-    return base.client_update(*args)
-
-  alg = base._replace(client_update=counted)
+  alg, traces = _trace_counting(ALGS['floral'](ds))
   data = client_data(ds.train)
   round_fn = make_round(alg, clients_per_round=4)
   state = alg.init(jax.random.key(0), ds.train.num_clients)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from fedjax_adapters.conv import conv_auto
+from fedjax_adapters.conv import conv_auto, conv_padding
 
 Array = jax.Array
 Params = dict[str, Array]
@@ -142,23 +142,6 @@ def dense_dense_weight(params: Params, weights: Array | None = None, *, scale: f
 # ----------------------------------------------------------------------------------------------------------------
 # Conv2d: FLoRAL's balanced factorization, a 1 x k_w conv (C_in -> r) then a k_h x 1 conv (r -> C_out)
 # ----------------------------------------------------------------------------------------------------------------
-
-def conv_padding(padding: Any, in_hw: Sequence[int], kernel_hw: Sequence[int], strides: Sequence[int],
-                 dilation: Sequence[int]) -> tuple[tuple[int, int], tuple[int, int]]:
-  """Explicit ``((lo_h, hi_h), (lo_w, hi_w))`` padding for a Flax-style padding spec."""
-  if isinstance(padding, str):
-    if padding not in ('SAME', 'VALID'):
-      raise ValueError(f"conv LoRA supports padding 'SAME', 'VALID' or explicit pairs; got {padding!r}.")
-    dilated = [(k - 1) * d + 1 for k, d in zip(kernel_hw, dilation)]
-    pads = lax.padtype_to_pads(tuple(in_hw), dilated, tuple(strides), padding)
-    return tuple((int(lo), int(hi)) for lo, hi in pads)  # type: ignore[return-value]
-  if isinstance(padding, int):
-    return ((padding, padding), (padding, padding))
-  pads = tuple(padding)
-  if len(pads) != 2:
-    raise ValueError(f'conv LoRA needs 2-d padding; got {padding!r}.')
-  return tuple((p, p) if isinstance(p, int) else (int(p[0]), int(p[1])) for p in pads)  # type: ignore[return-value]
-
 
 def init_conv(key: Array, in_channels: int, out_channels: int, kernel_size: Sequence[int],
               rank: int | float | str, *, num_adaptors: int = 1, bias: bool = False, init: str = 'uniform_in',

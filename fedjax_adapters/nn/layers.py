@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fedjax_adapters.adapters import lora
-from fedjax_adapters.conv import conv_auto, conv_matmul, conv_xla
+from fedjax_adapters.conv import conv_auto, conv_matmul, conv_xla, pair
 from fedjax_adapters.adapters.dual import example_weight
 
 
@@ -133,10 +133,10 @@ class AdaptedConv(_Adapted):
       raise ValueError(f'conv LoRA supports 2-d convolutions; got kernel_size={ks}.')
     if base.feature_group_count != 1:
       raise ValueError(f'conv LoRA does not support grouped convs (feature_group_count={base.feature_group_count}).')
-    if _pair(base.input_dilation) != (1, 1):
+    if pair(base.input_dilation) != (1, 1):
       raise ValueError(f'conv LoRA does not support input_dilation={base.input_dilation}.')
     self.base, self.ctx, self.scale = base, ctx, scale
-    self.strides, self.dilation = _pair(base.strides), _pair(base.kernel_dilation)
+    self.strides, self.dilation = pair(base.strides), pair(base.kernel_dilation)
     self.padding = base.padding
     # The LoRA factors convolve like the base layer when it uses one of fedjax_adapters.conv's functions.
     own = base.conv_general_dilated
@@ -212,12 +212,3 @@ class AdaptedNorm(_Adapted):
     y = self.base(x, *args, **kwargs)
     x_hat = self._x_hat(x, *args, **kwargs)
     return self._delta(lambda p, xh, w: lora.norm_delta(p, xh, w), y, x_hat)
-
-
-def _pair(v) -> tuple[int, int]:
-  if v is None:
-    return (1, 1)
-  if isinstance(v, int):
-    return (v, v)
-  v = tuple(v)
-  return (v[0], v[0]) if len(v) == 1 else (int(v[0]), int(v[1]))
