@@ -37,6 +37,7 @@ import numpy as np
 from rouge_score import rouge_scorer
 
 from fedjax_adapters.data.feddpa import FedDPAData
+from fedjax_adapters.metrics import bootstrap
 
 ROUGE_TYPES = ('rouge1', 'rouge2', 'rougeL', 'rougeLsum')
 _EOS = '</s>'
@@ -216,3 +217,93 @@ def personalization_report(predictions_by_client: Mapping[int, Sequence[str]] | 
       'test_time_others': test_time_others,
       'per_client': per_client,
   }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Per-prompt scores, and P / TTP with paired bootstrap intervals.
+# ---------------------------------------------------------------------------------------------------------------------
+
+# The paper's claims, as (method, baseline, block): FedDPA-F beats FedIT and Local at test-time personalization, and
+# FedDPA-T beats FedIT at both.
+PAPER_COMPARISONS = (('feddpa_f', 'fedit', 'test_time'), ('feddpa_f', 'local', 'test_time'),
+                     ('feddpa_t', 'fedit', 'personalization'), ('feddpa_t', 'fedit', 'test_time'))
+BLOCKS = ('personalization', 'test_time')
+
+
+def per_prompt_scores(predictions_by_client: Sequence[Sequence[str]], data: FedDPAData, *,
+                      rouge_type: str = 'rouge1', use_stemmer: bool = False) -> np.ndarray:
+  """``[K, T]`` ROUGE F-measure of every client's answer to every test prompt (aligned with ``data.test``)."""
+  (rouge_type,) = _check_types((rouge_type,))
+  references = [ex.output for ex in data.test]
+  if isinstance(predictions_by_client, (str, Mapping)) or len(predictions_by_client) != data.num_clients:
+    raise ValueError(f'predictions_by_client must be a sequence of {data.num_clients} clients\' answers.')
+  return np.stack([rouge_per_example(list(p), references, rouge_types=(rouge_type,), use_stemmer=use_stemmer)
+                   [rouge_type] for p in predictions_by_client])
+
+
+def owner_weights(client_categories: Sequence[str], categories: Sequence[str]) -> np.ndarray:
+  """``[C, K]``: row ``c`` averages the clients whose own task is ``categories[c]`` (uniform weights)."""
+  w = np.array([[float(own == c) for own in client_categories] for c in categories])
+  missing = [c for c, row in zip(categories, w) if not row.any()]
+  if missing:
+    raise ValueError(f'categories {missing} have no client; clients hold {list(client_categories)}.')
+  return w / w.sum(axis=1, keepdims=True)
+
+
+def personalization_table(means: np.ndarray, owners: np.ndarray) -> np.ndarray:
+  """P per category, ``[..., C]``: the owners' mean score on their own task, from stratum means ``[..., K, C]``."""
+  return np.einsum('ck,...kc->...c', owners, means)
+
+
+def test_time_table(means: np.ndarray, owners: np.ndarray) -> np.ndarray:
+  """TTP per category, ``[..., C]``: the owners' score averaged over every task (their own included)."""
+  return np.einsum('ck,...k->...c', owners, means.mean(axis=-1))
+
+
+def personalization_intervals(per_prompt: Mapping[str, np.ndarray], prompt_categories: Sequence[str],
+                              client_categories: Sequence[str], *,
+                              comparisons: Sequence[tuple[str, str, str]] = PAPER_COMPARISONS,
+                              num_samples: int = 10_000, level: float = 0.95, seed: int = 0) -> dict:
+  """P and TTP (per task and average) of every method with paired, category-stratified bootstrap intervals.
+
+  Every method is scored on the same resampled test prompts (``fedjax_adapters.metrics.bootstrap``: each category
+  resampled with replacement to its size), so the differences in ``comparisons`` are paired. Everything needed is
+  plain data, so a finished run's stored per-prompt scores can be re-analysed later.
+
+  Args:
+    per_prompt: method -> ``[K, T]`` per-prompt scores (:func:`per_prompt_scores`).
+    prompt_categories: ``[T]`` category of every test prompt (``[ex.category for ex in data.test]``).
+    client_categories: ``[K]`` each client's own category (``data.client_categories``); the categories' order
+      (first appearance here) is the order of the per-task columns.
+    comparisons: ``(method, baseline, block)`` triples; those whose methods are both present are reported.
+    num_samples, level, seed: the bootstrap's draws, coverage and seed.
+
+  Returns:
+    ``{'methods': {method: {block: {category: Interval dict, ..., 'avg': Interval dict}}},
+    'differences': [{'method', 'baseline', 'block', **Interval dict}, ...], 'num_samples', 'level', 'seed'}``;
+    ``block`` is ``'personalization'`` or ``'test_time'``.
+  """
+  categories = tuple(dict.fromkeys(client_categories))
+  prompt_categories = np.asarray(prompt_categories)
+  unknown = sorted(set(prompt_categories.tolist()) - set(categories))
+  if unknown:
+    raise ValueError(f'test prompts of categories {unknown} belong to no client; clients hold {list(categories)}.')
+  strata = [np.flatnonzero(prompt_categories == c) for c in categories]
+  owners = owner_weights(client_categories, categories)
+  draws = bootstrap.stratified_draws(strata, num_samples, seed=seed)
+  tables = {'personalization': personalization_table, 'test_time': test_time_table}
+
+  def interval(scores, block, column=None, baseline=None):
+    stat = lambda m: tables[block](m, owners)[..., column] if column is not None else tables[block](m, owners).mean(-1)
+    return bootstrap.paired_interval(stat, scores, strata, draws, baseline=baseline, level=level).as_dict()
+
+  methods = {name: {b: {**{c: interval(s, b, i) for i, c in enumerate(categories)}, 'avg': interval(s, b)}
+                    for b in BLOCKS} for name, s in per_prompt.items()}
+  differences = []
+  for method, base, block in comparisons:
+    if block not in BLOCKS:
+      raise ValueError(f'comparison block must be one of {BLOCKS}; got {block!r}.')
+    if method in per_prompt and base in per_prompt:
+      differences.append({'method': method, 'baseline': base, 'block': block,
+                          **interval(per_prompt[method], block, baseline=per_prompt[base])})
+  return {'methods': methods, 'differences': differences, 'num_samples': num_samples, 'level': level, 'seed': seed}
