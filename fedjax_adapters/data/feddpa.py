@@ -29,6 +29,8 @@ from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
+from fedjax_adapters.data.federated import FederatedData
+
 # The official test file name. When `load_feddpa` gets no `test_file`, it uses this file if present, and otherwise
 # the folder's only `*.jsonl` file.
 DEFAULT_TEST_FILE = 'flan_test_200_selected_nstrict_1.jsonl'
@@ -475,6 +477,58 @@ def tokenize_for_training(tokenizer,
     start = 1 if train_on_inputs else max(p, 1)
     loss_mask[i, start:len(ids)] = 1
   return TokenizedBatch(input_ids, attention_mask, loss_mask)
+
+
+def client_training_arrays(tokenizer,
+                           examples_by_client: Sequence[Sequence[Example | Mapping[str, str]]],
+                           *,
+                           max_length: int,
+                           train_on_inputs: bool = False,
+                           pad_id: int | None = None) -> FederatedData:
+  """Tokenizes every client's training examples into the padded federated layout the round consumes.
+
+  Clients may hold different numbers of examples: each is padded to ``N = max_k n_k`` rows, and ``counts`` says how
+  many are real, so the round masks the padding rows (their attention and loss masks are all zero). Every row is
+  padded to ``L = max_length`` columns, so all clients share one compiled shape.
+
+  Args:
+    tokenizer: a Hugging Face tokenizer (see :func:`tokenize_for_training`).
+    examples_by_client: ``K`` sequences of records with ``instruction`` and ``output``; client ``k``'s are ``n_k``.
+    max_length: the cutoff and padded length ``L``, in tokens.
+    train_on_inputs: as in :func:`tokenize_for_training`.
+    pad_id: the id written into padding (default: the tokenizer's pad id, or 0).
+
+  Returns:
+    :class:`~fedjax_adapters.data.federated.FederatedData` with ``x`` a dict of ``input_ids``, ``attention_mask``,
+    ``loss_mask``, each ``[K, N, L]`` int32; ``y`` ``[K, N]`` int32 zeros (the targets are inside ``x``); ``counts``
+    ``[K]`` int32. Pass it to ``client_data``.
+
+  Raises:
+    ValueError: naming the client, for no clients, a client that is not a sequence of records, a client with no
+      examples, or a malformed record (missing or non-string ``instruction`` / ``output``).
+  """
+  if isinstance(examples_by_client, (str, Mapping)) or not examples_by_client:
+    raise ValueError('client_training_arrays needs a non-empty sequence of clients, each a sequence of records.')
+  batches = []
+  for k, examples in enumerate(examples_by_client):
+    if isinstance(examples, (str, Mapping, Example)) or not isinstance(examples, Sequence):
+      raise ValueError(f'client {k}: examples must be a sequence of records, got {type(examples).__name__}.')
+    if not examples:
+      raise ValueError(f'client {k} has no training examples; every client needs at least one.')
+    try:
+      batches.append(tokenize_for_training(tokenizer, examples, max_length=max_length, length=max_length,
+                                           train_on_inputs=train_on_inputs, pad_id=pad_id))
+    except ValueError as e:
+      raise ValueError(f'client {k}: {e}') from None
+  counts = np.array([len(b.input_ids) for b in batches], dtype=np.int32)
+  n = int(counts.max())
+  x = {'input_ids': np.full((len(batches), n, max_length), _pad_id(tokenizer, pad_id), np.int32),
+       'attention_mask': np.zeros((len(batches), n, max_length), np.int32),
+       'loss_mask': np.zeros((len(batches), n, max_length), np.int32)}
+  for k, b in enumerate(batches):
+    for name in x:
+      x[name][k, :counts[k]] = getattr(b, name)
+  return FederatedData(x, np.zeros((len(batches), n), np.int32), counts)
 
 
 def tokenize_prompts(tokenizer,
