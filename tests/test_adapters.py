@@ -6,6 +6,7 @@ hand-computed ranks, and the router against ``softmax((w + xi) / T)`` with the f
 """
 import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -208,6 +209,55 @@ def test_mixture_weights_of_the_wrong_length_raise(bad):
     lora.dense_delta(p, x, jnp.ones(bad))
   with pytest.raises(ValueError, match=r'holds 4 adaptors'):
     lora.dense_dense_weight(p, jnp.ones(bad))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Einsum-shaped LoRA (nnx.Einsum / nnx.LinearGeneral)
+# ------------------------------------------------------------------------------------------------------------------
+
+def test_einsum_form_reads_contracted_axes_in_input_order_and_free_axes_in_output_order():
+  form = lora.einsum_form('b ah,hoa->bo', (2, 4, 3))  # spaces are ignored, as nnx.Einsum ignores them
+  assert (form.lhs, form.out, form.contracted, form.free) == ('bah', 'bo', 'ah', 'o')
+  assert (form.in_shape, form.out_shape, form.d_in, form.d_out) == ((3, 2), (4,), 6, 4)
+  # nnx.LinearGeneral(in_features=(3, 2), out_features=(2, 2), axis=(-1, 1)) on a rank-4 input: axes 1 and 3.
+  form = lora.linear_general_form(4, (-1, 1), (3, 2), (2, 2))
+  assert (form.lhs, form.out, form.contracted, form.free) == ('abcd', 'acef', 'bd', 'ef')
+  assert (form.d_in, form.d_out) == (6, 4)
+
+
+@pytest.mark.parametrize('eq', ['ab->b', 'ab,bc', 'ab,bc,cd->ad', 'ab->b,c'])
+def test_einsum_form_rejects_equations_that_are_not_input_kernel_output(eq):
+  with pytest.raises(ValueError, match=rf"einsum '{re.escape(eq)}' is not of the form 'input,kernel->output'"):
+    lora.einsum_form(eq, (2, 2))
+
+
+def test_einsum_form_rejects_a_kernel_term_that_does_not_match_the_kernel():
+  with pytest.raises(ValueError, match=r"kernel term 'io' has 2 axes but the kernel has shape \(2, 3, 4\)"):
+    lora.einsum_form('bi,io->bo', (2, 3, 4))
+  with pytest.raises(ValueError, match=r'axis \(2,\) does not fit'):
+    lora.linear_general_form(2, (2,), (3,), (4,))
+
+
+def test_einsum_delta_on_a_dense_equation_equals_dense_delta():
+  rng = _rng(8)
+  pj = {k: _f32(v) for k, v in _dense_params(rng, 3, 6, 2, 5, bias=True).items()}
+  x, wts = _f32(rng.normal(size=(4, 7, 6))), _f32([0.2, 0.5, 0.3])
+  form = lora.einsum_form('bti,io->bto', (6, 5))
+  np.testing.assert_allclose(lora.einsum_delta(pj, x, wts, form=form, scale=0.5),
+                             lora.dense_delta(pj, x, wts, scale=0.5), **TOL)
+
+
+def test_einsum_bias_only_adaptor_broadcasts_along_the_free_axes():
+  rng = _rng(9)
+  bias, wts = rng.normal(size=(2, 5)), np.array([0.4, 0.6])
+  form = lora.einsum_form('...nh,nhd->...d', (2, 3, 5))  # output [..., d]
+  y = lora.einsum_delta({'bias': _f32(bias)}, _f32(np.ones((3, 4, 2, 3))), _f32(wts), form=form, scale=2.0)
+  assert y.shape == (1, 1, 5)  # broadcasts against the output, like dense_delta's bias-only [d_out]
+  np.testing.assert_allclose(y[0, 0], 2.0 * wts @ bias, **TOL)
+  form = lora.einsum_form('bti,oi->bot', (5, 6))       # the free axis sits in the middle of the output [b, o, t]
+  y = lora.einsum_delta({'bias': _f32(bias)}, _f32(np.ones((3, 4, 6))), _f32(wts), form=form)
+  assert y.shape == (1, 5, 1)
+  np.testing.assert_allclose(y[0, :, 0], wts @ bias, **TOL)
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""LoRA deltas as pure functions: dense, conv2d, embedding, bias and norm adaptors.
+"""LoRA deltas as pure functions: dense, einsum-shaped (LinearGeneral / Einsum), conv2d, embedding, bias and norm.
 
 Every adaptor group is stored with a leading adaptor axis ``C`` (``C = 1`` for a single LoRA), so the same code
 serves a plain LoRA, FLoRAL's mixture of ``C`` adaptors and FedDPA's global/local pair. Layouts follow Flax
@@ -10,7 +10,9 @@ in parameter space, ``W + sum_c pi_c B_c A_c``; for a linear layer this is the s
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+import string
 from typing import Any, Callable, Sequence
 
 import jax
@@ -137,6 +139,145 @@ def dense_dense_weight(params: Params, weights: Array | None = None, *, scale: f
   """The dense ``[d_in, d_out]`` weight change ``scale * sum_c w_c a_c @ b_c`` (for merging and reference tests)."""
   w = _mix_weights(weights, _num_adaptors(params))
   return scale * jnp.einsum('c,cir,cro->io', w, params['a'], params['b'])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Einsum-shaped layers (nnx.Einsum, nnx.LinearGeneral): a dense LoRA on the kernel seen as a [d_in, d_out] matrix
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class EinsumForm:
+  """How LoRA sees a layer ``y = einsum('lhs,kernel->out', x, W)``.
+
+  Each kernel axis is either *contracted* (it appears in the input, not in the output) or *free* (in the output, not
+  in the input). LoRA treats ``W`` as a ``[d_in, d_out]`` matrix: ``d_in`` flattens the contracted axes in the order
+  they appear in the input, ``d_out`` the free axes in the order they appear in the output. The factors therefore
+  have the dense shapes ``a: [C, d_in, r]``, ``b: [C, r, d_out]`` (and a bias adaptor ``[C, d_out]``), and the
+  kernel change is ``reshape(a[c] @ b[c], in_shape + out_shape)`` with its axes moved to the kernel's order.
+
+  Attributes:
+    lhs: the equation's input term (may hold ``'...'``).
+    out: the equation's output term.
+    contracted: kernel letters contracted with the input, in input order.
+    free: kernel letters kept in the output, in output order.
+    in_shape: sizes of the ``contracted`` axes; ``d_in = prod(in_shape)``.
+    out_shape: sizes of the ``free`` axes; ``d_out = prod(out_shape)``.
+  """
+  lhs: str
+  out: str
+  contracted: str
+  free: str
+  in_shape: tuple[int, ...]
+  out_shape: tuple[int, ...]
+
+  @property
+  def d_in(self) -> int:
+    return math.prod(self.in_shape)
+
+  @property
+  def d_out(self) -> int:
+    return math.prod(self.out_shape)
+
+
+def einsum_form(equation: str, kernel_shape: Sequence[int]) -> EinsumForm:
+  """Reads ``'lhs,kernel->out'`` (the equation of ``nnx.Einsum``) as an :class:`EinsumForm`.
+
+  Raises:
+    ValueError: naming the equation, if it is not ``'input,kernel->output'``, the kernel term holds ``'...'`` or a
+      repeated letter or does not match ``kernel_shape``, a kernel axis is in both the input and the output (a
+      batched kernel, e.g. one matrix per head: not one low-rank update), a kernel axis is in neither (summed
+      away), or no kernel axis is contracted with the input.
+  """
+  eq = equation.replace(' ', '')
+  if eq.count(',') != 1 or eq.count('->') != 1 or eq.index(',') > eq.index('->'):
+    raise ValueError(f"einsum {equation!r} is not of the form 'input,kernel->output'.")
+  ins, out = eq.split('->')
+  lhs, rhs = ins.split(',')
+  if '.' in rhs or len(set(rhs)) != len(rhs):
+    raise ValueError(f"einsum {equation!r}: the kernel term {rhs!r} must name each axis once, without '...'.")
+  if len(rhs) != len(kernel_shape):
+    raise ValueError(f'einsum {equation!r}: the kernel term {rhs!r} has {len(rhs)} axes but the kernel has shape '
+                     f'{tuple(kernel_shape)}.')
+  batched = ''.join(c for c in rhs if c in lhs and c in out)
+  summed = ''.join(c for c in rhs if c not in lhs and c not in out)
+  if batched:
+    raise ValueError(f'einsum {equation!r}: kernel axes {batched!r} appear in both the input and the output (a '
+                     'batched kernel); LoRA needs each kernel axis contracted with the input or kept in the output.')
+  if summed:
+    raise ValueError(f'einsum {equation!r}: kernel axes {summed!r} are summed away; LoRA needs each kernel axis '
+                     'contracted with the input or kept in the output.')
+  contracted = ''.join(sorted((c for c in rhs if c in lhs), key=lhs.index))
+  if not contracted:
+    raise ValueError(f'einsum {equation!r}: no kernel axis is contracted with the input, so there is no d_in.')
+  free = ''.join(sorted((c for c in rhs if c in out), key=out.index))
+  size = dict(zip(rhs, (int(n) for n in kernel_shape)))
+  return EinsumForm(lhs, out, contracted, free, tuple(size[c] for c in contracted), tuple(size[c] for c in free))
+
+
+def linear_general_form(ndim: int, axis: Sequence[int], in_features: Sequence[int],
+                        out_features: Sequence[int]) -> EinsumForm:
+  """The :class:`EinsumForm` of ``nnx.LinearGeneral`` (without batch axes) on an input of rank ``ndim``.
+
+  LinearGeneral contracts the input axes ``axis`` (taken in increasing order) with the kernel's leading
+  ``in_features`` axes and appends ``out_features`` to the remaining input axes. So ``d_in = prod(in_features)``,
+  ``d_out = prod(out_features)`` and the kernel change is ``reshape(a @ b, in_features + out_features)``.
+  """
+  if len(axis) != len(in_features) or any(not -ndim <= a < ndim for a in axis):
+    raise ValueError(f'axis {tuple(axis)} does not fit in_features {tuple(in_features)} on a rank-{ndim} input.')
+  axes = sorted(a % ndim for a in axis)
+  letters = string.ascii_letters
+  if ndim + len(out_features) > len(letters) - 2:
+    raise ValueError(f'a rank-{ndim} input with {len(out_features)} output axes has too many axes for einsum.')
+  x = letters[:ndim]
+  o = letters[ndim:ndim + len(out_features)]
+  kernel = ''.join(x[a] for a in axes) + o
+  out = ''.join(x[i] for i in range(ndim) if i not in axes) + o
+  return einsum_form(f'{x},{kernel}->{out}', tuple(in_features) + tuple(out_features))
+
+
+def einsum_delta(params: Params, x: Array, weights: Array | None = None, *, form: EinsumForm,
+                 scale: float = 1.0) -> Array:
+  """``scale * sum_c weights[c] * (einsum(x, reshape(a[c] @ b[c])) + bias[c])`` for an einsum-shaped layer.
+
+  Computed low-rank: ``x`` is contracted with ``a`` first (``[..., C, r]``), then with ``b``; the ``d_in x d_out``
+  kernel change is never formed.
+
+  Args:
+    params: ``{'a': [C, d_in, r], 'b': [C, r, d_out], 'bias'?: [C, d_out]}`` with ``d_in``/``d_out`` as in
+      ``form``; ``a``/``b`` may be absent for a bias-only adaptor.
+    x: the layer's input, laid out as ``form.lhs``.
+    weights: ``[C]`` mixture weights (default uniform).
+    form: see :func:`einsum_form` / :func:`linear_general_form`.
+    scale: LoRA scaling.
+
+  Returns:
+    An array of the layer's output shape (``form.out``); for a bias-only adaptor, one that broadcasts against it
+    (the free axes in place, 1 elsewhere).
+  """
+  num = _num_adaptors(params)
+  w = _mix_weights(weights, num).astype(x.dtype)
+  used = set(form.lhs + form.out)
+  c, r = [ch for ch in string.ascii_letters if ch not in used][:2]
+  out = 0.0
+  if 'a' in params:
+    keep = ''.join(ch for ch in form.out if ch not in form.free)  # output axes that come from the input
+    a = params['a'].reshape((num,) + form.in_shape + params['a'].shape[-1:])
+    b = params['b'].reshape((num,) + params['b'].shape[1:2] + form.out_shape)
+    h = jnp.einsum(f'{form.lhs},{c}{form.contracted}{r}->{keep}{c}{r}', x, a)
+    out = jnp.einsum(f'{keep}{c}{r},{c},{c}{r}{form.free}->{form.out}', h, w, b)
+  if 'bias' in params:
+    out = out + (w @ params['bias']).reshape(_bias_shape(form, x.ndim))
+  return scale * out
+
+
+def _bias_shape(form: EinsumForm, x_ndim: int) -> tuple[int, ...]:
+  """Shape that broadcasts a ``[d_out]`` bias against the output: free sizes in place, 1 elsewhere."""
+  size = dict(zip(form.free, form.out_shape))
+  num_ellipsis = x_ndim - len(form.lhs.replace('...', ''))
+  shape = []
+  for ch in form.out.replace('...', '.'):
+    shape += [1] * num_ellipsis if ch == '.' else [size.get(ch, 1)]
+  return tuple(shape)
 
 
 # ----------------------------------------------------------------------------------------------------------------

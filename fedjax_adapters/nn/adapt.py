@@ -1,7 +1,8 @@
 """Model surgery and the functional bridge: ``adapt(model, spec)`` and ``split_model`` / ``ModelDef.apply``.
 
-``adapt`` swaps every ``nnx.Linear`` / ``nnx.Conv`` / ``nnx.Embed`` / norm layer whose module path matches a regex
-for an adapted wrapper (``fedjax_adapters.nn.layers``). ``split_model`` then cuts the model into plain nested-dict
+``adapt`` swaps every ``nnx.Linear`` / ``nnx.LinearGeneral`` (incl. the projections of ``nnx.MultiHeadAttention``) /
+``nnx.Einsum`` / ``nnx.Conv`` / ``nnx.Embed`` / norm layer whose module path matches a regex for an adapted wrapper
+(``fedjax_adapters.nn.layers``). ``split_model`` then cuts the model into plain nested-dict
 pytrees by variable type:
 
 * ``'base'``: ``nnx.Param`` of the original layers;
@@ -78,13 +79,14 @@ class AdapterSpec:
 
 
 _NORMS = (nnx.LayerNorm, nnx.RMSNorm, nnx.BatchNorm)
+_LINEAR = ((nnx.Linear, L.AdaptedLinear), (nnx.LinearGeneral, L.AdaptedLinearGeneral), (nnx.Einsum, L.AdaptedEinsum))
 
 
 def _kind(node, spec: AdapterSpec):
-  if isinstance(node, L._Adapted):
-    raise ValueError('this model is already adapted; adapt() must be called once, on the original model.')
-  if isinstance(node, nnx.Linear) and (spec.linear or spec.bias):
-    return L.AdaptedLinear
+  """The wrapper class ``spec`` would put around ``node``, or None."""
+  for base_cls, wrapper in _LINEAR:
+    if isinstance(node, base_cls) and (spec.linear or spec.bias):
+      return wrapper
   if isinstance(node, nnx.Conv) and (spec.conv or spec.bias):
     return L.AdaptedConv
   if isinstance(node, nnx.Embed) and spec.embed:
@@ -94,17 +96,45 @@ def _kind(node, spec: AdapterSpec):
   return None
 
 
+def _layers(model: nnx.Module, spec: AdapterSpec) -> dict[str, tuple]:
+  """``{path: (path tuple, node, adapted)}`` for every layer ``spec`` could adapt or that is already adapted.
+
+  An adapted wrapper is listed at its own path (the path its base layer had) and its insides are skipped.
+  """
+  graph = [(p, n) for p, n in nnx.iter_graph(model) if p]
+  adapted = [p for p, n in graph if isinstance(n, L.AdaptedLayer)]
+  out = {}
+  for p, n in graph:
+    if any(p[:len(q)] == q and p != q for q in adapted):
+      continue
+    is_adapted = isinstance(n, L.AdaptedLayer)
+    if _kind(n.base if is_adapted else n, spec) is not None:
+      out[path_str(p)] = (p, n, is_adapted)
+  return out  # in nnx.iter_graph's order: adapt() numbers layers (init keys, dropout ids) by it
+
+
 def adaptable_paths(model: nnx.Module, spec: AdapterSpec | None = None) -> list[str]:
-  """Module paths of the layers that ``spec`` could adapt (all supported kinds if ``spec`` is None)."""
+  """Module paths of the layers that ``spec`` could adapt (all supported kinds if ``spec`` is None).
+
+  These are the paths ``AdapterSpec.target`` is matched against. On an adapted model the adapted layers are listed
+  too, at the same paths as before :func:`adapt` (so a target written against the original model still reads the
+  same); :func:`adapted_paths` says which ones they are.
+  """
   spec = spec or AdapterSpec(embed=True, norm=True)
-  return [path_str(p) for p, n in nnx.iter_graph(model) if p and _kind(n, spec) is not None]
+  return list(_layers(model, spec))
+
+
+def adapted_paths(model: nnx.Module) -> list[str]:
+  """Module paths of the layers :func:`adapt` has wrapped (empty for a model that was never adapted)."""
+  return [path_str(p) for p, n in nnx.iter_graph(model) if p and isinstance(n, L.AdaptedLayer)]
 
 
 def adapt(model: nnx.Module, spec: AdapterSpec, *, key: jax.Array) -> nnx.Module:
   """Adds adaptors to the layers of ``model`` that ``spec.target`` matches, in place, and returns the model.
 
   Args:
-    model: any NNX model built from ``nnx.Linear`` / ``nnx.Conv`` / ``nnx.Embed`` / norm layers.
+    model: any NNX model with ``nnx.Linear`` / ``nnx.LinearGeneral`` / ``nnx.MultiHeadAttention`` / ``nnx.Einsum`` /
+      ``nnx.Conv`` / ``nnx.Embed`` / norm layers, never adapted before.
     spec: what to adapt.
     key: PRNG key for the adaptor initialization (each layer folds in its index).
 
@@ -112,13 +142,17 @@ def adapt(model: nnx.Module, spec: AdapterSpec, *, key: jax.Array) -> nnx.Module
     The same model object with the matched layers wrapped.
 
   Raises:
-    ValueError: if ``spec.target`` matches no adaptable layer, or a rank does not fit a layer (the message names
-      the layer).
+    ValueError: if the model is already adapted, ``spec.target`` matches no adaptable layer, or a layer cannot take
+      the adaptor (a rank that does not fit, an einsum form LoRA cannot read; the message names the layer).
   """
+  done = adapted_paths(model)
+  if done or isinstance(model, L.AdaptedLayer):
+    raise ValueError(f'this model is already adapted (layers {", ".join(done) or "<root>"}); adapt() must be called '
+                     'once, on the original model.')
   if _kind(model, spec) is not None:
     raise ValueError(f'adapt() cannot swap the root module itself ({type(model).__name__}); wrap the layer in an '
                      'nnx.Module (or nnx.Sequential) first.')
-  found = {path_str(p): (p, n) for p, n in nnx.iter_graph(model) if p and _kind(n, spec) is not None}
+  found = {name: (p, n) for name, (p, n, _) in _layers(model, spec).items()}
   hits = match_targets(spec.target, found)
   ctx = L.AdapterContext(spec.num_global, spec.num_local, spec.router)
   swaps = []  # build every wrapper before swapping any, so a layer that fails leaves the model untouched
@@ -136,7 +170,7 @@ def adapt(model: nnx.Module, spec: AdapterSpec, *, key: jax.Array) -> nnx.Module
       r = _rank_of(wrapped)
       scale = spec.alpha / r if r else 1.0
     wrapped.scale = scale
-    if isinstance(wrapped, L.AdaptedLinear):
+    if wrapped.supports_dropout:
       wrapped.dropout_rate = spec.dropout
       wrapped.dropout_id = L.AdapterRuntime(jnp.asarray(i, jnp.uint32))
     swaps.append((path, wrapped))

@@ -1,6 +1,6 @@
 """Flax NNX wrappers that add adaptors to existing layers by calling the pure functions of ``adapters``.
 
-Variable types keep the three kinds of parameters apart (design.md, principle 2):
+Variable types keep the kinds of parameters apart (``docs/nn.md``):
 
 * ``nnx.Param`` / ``nnx.BatchStat`` of the wrapped base layer: the base model;
 * :class:`GlobalAdapter`: adaptors the server aggregates (FLoRAL's C shared adaptors, FedDPA's global LoRA);
@@ -12,6 +12,8 @@ Every adapted layer shares one :class:`AdapterContext`, so a single call can set
 the per-example global/local weights ``[B]`` of all layers at once.
 """
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -68,9 +70,13 @@ def _params(layer: nnx.Module, prefix: str, names) -> dict:
   return out
 
 
-class _Adapted(nnx.Module):
-  """Common part: owns the base layer, the shared context and the global/local adaptor variables."""
+class AdaptedLayer(nnx.Module):
+  """Base of every adapted wrapper: owns the base layer, the shared context and the global/local adaptor variables.
+
+  ``adapt`` recognises an already adapted layer by this type.
+  """
   _names: tuple[str, ...] = ()
+  supports_dropout: bool = False
 
   def _set(self, group: str, params: dict):
     kind = GlobalAdapter if group == 'global' else LocalAdapter
@@ -88,24 +94,22 @@ class _Adapted(nnx.Module):
     return y
 
 
-class AdaptedLinear(_Adapted):
-  """``y = base(x) + w_g * sum_c mix_c s B_c A_c x + w_l * s B_L A_L x`` (plus bias adaptors)."""
+class _FactoredLoRA(AdaptedLayer):
+  """Dense-shaped LoRA factors ``a: [C, d_in, r]``, ``b: [C, r, d_out]`` (+ ``bias: [C, d_out]``) and LoRA dropout."""
   _names = ('a', 'b', 'bias')
+  supports_dropout = True
+  dropout_rate: float = 0.0
 
-  def __init__(self, base: nnx.Linear, ctx: AdapterContext, *, rank, scale: float, bias: bool, init: str,
-               bias_init: str, linear: bool, key: jax.Array):
-    self.base, self.ctx, self.scale = base, ctx, scale
-    for group, num, k in (('global', ctx.num_global, 0), ('local', ctx.num_local, 1)):
+  def _init_factors(self, d_in: int, d_out: int, *, rank, bias: bool, init: str, bias_init: str, linear: bool,
+                    key: jax.Array, dtype):
+    for group, num, k in (('global', self.ctx.num_global, 0), ('local', self.ctx.num_local, 1)):
       p = {}
       if num:
-        p = lora.init_dense(jax.random.fold_in(key, k), base.in_features, base.out_features, rank, num_adaptors=num,
-                            bias=bias and base.use_bias, init=init, bias_init=bias_init,
-                            dtype=base.param_dtype)
+        p = lora.init_dense(jax.random.fold_in(key, k), d_in, d_out, rank, num_adaptors=num, bias=bias, init=init,
+                            bias_init=bias_init, dtype=dtype)
         if not linear:  # bias adaptor only
           p = {'bias': p['bias']} if 'bias' in p else {}
       self._set(group, p)
-
-  dropout_rate: float = 0.0
 
   def _dropout(self, x):
     key = getattr(self.ctx, 'dropout_key', None)
@@ -116,13 +120,75 @@ class AdaptedLinear(_Adapted):
     keep = jax.random.bernoulli(key, 1.0 - self.dropout_rate, x.shape)
     return jnp.where(keep, x / (1.0 - self.dropout_rate), 0.0).astype(x.dtype)
 
+
+class AdaptedLinear(_FactoredLoRA):
+  """``y = base(x) + w_g * sum_c mix_c s B_c A_c x + w_l * s B_L A_L x`` (plus bias adaptors)."""
+
+  def __init__(self, base: nnx.Linear, ctx: AdapterContext, *, rank, scale: float, bias: bool, init: str,
+               bias_init: str, linear: bool, key: jax.Array):
+    self.base, self.ctx, self.scale = base, ctx, scale
+    self._init_factors(base.in_features, base.out_features, rank=rank, bias=bias and base.use_bias, init=init,
+                       bias_init=bias_init, linear=linear, key=key, dtype=base.param_dtype)
+
   def __call__(self, x, **kwargs):
     x_lora = self._dropout(x)
     return self._delta(lambda p, x, w: lora.dense_delta(p, x, w, scale=self.scale) if p else 0.0,
                        self.base(x, **kwargs), x_lora)
 
 
-class AdaptedConv(_Adapted):
+class AdaptedLinearGeneral(_FactoredLoRA):
+  """``nnx.LinearGeneral`` plus a LoRA on its kernel read as a ``[d_in, d_out]`` matrix.
+
+  ``d_in = prod(in_features)`` (the contracted input axes, in increasing axis order) and
+  ``d_out = prod(out_features)``; the kernel becomes ``kernel + s * reshape(A @ B, in_features + out_features)``
+  and a bias adaptor ``[C, d_out]`` is added reshaped to ``out_features``. The query / key / value / out
+  projections of ``nnx.MultiHeadAttention`` are layers of this kind (query: ``d_out = num_heads * head_dim``; out:
+  ``d_in = num_heads * head_dim``).
+  """
+
+  def __init__(self, base: nnx.LinearGeneral, ctx: AdapterContext, *, rank, scale: float, bias: bool, init: str,
+               bias_init: str, linear: bool, key: jax.Array):
+    if base.batch_axis:
+      raise ValueError(f'LoRA does not support LinearGeneral with batch_axis={dict(base.batch_axis)} (one kernel '
+                       'per batch index).')
+    self.base, self.ctx, self.scale = base, ctx, scale
+    self._init_factors(math.prod(base.in_features), math.prod(base.out_features), rank=rank,
+                       bias=bias and base.use_bias, init=init, bias_init=bias_init, linear=linear, key=key,
+                       dtype=base.param_dtype)
+
+  def __call__(self, x, **kwargs):
+    b = self.base
+    form = lora.linear_general_form(x.ndim, b.axis, b.in_features, b.out_features)
+    fn = lambda p, x, w: lora.einsum_delta(p, x, w, form=form, scale=self.scale) if p else 0.0  # noqa: E731
+    return self._delta(fn, b(x, **kwargs), self._dropout(x))
+
+
+class AdaptedEinsum(_FactoredLoRA):
+  """``nnx.Einsum`` plus a LoRA on its kernel read as a ``[d_in, d_out]`` matrix (see ``lora.EinsumForm``).
+
+  ``d_in`` flattens the kernel axes contracted with the input (in input order), ``d_out`` the kernel axes kept in
+  the output (in output order). Equations with a kernel axis in both input and output (per-head kernels) or in
+  neither are refused when the layer is adapted.
+  """
+
+  def __init__(self, base: nnx.Einsum, ctx: AdapterContext, *, rank, scale: float, bias: bool, init: str,
+               bias_init: str, linear: bool, key: jax.Array):
+    form = lora.einsum_form(base.einsum_str, tuple(base.kernel_shape))
+    self.base, self.ctx, self.scale = base, ctx, scale
+    self._init_factors(form.d_in, form.d_out, rank=rank, bias=bias and base.bias is not None, init=init,
+                       bias_init=bias_init, linear=linear, key=key, dtype=base.param_dtype)
+
+  def __call__(self, x, einsum_str: str | None = None, **kwargs):
+    b = self.base
+    if einsum_str is not None and einsum_str.replace(' ', '') != b.einsum_str:
+      raise ValueError(f'this Einsum layer was adapted for {b.einsum_str!r}; it cannot be called with '
+                       f'einsum_str={einsum_str!r} (its LoRA factors have that equation\'s shapes).')
+    form = lora.einsum_form(b.einsum_str, tuple(b.kernel_shape))
+    fn = lambda p, x, w: lora.einsum_delta(p, x, w, form=form, scale=self.scale) if p else 0.0  # noqa: E731
+    return self._delta(fn, b(x, **kwargs), self._dropout(x))
+
+
+class AdaptedConv(AdaptedLayer):
   """A 2-d conv plus FLoRAL's balanced (1 x k_w then k_h x 1) conv LoRA and bias adaptors."""
   _names = ('a', 'b', 'bias')
 
@@ -157,7 +223,7 @@ class AdaptedConv(_Adapted):
     return self._delta(fn, self.base(x, **kwargs), x)
 
 
-class AdaptedEmbed(_Adapted):
+class AdaptedEmbed(AdaptedLayer):
   """An embedding plus embedding LoRA (``a[ids] @ b``)."""
   _names = ('a', 'b')
 
@@ -180,7 +246,7 @@ class AdaptedEmbed(_Adapted):
     return self._delta(lambda p, ids, w: lora.embed_delta(p, ids, w, scale=self.scale), self.base(ids), ids)
 
 
-class AdaptedNorm(_Adapted):
+class AdaptedNorm(AdaptedLayer):
   """LayerNorm / RMSNorm / BatchNorm plus an affine norm adaptor under the base layer's statistics."""
   _names = ('scale', 'shift')
 
