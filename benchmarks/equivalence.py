@@ -14,7 +14,7 @@ import numpy as np
 
 from benchmarks import setups
 from fedjax_adapters.federated.client_update import ClientData
-from fedjax_adapters.federated.round import client_data, make_round
+from fedjax_adapters.federated import client_data, make_round, sequential_clients
 
 
 def _rel(a, b) -> float:
@@ -73,7 +73,7 @@ def two_client_round(workload: setups.Workload, device: str = 'cpu', alg=None) -
   loop = setups.torch_round(workload, fed, state.global_params, device=device)
   ids = [0, 2]
   loop.run_round(ids)
-  state, _ = make_round(alg, clients_per_round=2, backend='sequential')(state, client_data(fed),
+  state, _ = make_round(alg, clients_per_round=2, mapping=sequential_clients())(state, client_data(fed),
                                                                          client_ids=np.array(ids))
   expected = torch_floral.global_state_from_jax(loop.model, jax.device_get(state.global_params))
   worst, name = _param_diff(loop.global_sd, expected)

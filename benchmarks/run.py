@@ -33,7 +33,7 @@ import numpy as np
 
 from benchmarks import flops as flops_mod
 from benchmarks import setups
-from fedjax_adapters.federated.round import client_data, make_round
+from fedjax_adapters.federated import chunked_clients, client_data, make_round, sequential_clients
 
 # ----------------------------------------------------------------------------------------------------------------
 # Compile events
@@ -176,10 +176,9 @@ class JaxBackend:
   """The library's round (``'vmap'`` or ``'sequential'``) on fixed client ids, state carried between rounds."""
 
   def __init__(self, alg, backend: str, m: int, state, data):
-    # 'vmap_chunk1': the compiled round with clients vmapped one at a time in a lax.map (make_round(client_chunk=1)).
-    chunk = 1 if backend == 'vmap_chunk1' else None
-    self.rf = make_round(alg, clients_per_round=m, backend='sequential' if backend == 'sequential' else 'vmap',
-                         client_chunk=chunk)
+    # 'vmap_chunk1': the compiled round with clients vmapped one at a time in a lax.map (chunked_clients(1)).
+    mapping = {'sequential': sequential_clients(), 'vmap_chunk1': chunked_clients(1)}.get(backend)
+    self.rf = make_round(alg, clients_per_round=m, mapping=mapping)
     self.ids = jnp.arange(m, dtype=jnp.int32)
     self.state, self.data = state, data
 
@@ -301,10 +300,10 @@ def compile_run(workload: setups.Workload, m: int, num_clients: int, rounds: int
     traces.append(1)
     return base.client_update(*args)
 
-  alg = base._replace(client_update=counted)
+  alg = base.replace(client_update=counted)
   data = client_data(setups.make_data(workload, num_clients))
   state = alg.init(jax.random.key(0), num_clients)
-  rf = make_round(alg, clients_per_round=m, backend=backend)
+  rf = make_round(alg, clients_per_round=m, mapping=sequential_clients() if backend == 'sequential' else None)
   times = []
   with CompileMeter() as meter:
     t_all = time.perf_counter()
@@ -434,7 +433,7 @@ def parse(argv=None):
   p.add_argument('--cifar-examples', type=int, default=2500, help='rows per CIFAR client (public code: 2500)')
   p.add_argument('--backends', default='vmap,sequential,torch',
                  help='comma-separated subset of vmap,vmap_chunk1,sequential,torch (vmap_chunk1: the compiled round '
-                      'with one client per lax.map step, make_round(client_chunk=1))')
+                      'with one client per lax.map step, make_round(mapping=chunked_clients(1)))')
   p.add_argument('--min-time', type=float, default=1.0, help='time each configuration at least this long (s)')
   p.add_argument('--min-rounds', type=int, default=2)
   p.add_argument('--max-rounds', type=int, default=20)

@@ -3,7 +3,8 @@
 Each process runs this script with its own ``--process-id``; after ``initialize_distributed`` the ``'clients'`` mesh
 axis spans all processes' devices. Every process builds only its own shards of the client store and the data
 (``jax.make_array_from_process_local_data``); the frozen/global params are replicated; the round is
-``make_round(..., mesh=mesh)``, whose weighted mean over clients becomes a cross-process all-reduce (gloo on CPU).
+``make_round(..., mapping=sharded_clients(mesh))``, whose weighted mean over clients becomes a cross-process
+all-reduce (gloo on CPU).
 
 Two processes with two CPU devices each on one machine (the coordinator must be reachable by all processes)::
 
@@ -57,7 +58,7 @@ def result_arrays(state) -> dict[str, np.ndarray]:
 def run_single(*, rounds: int, clients_per_round: int, seed: int = 0):
   """One process, one device, no mesh: the reference."""
   import jax
-  from fedjax_adapters.federated.round import client_data, make_round
+  from fedjax_adapters.federated import client_data, make_round
   alg, ds = build(seed)
   data = client_data(ds.train)
   state = alg.init(jax.random.key(seed), ds.train.num_clients)
@@ -86,7 +87,7 @@ def run_distributed(*, rounds: int, clients_per_round: int, seed: int = 0):
   """The same experiment on a mesh over all processes' devices (call after ``initialize_distributed``)."""
   import jax
   from fedjax_adapters.federated.client_update import ClientData
-  from fedjax_adapters.federated.round import make_round
+  from fedjax_adapters.federated import make_round, sharded_clients
   from fedjax_adapters.federated.sharding import client_mesh, process_local_clients, process_local_rows
   alg, ds = build(seed)
   mesh = client_mesh()
@@ -106,7 +107,8 @@ def run_distributed(*, rounds: int, clients_per_round: int, seed: int = 0):
   else:
     clients, data = _replicated_global(clients, mesh), _replicated_global(host, mesh)
   state = _replicated_global(state._replace(clients=()), mesh)._replace(clients=clients)
-  round_fn = make_round(alg, clients_per_round=clients_per_round, mesh=mesh, shard_store=shard_store)
+  round_fn = make_round(alg, clients_per_round=clients_per_round,
+                        mapping=sharded_clients(mesh, shard_store=shard_store))
   for t in range(rounds):
     state, metrics = round_fn(state, data)
     if jax.process_index() == 0:

@@ -26,7 +26,7 @@ from fedjax_adapters.data.federated import FederatedData  # noqa: E402
 from fedjax_adapters.data.synthetic import synthetic_task  # noqa: E402
 from fedjax_adapters.federated import host_store, sharding  # noqa: E402
 from fedjax_adapters.federated.client_update import ClientOutput  # noqa: E402
-from fedjax_adapters.federated.round import client_data, evaluate, make_round  # noqa: E402
+from fedjax_adapters.federated import client_data, evaluate, make_round, sharded_clients  # noqa: E402
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 NUM_DEVICES = 8
@@ -94,7 +94,7 @@ def count_traces(alg):
     traces.append(1)
     return alg.client_update(*args)
 
-  return alg._replace(client_update=counted), traces
+  return alg.replace(client_update=counted), traces
 
 
 def case_replicated_store():
@@ -102,7 +102,7 @@ def case_replicated_store():
   alg, data, ref_states, ref_metrics = reference(10)
   mesh = sharding.client_mesh()
   alg, traces = count_traces(alg)
-  round_fn = make_round(alg, clients_per_round=M, mesh=mesh, shard_store=False)
+  round_fn = make_round(alg, clients_per_round=M, mapping=sharded_clients(mesh, shard_store=False))
   state = alg.init(jax.random.key(0), 10)
   for t in range(ROUNDS):
     state, metrics = round_fn(state, data)
@@ -119,7 +119,7 @@ def case_sharded_store():
   """K = 16 clients (synthetic_linear tiled): the store and data sharded, 2 clients per device."""
   alg, data, ref_states, ref_metrics = reference(16)
   mesh = sharding.client_mesh()
-  round_fn = make_round(alg, clients_per_round=M, mesh=mesh)
+  round_fn = make_round(alg, clients_per_round=M, mapping=sharded_clients(mesh))
   state = alg.init(jax.random.key(0), 16)
   for t in range(ROUNDS):
     state, metrics = round_fn(state, data)
@@ -140,7 +140,7 @@ def case_host_round_on_mesh():
   alg, data, ref_states, ref_metrics = reference(10)
   mesh = sharding.client_mesh()
   state, store = host_store.host_init(alg, jax.random.key(0), 10)
-  round_fn = host_store.make_host_round(alg, clients_per_round=M, mesh=mesh)
+  round_fn = host_store.make_host_round(alg, clients_per_round=M, mapping=sharded_clients(mesh))
   hdata = host_store.host_data(data)
   for t in range(ROUNDS):
     state, metrics = round_fn(state, store, hdata)
@@ -182,18 +182,18 @@ def case_errors():
   alg = floral()
   mesh = sharding.client_mesh()
   assert jax.device_count() == NUM_DEVICES
-  expect_error(lambda: make_round(alg, clients_per_round=6, mesh=mesh),
+  expect_error(lambda: make_round(alg, clients_per_round=6, mapping=sharded_clients(mesh)),
                'clients_per_round=6', '8 devices', "'clients'", 'clients_per_round=8', '2 padding slots',
                'client_mask')
-  expect_error(lambda: make_round(alg, clients_per_round=8, mesh=mesh, axis_name='batch'),
+  expect_error(lambda: sharded_clients(mesh, axis_name='batch'),
                "no axis 'batch'", "('clients',)")
-  expect_error(lambda: host_store.make_host_round(alg, clients_per_round=12, mesh=mesh), 'clients_per_round=16')
+  expect_error(lambda: host_store.make_host_round(alg, clients_per_round=12, mapping=sharded_clients(mesh)), 'clients_per_round=16')
   data = client_data(synthetic_task('synthetic_linear', seed=0).train)
-  round_fn = make_round(alg, clients_per_round=8, mesh=mesh)
+  round_fn = make_round(alg, clients_per_round=8, mapping=sharded_clients(mesh))
   expect_error(lambda: round_fn(alg.init(jax.random.key(0), 10), data),
                'client store', '10 clients', '8 devices', 'pad to 16')
   expect_error(lambda: sharding.shard_clients({'w': np.zeros((12, 3))}, mesh), "['w']", '12 clients', 'pad to 16')
-  expect_error(lambda: make_round(alg, clients_per_round=8, mesh=mesh, backend='sequential'), "backend='vmap'")
+  expect_error(lambda: make_round(alg, clients_per_round=8, mapping='sharded'), 'mapping must be a ClientMapping')
 
 
 CASES = {name[len('case_'):]: fn for name, fn in globals().items() if name.startswith('case_')}

@@ -8,7 +8,7 @@ from flax import nnx
 from fedjax_adapters.algorithms.feddpa import (feddpa, instance_weights, lm_spec, mixing_weights,
                                                prompt_embeddings, token_loss)
 from fedjax_adapters.federated.client_update import ClientData
-from fedjax_adapters.federated.round import make_round
+from fedjax_adapters.federated import make_round, sequential_clients
 from fedjax_adapters.models import llama
 
 CONFIG = llama.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
@@ -67,7 +67,7 @@ def test_vmapped_round_equals_sequential_and_base_is_stored_once():
   assert sum(x.size for x in store_leaves) == K * (adapter_size + 1)  # local LoRA (same shapes) + counter
   v, s = state, state
   rv = round_of(variant)
-  rs = make_round(fd.algorithm, clients_per_round=K, backend='sequential')
+  rs = make_round(fd.algorithm, clients_per_round=K, mapping=sequential_clients())
   for _ in range(2):
     v, _ = rv(v, data)
     s, _ = rs(s, data)
@@ -122,7 +122,7 @@ def test_feddpa_f_local_is_the_global_fine_tuned_per_client():
   s = fd.algorithm.init(jax.random.key(0), K)
   s, _ = round_of('feddpa_f')(s, data)
   p = fd.personalize_from_global(s, data)
-  p_seq = fd.personalize_from_global(s, data, backend='sequential')
+  p_seq = fd.personalize_from_global(s, data, mapping=sequential_clients())
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6), p.clients, p_seq.clients)
   assert leaves_equal(p.global_params, s.global_params)
   g = jax.tree.leaves(s.global_params['adapters'])

@@ -11,7 +11,8 @@ from fedjax_adapters.data.federated import FederatedData, stack_clients
 from fedjax_adapters.data.synthetic import synthetic_task
 from fedjax_adapters.federated import aggregators, client_store
 from fedjax_adapters.federated.client_update import ClientData, ClientOutput, make_client_update
-from fedjax_adapters.federated.round import Algorithm, client_data, evaluate, make_round, run_rounds
+from fedjax_adapters.federated import (Algorithm, chunked_clients, client_data, evaluate, make_round, run_rounds,
+                                      sequential_clients, vmap_clients)
 from fedjax_adapters.federated.sampling import clients_per_round, sample_clients
 
 TOL = dict(rtol=1e-5, atol=1e-6)
@@ -58,8 +59,8 @@ def test_vmap_round_equals_sequential_loop(name):
   data = client_data(ds.train)
   k = ds.train.num_clients
   s_v = s_s = alg.init(jax.random.key(0), k)
-  vmap_round = make_round(alg, clients_per_round=6, backend='vmap')
-  seq_round = make_round(alg, clients_per_round=6, backend='sequential')
+  vmap_round = make_round(alg, clients_per_round=6, mapping=vmap_clients())
+  seq_round = make_round(alg, clients_per_round=6, mapping=sequential_clients())
   for _ in range(3):
     s_v, m_v = vmap_round(s_v, data)
     s_s, m_s = seq_round(s_s, data)
@@ -76,13 +77,13 @@ def test_chunked_client_map_equals_full_vmap():
   full = make_round(alg, clients_per_round=6)
   want, m_want = full(state, data)
   for chunk in (1, 4):  # 4 does not divide 6: lax.map runs the remainder as its own chunk
-    got, m_got = make_round(alg, clients_per_round=6, client_chunk=chunk)(state, data)
+    got, m_got = make_round(alg, clients_per_round=6, mapping=chunked_clients(chunk))(state, data)
     assert_trees_close(got, want)
     np.testing.assert_array_equal(m_got['client_ids'], m_want['client_ids'])
-  with pytest.raises(ValueError, match='client_chunk must be None or >= 1'):
-    make_round(alg, clients_per_round=6, client_chunk=0)
-  with pytest.raises(ValueError, match="backend='sequential'"):
-    make_round(alg, clients_per_round=6, backend='sequential', client_chunk=2)
+  with pytest.raises(ValueError, match='chunk size >= 1; got 0'):
+    chunked_clients(0)
+  with pytest.raises(ValueError, match='mapping must be a ClientMapping'):
+    make_round(alg, clients_per_round=6, mapping='sequential')
 
 
 def test_padded_clients_change_nothing():
@@ -127,7 +128,7 @@ def test_client_update_equals_hand_sgd_loop():
   def predict(p, xb):
     return xb @ p['w'] + p['b']
 
-  def loss_fn(trainable, frozen, batch, key):
+  def loss_fn(trainable, frozen, batch, key, anchor):
     g, _ = trainable
     err = jnp.sum(jnp.square(predict(g, batch.x) - batch.y), -1)
     m = batch.mask.astype(jnp.float32)
@@ -150,7 +151,7 @@ def test_fedavg_aggregator_equals_hand_weighted_mean():
   stacked = {'w': rng.normal(size=(4, 3, 2)).astype(np.float32), 'b': rng.normal(size=(4, 2)).astype(np.float32)}
   prev = {'w': np.zeros((3, 2), np.float32), 'b': np.zeros((2,), np.float32)}
   weights = np.array([3., 1., 0., 6.], np.float32)
-  agg = aggregators.fedavg()
+  agg = aggregators.mean_aggregator()
   new, _ = agg.aggregate(prev, ClientOutput(stacked, weights), jnp.asarray(weights), agg.init(prev))
   for k in stacked:
     hand = sum(weights[i] * stacked[k][i] for i in range(4)) / weights.sum()
@@ -166,7 +167,7 @@ def test_router_weighted_aggregator_equals_hand_computation():
   n = np.array([10., 20., 5., 0., 15.], np.float32)
   logits = rng.normal(size=(m, c)).astype(np.float32)
   probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
-  agg = aggregators.router_weighted(('adapters',))
+  agg = aggregators.router_aggregator(('adapters',))
   new, _ = agg.aggregate(prev, ClientOutput(stacked, n, {'router_probs': jnp.asarray(probs)}), jnp.asarray(n),
                          agg.init(prev))
   p_k = n / n.sum()
@@ -179,7 +180,7 @@ def test_router_weighted_aggregator_equals_hand_computation():
 
 
 def test_router_weighted_rejects_wrong_probs_shape():
-  agg = aggregators.router_weighted(('adapters',))
+  agg = aggregators.router_aggregator(('adapters',))
   prev = {'adapters': {'a': np.zeros((2, 3), np.float32)}}
   stacked = {'adapters': {'a': np.zeros((4, 2, 3), np.float32)}}
   with pytest.raises(ValueError, match='router probabilities'):
@@ -189,7 +190,7 @@ def test_router_weighted_rejects_wrong_probs_shape():
 def test_server_optimizer_matches_hand_applied_optax():
   """FedOpt: the server optimizer steps on the pseudo-gradient prev - mean, round after round."""
   opt = optax.adam(0.1)
-  agg = aggregators.fedavg(opt)
+  agg = aggregators.mean_aggregator(opt)
   rng = np.random.default_rng(2)
   params = {'w': jnp.ones((3,))}
   state = agg.init(params)
@@ -212,7 +213,7 @@ def _trace_counting(base: Algorithm):
     traces.append(1)
     return base.client_update(*args)
 
-  return base._replace(client_update=counted), traces
+  return base.replace(client_update=counted), traces
 
 
 def test_three_rounds_compile_once():
@@ -246,10 +247,10 @@ def test_run_rounds_equals_round_by_round_and_compiles_once():
   assert int(s_scan.round) == 6
   np.testing.assert_array_equal(m_scan['client_ids'], np.stack([h['client_ids'] for h in history]))
   assert len(traces) == 1  # the loop reuses the round's trace
-  assert round_fn.loops[3]._cache_size() == 1
+  assert round_fn._loops[3]._cache_size() == 1
   with pytest.raises(ValueError, match='num_rounds must be >= 1; got 0'):
     run_rounds(round_fn, state, data, 0)
-  seq = make_round(alg, clients_per_round=4, backend='sequential')
+  seq = make_round(alg, clients_per_round=4, mapping=sequential_clients())
   s_seq, m_seq = run_rounds(seq, state, data, 3)
   assert_trees_close(s_seq, run_rounds(round_fn, state, data, 3)[0])
   assert m_seq['client_ids'].shape == (3, 4)

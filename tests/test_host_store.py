@@ -11,7 +11,7 @@ from fedjax_adapters import algorithms
 from fedjax_adapters.data.federated import stack_clients
 from fedjax_adapters.data.synthetic import synthetic_task
 from fedjax_adapters.federated.host_store import HostClientStore, evaluate_host, host_data, host_init, make_host_round
-from fedjax_adapters.federated.round import client_data, evaluate, make_round
+from fedjax_adapters.federated import client_data, evaluate, make_round
 
 TOL = dict(rtol=1e-5, atol=1e-6)
 

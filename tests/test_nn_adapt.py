@@ -113,7 +113,7 @@ def test_rank_too_large_names_the_layer_and_leaves_the_model_untouched():
 def test_floral_budget_ranks_on_the_mnist_mlp(rho, ranks):
   def build():
     mlp = nnx.Sequential(nnx.Linear(784, 200, rngs=nnx.Rngs(0)), jax.nn.relu, nnx.Linear(200, 10, rngs=nnx.Rngs(0)))
-    return adapt(mlp, AdapterSpec(rank=rho, num_global=4, router=True), key=_key(0))
+    return adapt(mlp, AdapterSpec.floral(4, rank=rho, router=True), key=_key(0))
 
   abstract = nnx.eval_shape(build)  # shapes only: no 784 x 200 initialization
   assert abstract.layers[0].global_a.shape == (4, 784, ranks[0])
@@ -169,7 +169,7 @@ def test_unsupported_convs_raise_naming_the_layer():
 # ------------------------------------------------------------------------------------------------------------------
 
 def _mixture_model():
-  model = adapt(One(_linear(6, 5)), AdapterSpec(rank=2, num_global=3, router=True, bias=True), key=_key(0))
+  model = adapt(One(_linear(6, 5)), AdapterSpec(rank=2, alpha=None, num_global=3, router=True, bias=True), key=_key(0))
   mdef, parts = split_model(model)
   return mdef, dict(parts, base=_fill(parts['base'], 1), adapters=_fill(parts['adapters'], 2))
 
@@ -235,7 +235,7 @@ def test_jit_apply_matches_eager_traces_once_and_leaves_templates_alone():
 
 def test_adapted_embed_matches_lookup_formula():
   emb = nnx.Embed(10, 4, embedding_init=ZEROS, rngs=nnx.Rngs(0))
-  model = adapt(One(emb), AdapterSpec(rank=2, embed=True), key=_key(0))
+  model = adapt(One(emb), AdapterSpec(rank=2, alpha=None, embed=True), key=_key(0))
   assert isinstance(model.layer, AdaptedEmbed)
   mdef, parts = split_model(model)
   np.testing.assert_array_equal(parts['adapters']['layer']['global_b'], 0.0)
@@ -251,7 +251,7 @@ def test_adapted_embed_matches_lookup_formula():
 
 
 def test_bias_adaptor_without_linear_lora():
-  model = adapt(One(_linear(6, 5)), AdapterSpec(linear=False, bias=True, bias_init='uniform', num_global=2),
+  model = adapt(One(_linear(6, 5)), AdapterSpec.floral(2, linear=False, bias_init='uniform'),
                 key=_key(0))
   mdef, parts = split_model(model)
   assert set(parts['adapters']['layer']) == {'global_bias'}
@@ -367,7 +367,7 @@ def test_dual_per_example_weights_equal_each_example_alone():
 
 
 def test_dual_per_example_weights_on_a_dense_layer_match_the_formula():
-  model = adapt(One(_linear(6, 5)), AdapterSpec(rank=2, num_global=1, num_local=1, bias=False), key=_key(0))
+  model = adapt(One(_linear(6, 5)), AdapterSpec(rank=2, alpha=None, num_global=1, num_local=1, bias=False), key=_key(0))
   mdef, parts = split_model(model)
   parts = dict(parts, base=_fill(parts['base'], 1), adapters=_fill(parts['adapters'], 2),
                local=_fill(parts['local'], 3))

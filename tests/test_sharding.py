@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from fedjax_adapters.federated import sharding
-from fedjax_adapters.federated.round import make_round
+from fedjax_adapters.federated import sharded_clients
 from fedjax_adapters.federated.sharding import client_mesh, initialize_distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -135,7 +135,7 @@ def test_unknown_axis_is_a_clear_error():
   with pytest.raises(ValueError, match=r"mesh has no axis 'batch'; its axes are \('clients',\)"):
     sharding.client_sharding(mesh, 'batch')
   with pytest.raises(ValueError, match="mesh has no axis 'batch'"):
-    make_round(None, clients_per_round=2, mesh=mesh, axis_name='batch')  # fails before it looks at the algorithm
+    sharded_clients(mesh, axis_name='batch')
 
 
 def test_shard_and_replicate_place_arrays():

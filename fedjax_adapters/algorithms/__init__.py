@@ -1,8 +1,17 @@
-"""Algorithms built from the shared pieces; none has its own round loop."""
-from fedjax_adapters.algorithms.common import per_example_loss, summarize, supervised
-from fedjax_adapters.algorithms.ensemble import ensemble
-from fedjax_adapters.algorithms.fedavg import fedavg
-from fedjax_adapters.algorithms.floral import floral
-from fedjax_adapters.algorithms.local import local_adaptor
+"""Algorithms built from the shared pieces; none has its own round loop.
 
-__all__ = ['per_example_loss', 'summarize', 'supervised', 'ensemble', 'fedavg', 'floral', 'local_adaptor']
+Each builder returns a :class:`~fedjax_adapters.federated.Algorithm` that exposes its model (``alg.model``, a
+``ModelDef``) and adapter spec (``alg.spec``), takes a loss string or callable and an optax client optimizer, and
+serves per-client predictions (``fedjax_adapters.federated.predict``).
+"""
+from fedjax_adapters.algorithms.common import (LOSSES, LossInputs, batch_metrics, check_labels, per_example_loss,
+                                               sq_distance, summarize, supervised, task_loss)
+from fedjax_adapters.algorithms.ensemble import ensemble, ensemble_optimizer
+from fedjax_adapters.algorithms.fedavg import fedavg
+from fedjax_adapters.algorithms.floral import floral, floral_optimizer
+from fedjax_adapters.algorithms.local import local_adaptor, local_adaptor_optimizer
+from fedjax_adapters.algorithms.lora_fedavg import lora_fedavg, uniform_weights
+
+__all__ = ['LOSSES', 'LossInputs', 'batch_metrics', 'check_labels', 'per_example_loss', 'sq_distance', 'summarize',
+           'supervised', 'task_loss', 'ensemble', 'ensemble_optimizer', 'fedavg', 'floral', 'floral_optimizer',
+           'local_adaptor', 'local_adaptor_optimizer', 'lora_fedavg', 'uniform_weights']

@@ -1,21 +1,59 @@
-"""Shared pieces of the supervised algorithms: per-example losses, the loss function, client evaluation."""
+"""What the supervised algorithms share: losses (built-in or a user callable), client evaluation and prediction.
+
+Every built-in algorithm takes ``loss`` as a string shortcut (``'mse'``, ``'xent'``) or as a callable::
+
+  def loss(inputs: LossInputs) -> loss_value | (loss_value, metrics)
+
+``inputs`` carries the model's training outputs on the batch, the batch itself, the parameters being trained
+``(global_params, client_state)``, the frozen parts, a PRNG key, the round's starting parameters (``anchor``) and a
+``forward(params, x)`` for extra passes. FedProx, for instance, adds ``mu / 2 * ||w - w_anchor||^2`` to the task loss::
+
+  def fedprox(inputs, mu=0.01):
+    task = fa.algorithms.task_loss('xent', inputs)
+    return task + 0.5 * mu * fa.algorithms.sq_distance(inputs.params[0], inputs.anchor[0])
+"""
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from fedjax_adapters.federated.aggregators import Aggregator
-from fedjax_adapters.federated.client_update import Batch, ClientData, deep_update, make_client_update, masked_mean
-from fedjax_adapters.federated.round import Algorithm
+from fedjax_adapters.federated.algorithm import Algorithm
+from fedjax_adapters.federated.client_update import Batch, ClientData, make_client_update, masked_mean
 
 LOSSES = ('mse', 'xent')
 
 # forward((global_params, client_state), frozen, x, key, train) -> (outputs [B, ...], global overrides dict)
 Forward = Callable[[tuple, Any, Any, jax.Array, bool], tuple[jax.Array, dict]]
+
+
+class LossInputs(NamedTuple):
+  """What a loss callable sees at one training step of one client.
+
+  Attributes:
+    outputs: the model's outputs on ``batch.x`` in training mode, ``[B, ...]``.
+    batch: the :class:`Batch` (``x``, ``y``, ``mask`` False on padding rows: average over real rows only).
+    params: the parameters being trained, ``(global_params, client_state)``.
+    frozen: the frozen parts (e.g. a frozen base model), or ``{}``.
+    key: this step's PRNG key.
+    anchor: the round's starting ``(global_params, client_state)`` (constant during local training).
+    forward: ``forward(params, x) -> outputs`` in training mode, for losses that need another pass.
+  """
+  outputs: jax.Array
+  batch: Batch
+  params: tuple
+  frozen: Any
+  key: jax.Array
+  anchor: tuple
+  forward: Callable[[tuple, Any], jax.Array]
+
+
+LossFn = Callable[[LossInputs], Any]
 
 
 def per_example_loss(kind: str, out: jax.Array, y: jax.Array) -> jax.Array:
@@ -27,6 +65,16 @@ def per_example_loss(kind: str, out: jax.Array, y: jax.Array) -> jax.Array:
   raise ValueError(f'unknown loss {kind!r}; choose one of {LOSSES}.')
 
 
+def task_loss(kind: str, inputs: LossInputs) -> jax.Array:
+  """The built-in loss ``kind`` averaged over the batch's real rows (a building block for loss callables)."""
+  return masked_mean(per_example_loss(kind, inputs.outputs, inputs.batch.y), inputs.batch.mask)
+
+
+def sq_distance(a: Any, b: Any) -> jax.Array:
+  """``||a - b||^2`` summed over every leaf of two pytrees of the same structure (e.g. FedProx's proximal term)."""
+  return sum(jnp.sum(jnp.square(x - y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
 def batch_metrics(kind: str, out, y, mask) -> dict[str, jax.Array]:
   """Sums over the real rows: ``loss``, ``count`` and, for classification, ``correct``."""
   m = mask.astype(jnp.float32)
@@ -36,37 +84,119 @@ def batch_metrics(kind: str, out, y, mask) -> dict[str, jax.Array]:
   return metrics
 
 
-def supervised(*, init, forward: Forward, loss: str, optimizer: optax.GradientTransformation, batch_size: int,
-               num_epochs: int, shuffle: bool, aggregator: Aggregator, output_aux=None,
-               eval_batch_size: int = 512) -> Algorithm:
-  """Assembles an :class:`Algorithm` from a forward function; the round runner stays generic."""
-  if loss not in LOSSES:
-    raise ValueError(f'unknown loss {loss!r}; choose one of {LOSSES}.')
+def resolve_loss(loss: str | LossFn, eval_loss: str | None) -> tuple[LossFn | None, str]:
+  """``(callable or None for a built-in, metric kind)``; the kind ('mse' / 'xent') names evaluation's metrics."""
+  if isinstance(loss, str):
+    if loss not in LOSSES:
+      raise ValueError(f'unknown loss {loss!r}; choose one of {LOSSES} or pass a callable.')
+    if eval_loss not in (None, loss):
+      raise ValueError(f'eval_loss={eval_loss!r} differs from loss={loss!r}; pass one of them.')
+    return None, loss
+  if not callable(loss):
+    raise ValueError(f'loss must be one of {LOSSES} or a callable loss(inputs: LossInputs); got {loss!r}.')
+  if eval_loss not in LOSSES:
+    raise ValueError(f"a loss callable needs eval_loss='mse' or 'xent' (the metrics evaluation reports); got "
+                     f'{eval_loss!r}.')
+  return loss, eval_loss
 
-  def loss_fn(trainable, frozen, batch: Batch, key):
+
+def make_loss_fn(forward: Forward, loss: str | LossFn, eval_loss: str | None):
+  """The client-update loss ``(trainable, frozen, batch, key, anchor) -> (value, (metrics, overrides))``."""
+  custom, kind = resolve_loss(loss, eval_loss)
+
+  def loss_fn(trainable, frozen, batch: Batch, key, anchor):
     out, overrides = forward(trainable, frozen, batch.x, key, True)
-    value = masked_mean(per_example_loss(loss, out, batch.y), batch.mask)
-    return value, (batch_metrics(loss, out, batch.y, batch.mask), overrides)
+    metrics = batch_metrics(kind, out, batch.y, batch.mask)
+    if custom is None:
+      return masked_mean(per_example_loss(kind, out, batch.y), batch.mask), (metrics, overrides)
+    again = lambda params, x: forward(params, frozen, x, jax.random.fold_in(key, 1), True)[0]
+    value = custom(LossInputs(out, batch, trainable, frozen, key, anchor, again))
+    value, extra = value if isinstance(value, tuple) else (value, {})
+    metrics = dict(metrics, **extra, loss=value * metrics['count'])
+    return value, (metrics, overrides)
 
-  client_update = make_client_update(loss_fn, optimizer, batch_size=batch_size,
-                                     num_epochs=num_epochs, shuffle=shuffle, output_aux=output_aux)
+  return loss_fn, kind
+
+
+def _in_batches(fn: Callable[[Any], Any], x: Any, batch_size: int) -> Any:
+  """``fn`` over the rows of ``x`` (``[N, ...]``) in batches, compiled as a loop; outputs ``[N, ...]``."""
+  n = jax.tree.leaves(x)[0].shape[0]
+  bs = min(batch_size, n)
+  rows = jnp.arange(math.ceil(n / bs) * bs).reshape(-1, bs)
+  out = jax.lax.map(lambda r: fn(jax.tree.map(lambda a: a[jnp.minimum(r, n - 1)], x)), rows)
+  return jax.tree.map(lambda o: o.reshape((-1,) + o.shape[2:])[:n], out)
+
+
+def supervised(*, name: str, init_params, forward: Forward, loss: str | LossFn, optimizer: optax.GradientTransformation,
+               batch_size: int, num_epochs: int, shuffle: bool, aggregator: Aggregator, output_aux=None,
+               eval_loss: str | None = None, eval_batch_size: int = 512, model=None, spec=None) -> Algorithm:
+  """Assembles an :class:`Algorithm` from a forward function; the round runner stays generic.
+
+  Args:
+    name: the algorithm's name.
+    init_params: ``(key, num_clients) -> (frozen, global_params, clients)``.
+    forward: ``forward((global_params, client_state), frozen, x, key, train) -> (outputs, overrides)``.
+    loss: ``'mse'``, ``'xent'`` or a callable (see the module docstring).
+    optimizer: the client optimizer over ``(global_params, client_state)`` (re-initialized every round).
+    batch_size, num_epochs, shuffle: local training.
+    aggregator: the server's :class:`Aggregator`.
+    output_aux: ``(global_params, client_state) -> aux`` for the aggregator.
+    eval_loss: the metrics evaluation reports when ``loss`` is a callable (``'mse'`` or ``'xent'``).
+    eval_batch_size: rows per evaluation / prediction step.
+    model, spec: the :class:`ModelDef` and :class:`AdapterSpec` the algorithm exposes.
+  """
+  loss_fn, kind = make_loss_fn(forward, loss, eval_loss)
+  client_update = make_client_update(loss_fn, optimizer, batch_size=batch_size, num_epochs=num_epochs,
+                                     shuffle=shuffle, output_aux=output_aux)
+
+  def predict(frozen, global_params, client_state, x):
+    return _in_batches(lambda xb: forward((global_params, client_state), frozen, xb, jax.random.key(0), False)[0],
+                       x, eval_batch_size)
 
   def evaluate(frozen, global_params, client_state, data: ClientData):
     x, y, count = data
     n = jax.tree.leaves(x)[0].shape[0]
     bs = min(eval_batch_size, n)
-    chunks = math.ceil(n / bs)
-    rows = jnp.arange(chunks * bs).reshape(chunks, bs)
+    rows = jnp.arange(math.ceil(n / bs) * bs).reshape(-1, bs)
 
     def one(r):
       safe = jnp.minimum(r, n - 1)
       xb, yb = jax.tree.map(lambda a: a[safe], x), jax.tree.map(lambda a: a[safe], y)
       out, _ = forward((global_params, client_state), frozen, xb, jax.random.key(0), False)
-      return batch_metrics(loss, out, yb, r < count)
+      return batch_metrics(kind, out, yb, r < count)
 
     return jax.tree.map(lambda m: jnp.sum(m, 0), jax.lax.map(one, rows))
 
-  return Algorithm(init, client_update, aggregator, evaluate)
+  return Algorithm(init_params, client_update, aggregator, evaluate, predict=predict, model=model, spec=spec,
+                   name=name, check_data=label_check(kind, predict, init_params))
+
+
+def label_check(kind: str, predict, init_params):
+  """For classification, a host check that every real label lies in ``[0, num_classes)`` of the model's output."""
+  if kind != 'xent':
+    return None
+
+  def check(data: ClientData):
+    frozen, g, clients = jax.eval_shape(init_params, jax.random.key(0), 1)
+    x1 = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), data.x)
+    out = jax.eval_shape(predict, frozen, g, jax.tree.map(lambda c: jax.ShapeDtypeStruct(c.shape[1:], c.dtype),
+                                                          clients), x1)
+    check_labels(data, int(out.shape[-1]))
+
+  return check
+
+
+def check_labels(data: ClientData, num_classes: int) -> None:
+  """Raises a ValueError naming the first client whose real rows hold a label outside ``[0, num_classes)``."""
+  y, count = (np.asarray(v) for v in jax.device_get((data.y, data.count)))
+  real = np.arange(y.shape[1])[None, :] < count[:, None]
+  bad = real.reshape(real.shape + (1,) * (y.ndim - 2)) & ((y < 0) | (y >= num_classes))
+  bad_clients = np.flatnonzero(bad.reshape(y.shape[0], -1).any(axis=1))
+  if bad_clients.size:
+    k = int(bad_clients[0])
+    values = np.unique(y[k][bad[k]])
+    raise ValueError(f'client {k} has labels {values[:5].tolist()} outside [0, {num_classes}) (the model has '
+                     f'{num_classes} classes); {bad_clients.size} client(s) have such labels.')
 
 
 def summarize(metrics: dict[str, jax.Array]) -> dict[str, float]:

@@ -30,9 +30,10 @@ import optax
 from flax import nnx
 
 from fedjax_adapters.algorithms import model_based as mb
-from fedjax_adapters.federated.aggregators import Aggregator, fedavg as fedavg_aggregator
+from fedjax_adapters.federated import mapping as mapping_lib
+from fedjax_adapters.federated.aggregators import Aggregator, mean_aggregator
+from fedjax_adapters.federated.algorithm import Algorithm, ServerState
 from fedjax_adapters.federated.client_update import Batch, ClientData, ClientOutput, make_client_update
-from fedjax_adapters.federated.round import Algorithm, ServerState
 from fedjax_adapters.nn.adapt import AdapterSpec, ModelDef
 
 VARIANTS = ('fedit', 'local', 'feddpa_t', 'feddpa_f')
@@ -93,7 +94,7 @@ def feddpa(model_fn: mb.ModelFn, *, variant: str = 'feddpa_t', spec: AdapterSpec
     raise ValueError(f'unknown FedDPA variant {variant!r}; choose one of {VARIANTS}.')
   spec = spec or lm_spec()
   mdef, _ = mb.build(model_fn, jax.random.key(0), spec)
-  base_agg = fedavg_aggregator(server_optimizer)
+  base_agg = mean_aggregator(server_optimizer)
   kw = dict(model_kwargs or {})
 
   def aggregate(global_params, outs: ClientOutput, weights, agg_state):
@@ -103,15 +104,15 @@ def feddpa(model_fn: mb.ModelFn, *, variant: str = 'feddpa_t', spec: AdapterSpec
       weights = (weights > 0).astype(weights.dtype)
     return base_agg.aggregate(global_params, outs, weights, agg_state)
 
-  def init(key, num_clients):
+  def init_params(key, num_clients):
     _, parts = mb.build(model_fn, key, spec)
     clients = {'local': mb.broadcast_clients(parts['local'], num_clients),
                'seen': jnp.zeros((num_clients,), jnp.int32)}
-    return ServerState({'base': parts['base']}, {'adapters': parts['adapters']}, clients,
-                       base_agg.init({'adapters': parts['adapters']}), jnp.zeros((), jnp.int32), key)
+    return {'base': parts['base']}, {'adapters': parts['adapters']}, clients
 
   def make_loss(gw, lw):
-    def loss_fn(trainable, frozen, batch: Batch, key):
+    def loss_fn(trainable, frozen, batch: Batch, key, anchor):
+      del anchor  # no proximal term
       g, l = trainable
       x = batch.x
       logits, _ = mdef.apply({**frozen, **g, 'local': l}, x['input_ids'], x['attention_mask'], global_weight=gw,
@@ -127,9 +128,9 @@ def feddpa(model_fn: mb.ModelFn, *, variant: str = 'feddpa_t', spec: AdapterSpec
       steps = num_epochs * math.ceil(rows / batch_size)
       opt = client_optimizer(lr, steps, weight_decay=weight_decay, clip=clip, schedule=schedule)
       if name == 'local_mixed':
-        loss, train = make_loss(1.0 - mix_weight, mix_weight), 'local'
+        loss, train = make_loss(1.0 - mix_weight, mix_weight), 'client'
       elif name == 'local_alone':
-        loss, train = make_loss(0.0, 1.0), 'local'
+        loss, train = make_loss(0.0, 1.0), 'client'
       else:
         loss, train = make_loss(1.0, 0.0), 'global'
       phases[(name, rows)] = make_client_update(loss, opt, batch_size=batch_size, num_epochs=num_epochs,
@@ -163,31 +164,26 @@ def feddpa(model_fn: mb.ModelFn, *, variant: str = 'feddpa_t', spec: AdapterSpec
     total, count = token_loss(logits, x['input_ids'], x['loss_mask'], rows)
     return {'loss': total, 'tokens': count}
 
-  def personalize_from_global(state: ServerState, data: ClientData, *, backend: str = 'vmap') -> ServerState:
+  def personalize_from_global(state: ServerState, data: ClientData, *,
+                              mapping: mapping_lib.ClientMapping | None = None) -> ServerState:
     """FedDPA-F: every client's local LoRA := the final global LoRA fine-tuned alone on its data.
 
-    ``backend='vmap'`` fine-tunes all clients in one vmapped call; ``'sequential'`` one client at a time (same
-    result, memory of one client).
+    ``mapping`` maps the clients as in the round (default all at once; ``sequential_clients()`` bounds memory to
+    one client; same result).
     """
     rows = num_rows or jax.tree.leaves(data.x)[0].shape[0]
     update = phase('global', rows)
     num_clients = int(data.count.shape[0])
     keys = jax.vmap(lambda k: jax.random.fold_in(jax.random.fold_in(state.key, 0xF), k))(jnp.arange(num_clients))
-    if backend == 'vmap':
-      outs, _, _ = jax.jit(jax.vmap(update, in_axes=(None, None, 0, 0, 0)))(
-          state.frozen, state.global_params, state.clients['local'], data, keys)
-      tuned = outs.params['adapters']
-    elif backend == 'sequential':
-      one = jax.jit(update)
-      per_client = [one(state.frozen, state.global_params, jax.tree.map(lambda x: x[k], state.clients['local']),
-                        jax.tree.map(lambda x: x[k], data), keys[k])[0].params['adapters'] for k in range(num_clients)]
-      tuned = jax.tree.map(lambda *xs: jnp.stack(xs), *per_client)
-    else:
-      raise ValueError(f"backend must be 'vmap' or 'sequential'; got {backend!r}.")
+    mapping = mapping_lib.resolve(mapping)
+    run = lambda frozen, g, local, d, ks: mapping.map(update, (frozen, g), (local, d, ks))[0].params['adapters']
+    tuned = (jax.jit(run) if mapping.compiled else run)(state.frozen, state.global_params, state.clients['local'],
+                                                         data, keys)
     # The fine-tuned copy lives in the local slot; its structure mirrors the global adapters.
     return state._replace(clients=dict(state.clients, local=_global_to_local(tuned)))
 
-  algorithm = Algorithm(init, client_update, Aggregator(base_agg.init, aggregate), evaluate)
+  algorithm = Algorithm(init_params, client_update, Aggregator(base_agg.init, aggregate), evaluate, model=mdef,
+                        spec=spec, name=variant)
   return FedDPA(algorithm, mdef, variant, personalize_from_global)
 
 

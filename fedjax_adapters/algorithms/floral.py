@@ -14,29 +14,48 @@ import optax
 
 from fedjax_adapters.adapters.mixture import aggregation_probs, oracle_logits, router_probs
 from fedjax_adapters.algorithms import model_based as mb
-from fedjax_adapters.algorithms.common import supervised
-from fedjax_adapters.federated.aggregators import router_weighted
-from fedjax_adapters.federated.round import Algorithm
+from fedjax_adapters.algorithms.common import LossFn, supervised
+from fedjax_adapters.federated.aggregators import router_aggregator
+from fedjax_adapters.federated.algorithm import Algorithm
 from fedjax_adapters.nn.adapt import AdapterSpec
 from fedjax_adapters.optim import label_tree, lora_preconditioner
 
 
-def floral(model_fn: mb.ModelFn, *, num_adaptors: int, loss: str, lr: float, batch_size: int, rank=0.01,
-           lora_lr: float | None = None, router_lr: float = 0.1, num_epochs: int = 1, shuffle: bool = False,
+def floral_optimizer(lr: float, *, lora_lr: float | None = None, router_lr: float = 0.1, precondition: bool = True,
+                     precondition_eps: float = 1e-5) -> optax.GradientTransformation:
+  """FLoRAL's clients (public code): SGD on the base, (preconditioned) SGD on the adaptors, SGD on the router
+  logits; ``router_lr=0`` freezes the router (the oracle)."""
+  lora = optax.sgd(lora_lr if lora_lr is not None else lr)
+  if precondition:
+    lora = optax.chain(lora_preconditioner(precondition_eps), lora)
+
+  def labels(params):
+    g, l = params
+    return ({k: label_tree(v, 'lora' if k == 'adapters' else 'base') for k, v in g.items()},
+            label_tree(l, 'router'))
+
+  return optax.multi_transform({'base': optax.sgd(lr), 'lora': lora, 'router': mb.sgd_or_zero(router_lr)}, labels)
+
+
+def floral(model_fn: mb.ModelFn, *, num_adaptors: int, loss: str | LossFn, batch_size: int, lr: float | None = None,
+           rank=0.01, lora_lr: float | None = None, router_lr: float = 0.1,
+           client_optimizer: optax.GradientTransformation | None = None, num_epochs: int = 1, shuffle: bool = False,
            oracle_clusters=None, temperature: float = 1.0, noise_std: float = 1.0, floor: float | None = 0.01,
            precondition: bool = True, precondition_eps: float = 1e-5, target: str = '.*', linear: bool = True,
            conv: bool = True, bias: bool = True, norm: bool = False, embed: bool = False,
            bias_init: str = 'uniform', server_optimizer: optax.GradientTransformation | None = None,
-           train_arg: str | None = None) -> Algorithm:
+           eval_loss: str | None = None, train_arg: str | None = None) -> Algorithm:
   """FLoRAL with a learned router, or the oracle router when ``oracle_clusters`` (``[K]``) is given.
+
+  The client state is ``{'logits': [C]}``; the global params ``{'base', 'stats', 'adapters'}``.
 
   Args:
     model_fn: ``rngs -> nnx.Module``.
     num_adaptors: C.
-    loss: ``'mse'`` or ``'xent'``.
-    lr: client SGD learning rate of the base; ``lora_lr`` of the adaptors (default ``lr``); ``router_lr`` of the
-      logits.
+    loss: ``'mse'``, ``'xent'`` or a loss callable (:class:`~fedjax_adapters.algorithms.LossInputs`).
     batch_size, num_epochs, shuffle: local training (the public code: one epoch, no shuffling).
+    lr: client SGD learning rate of the base; ``lora_lr`` of the adaptors (default ``lr``); ``router_lr`` of the
+      logits (see :func:`floral_optimizer`). Or pass ``client_optimizer`` over ``(global_params, client_state)``.
     rank: int, float budget rho (FLoRAL 1% = 0.01, 10% = 0.1) or ``'full'``.
     oracle_clusters: true cluster per client; fixes the router (``router_lr`` ignored).
     temperature, noise_std, floor: router settings (see :func:`router_probs`).
@@ -44,47 +63,40 @@ def floral(model_fn: mb.ModelFn, *, num_adaptors: int, loss: str, lr: float, bat
     target, linear, conv, bias, norm, embed: which adaptors go where.
     bias_init: ``'uniform'`` (public code) or ``'zeros'``.
     server_optimizer: on the pseudo-gradient (default SGD lr 1).
+    eval_loss: the metrics reported when ``loss`` is a callable.
     train_arg: name of the model's train-mode keyword, if any.
   """
   if num_adaptors < 1:
     raise ValueError(f'num_adaptors must be >= 1; got {num_adaptors}.')
-  spec = AdapterSpec(target=target, rank=rank, num_global=num_adaptors, linear=linear, conv=conv, bias=bias,
-                     norm=norm, embed=embed, bias_init=bias_init)
+  spec = AdapterSpec.floral(num_adaptors, rank=rank, target=target, linear=linear, conv=conv, bias=bias, norm=norm,
+                            embed=embed, bias_init=bias_init)
   mdef, _ = mb.build(model_fn, jax.random.key(0), spec)
   takes_rngs = mb.takes_call_rngs(mdef)
-  aggregator = router_weighted(('adapters',), server_optimizer=server_optimizer)
   oracle = oracle_clusters is not None
-  lora_opt = optax.sgd(lora_lr if lora_lr is not None else lr)
-  if precondition:
-    lora_opt = optax.chain(lora_preconditioner(precondition_eps), lora_opt)
+  optimizer = mb.client_optimizer_or(client_optimizer, lr, lambda: floral_optimizer(
+      lr, lora_lr=lora_lr, router_lr=0.0 if oracle else router_lr, precondition=precondition,
+      precondition_eps=precondition_eps))
 
-  def init(key, num_clients):
+  def init_params(key, num_clients):
     _, parts = mb.build(model_fn, key, spec)
     g = {'base': parts['base'], 'stats': parts['stats'], 'adapters': parts['adapters']}
     if oracle:
       logits = oracle_logits(mb.check_clusters(oracle_clusters, num_clients, num_adaptors), num_adaptors)
     else:
       logits = jnp.zeros((num_clients, num_adaptors))
-    return mb.server_state({}, g, {'logits': logits}, aggregator, key)
-
-  def mixture(logits, key, train):
-    return router_probs(logits, key, num_adaptors=num_adaptors, train=train, temperature=temperature,
-                        noise_std=noise_std, floor=floor)
+    return {}, g, {'logits': logits}
 
   def forward(trainable, frozen, x, key, train):
     del frozen
     g, l = trainable
     rngs = mb.call_rngs(key if takes_rngs else None)
-    out, stats = mdef.apply(g, x, mix=mixture(l['logits'], key, train), **mb.call_kwargs(train_arg, train, rngs))
+    mix = router_probs(l['logits'], key, num_adaptors=num_adaptors, train=train, temperature=temperature,
+                       noise_std=noise_std, floor=floor)
+    out, stats = mdef.apply(g, x, mix=mix, **mb.call_kwargs(train_arg, train, rngs))
     return out, mb.stats_override(stats)
 
-  def labels(params):
-    g, l = params
-    gl = {k: label_tree(v, 'lora' if k == 'adapters' else 'base') for k, v in g.items()}
-    return (gl, label_tree(l, 'router'))
-
-  optimizer = optax.multi_transform(
-      {'base': optax.sgd(lr), 'lora': lora_opt, 'router': mb.sgd_or_zero(0.0 if oracle else router_lr)}, labels)
-  return supervised(init=init, forward=forward, loss=loss, optimizer=optimizer, batch_size=batch_size,
-                    num_epochs=num_epochs, shuffle=shuffle, aggregator=aggregator,
-                    output_aux=lambda g, l: {'router_probs': aggregation_probs(l['logits'], temperature)})
+  return supervised(name='floral_oracle' if oracle else 'floral', init_params=init_params, forward=forward,
+                    loss=loss, optimizer=optimizer, batch_size=batch_size, num_epochs=num_epochs, shuffle=shuffle,
+                    aggregator=router_aggregator(('adapters',), server_optimizer=server_optimizer),
+                    output_aux=lambda g, l: {'router_probs': aggregation_probs(l['logits'], temperature)},
+                    eval_loss=eval_loss, model=mdef, spec=spec)

@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from fedjax_adapters.federated.round import ServerState
 from fedjax_adapters.nn.adapt import AdapterSpec, ModelDef, adapt, build_and_split, split_model
 
 ModelFn = Callable[[nnx.Rngs], nnx.Module]
@@ -84,10 +83,6 @@ def broadcast_clients(tree: Any, num_clients: int) -> Any:
   return jax.tree.map(lambda x: jnp.broadcast_to(x, (num_clients,) + x.shape), tree)
 
 
-def server_state(frozen, global_params, clients, aggregator, key) -> ServerState:
-  return ServerState(frozen, global_params, clients, aggregator.init(global_params), jnp.zeros((), jnp.int32), key)
-
-
 def stats_override(stats: dict, where: tuple[str, ...] = ('stats',)) -> dict:
   """Batch-norm statistics as a nested override of the global params (``{}`` if the model has none)."""
   if not stats:
@@ -103,9 +98,16 @@ def sgd_or_zero(lr: float) -> optax.GradientTransformation:
   return optax.set_to_zero() if lr == 0 else optax.sgd(lr)
 
 
-def labels_for(global_labels: dict, local_labels: Any) -> tuple:
-  """Labels for ``optax.multi_transform`` over the client's ``(global_params, client_state)`` pair."""
-  return (global_labels, local_labels)
+def client_optimizer_or(client_optimizer: optax.GradientTransformation | None, lr: float | None,
+                        default: Callable[[], optax.GradientTransformation]) -> optax.GradientTransformation:
+  """The user's client optimizer, or the algorithm's default built from ``lr`` (exactly one of them)."""
+  if client_optimizer is not None:
+    if lr is not None:
+      raise ValueError('pass lr (for the built-in client optimizer) or client_optimizer, not both.')
+    return client_optimizer
+  if lr is None or not float(lr) > 0:
+    raise ValueError(f'the client learning rate lr must be > 0 (or pass client_optimizer=); got {lr}.')
+  return default()
 
 
 def check_clusters(clusters, num_clients: int, num_adaptors: int):

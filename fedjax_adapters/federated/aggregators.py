@@ -2,8 +2,13 @@
 
 ``aggregate(global_params, client_outputs, weights, agg_state) -> (global_params, agg_state)`` where
 ``client_outputs`` is a :class:`ClientOutput` stacked on a leading client axis ``[M, ...]`` and ``weights: [M]``
-(example counts, zero for padding clients). The server optimizer sees the pseudo-gradient ``prev - mean`` (FedOpt);
-``optax.sgd(1.0)`` makes it plain FedAvg.
+(example counts; zero for padding and rejected clients). An aggregator is built from public pieces: a
+:data:`Reducer` that turns the clients' values into one (``weighted_mean``, :func:`coordinate_median`, or yours) and
+:func:`server_step`, which feeds the pseudo-gradient ``prev - reduced`` to an optax server optimizer (FedOpt;
+``optax.sgd(1.0)`` makes it plain FedAvg).
+
+A robust reducer is a few lines of user code (``examples/median_aggregator.py`` writes a trimmed mean and plugs it in
+with ``mean_aggregator(reducer=...)`` or ``alg.replace(aggregator=...)``).
 """
 from __future__ import annotations
 
@@ -55,36 +60,76 @@ def per_adaptor_mean(stacked: Any, p_kc: Array, fallback: Any) -> Any:
   return jax.tree.map(one, stacked, fallback)
 
 
-def _server_step(opt: optax.GradientTransformation, prev: Any, target: Any, state: Any):
+def server_step(optimizer: optax.GradientTransformation, prev: Any, target: Any, opt_state: Any) -> tuple[Any, Any]:
+  """One server optimizer step towards ``target``: the pseudo-gradient ``prev - target`` through ``optimizer``.
+
+  ``optax.sgd(1.0)`` lands exactly on ``target`` (FedAvg); ``optax.adam(lr)`` is FedAdam (FedOpt).
+  Returns ``(new_params, new_opt_state)``.
+  """
   pseudo_grad = jax.tree.map(lambda p, t: p - t, prev, target)
-  updates, state = opt.update(pseudo_grad, state, prev)
-  return optax.apply_updates(prev, updates), state
+  updates, opt_state = optimizer.update(pseudo_grad, opt_state, prev)
+  return optax.apply_updates(prev, updates), opt_state
 
 
-def fedavg(server_optimizer: optax.GradientTransformation | None = None) -> Aggregator:
-  """Example-weighted FedAvg of every leaf, then ``server_optimizer`` (default ``optax.sgd(1.0)``)."""
+def coordinate_median(stacked: Any, weights: Array, fallback: Any) -> Any:
+  """Weighted coordinate-wise median over axis 0 (a :data:`Reducer`); clients with weight 0 are ignored.
+
+  For every coordinate, the smallest value at which the clients' cumulative weight reaches half the total.
+  """
+  total = jnp.sum(weights)
+
+  def one(x, old):
+    order = jnp.argsort(x, axis=0)
+    w = jnp.take(weights, order).astype(jnp.float32)  # weights in sorted order, per coordinate
+    idx = jnp.argmax(jnp.cumsum(w, axis=0) >= 0.5 * total, axis=0)
+    med = jnp.take_along_axis(jnp.sort(x, axis=0), idx[None], axis=0)[0]
+    return jnp.where(total > 0, med, old).astype(old.dtype)
+
+  return jax.tree.map(one, stacked, fallback)
+
+
+# reducer(stacked [M, ...] pytree, weights [M], fallback pytree) -> pytree: how client values become one value.
+Reducer = Callable[[Any, Array, Any], Any]
+
+
+def mean_aggregator(server_optimizer: optax.GradientTransformation | None = None, *,
+                    reducer: Reducer = weighted_mean) -> Aggregator:
+  """Weighted reduction of every leaf (default: the example-weighted mean, i.e. FedAvg), then ``server_optimizer``.
+
+  Args:
+    server_optimizer: on the pseudo-gradient (default ``optax.sgd(1.0)``: the server takes the reduced value).
+    reducer: ``weighted_mean`` (FedAvg), :func:`coordinate_median`, or any :data:`Reducer`.
+  """
   opt = server_optimizer or optax.sgd(1.0)
 
   def aggregate(global_params, client_outputs: ClientOutput, weights, agg_state):
-    target = weighted_mean(client_outputs.params, weights, global_params)
-    return _server_step(opt, global_params, target, agg_state)
+    target = reducer(client_outputs.params, weights, global_params)
+    return server_step(opt, global_params, target, agg_state)
 
   return Aggregator(opt.init, aggregate)
 
 
-def router_weighted(mixture_keys: Sequence[str] = ('adapters',), *,
-                    server_optimizer: optax.GradientTransformation | None = None,
-                    probs_key: str = 'router_probs') -> Aggregator:
+def router_aggregator(mixture_keys: Sequence[str] = ('adapters',), *,
+                      server_optimizer: optax.GradientTransformation | None = None, reducer: Reducer | None = None,
+                      probs_key: str = 'router_probs') -> Aggregator:
   """FLoRAL's aggregation: shared leaves by ``p(k)``, each adaptor ``c`` by ``p(k|c)``.
 
   Args:
     mixture_keys: top-level keys of the global params dict whose leaves carry a leading adaptor axis ``C``
-      (FLoRAL: ``'adapters'``; Ensemble: ``'members'``). Factors (A, B, bias) are averaged separately, as in the
+      (FLoRAL: ``'adapters'``; Ensemble: ``'members'``). Factors (A, B, bias) are reduced separately, as in the
       public code.
     server_optimizer: applied to the pseudo-gradient of the whole global pytree (default ``optax.sgd(1.0)``).
+    reducer: None for the weighted means of the paper; any :data:`Reducer` (e.g. :func:`coordinate_median`) is
+      applied to the shared leaves with weights ``p(k)`` and to each adaptor ``c`` with weights ``p(k|c)``.
     probs_key: key of ``client_outputs.aux`` holding ``p(c|k)``: ``[M, C]``.
   """
   opt = server_optimizer or optax.sgd(1.0)
+  shared = reducer or weighted_mean
+
+  def per_adaptor(x, p_kc, old):
+    if reducer is None:
+      return per_adaptor_mean(x, p_kc, old)
+    return jax.vmap(reducer, in_axes=(1, 1, 0))(x, p_kc, old)
 
   def aggregate(global_params, client_outputs: ClientOutput, weights, agg_state):
     probs = client_outputs.aux[probs_key]
@@ -92,12 +137,8 @@ def router_weighted(mixture_keys: Sequence[str] = ('adapters',), *,
       raise ValueError(f'router probabilities must be [clients, C] = [{weights.shape[0]}, C]; '
                        f'got {tuple(probs.shape)}.')
     p_kc = per_adaptor_weights(weights, probs)
-    target = {}
-    for k, v in global_params.items():
-      if k in mixture_keys:
-        target[k] = per_adaptor_mean(client_outputs.params[k], p_kc, v)
-      else:
-        target[k] = weighted_mean(client_outputs.params[k], weights, v)
-    return _server_step(opt, global_params, target, agg_state)
+    target = {k: (per_adaptor(client_outputs.params[k], p_kc, v) if k in mixture_keys
+                  else shared(client_outputs.params[k], weights, v)) for k, v in global_params.items()}
+    return server_step(opt, global_params, target, agg_state)
 
   return Aggregator(opt.init, aggregate)

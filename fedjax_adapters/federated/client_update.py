@@ -16,6 +16,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 Array = jax.Array
@@ -48,8 +49,34 @@ class ClientOutput(NamedTuple):
   aux: Any = ()
 
 
-# loss_fn(trainable=(global_params, client_state), frozen, batch, key) -> (loss, (metrics, global_overrides))
-LossFn = Callable[[tuple, Any, Batch, Array], tuple[Array, tuple[dict, Any]]]
+# loss_fn(trainable=(global_params, client_state), frozen, batch, key, anchor) -> (loss, (metrics, global_overrides));
+# anchor = the round's starting (global_params, client_state), e.g. for a proximal term (FedProx).
+LossFn = Callable[[tuple, Any, Batch, Array, tuple], tuple[Array, tuple[dict, Any]]]
+
+
+def client_data(data) -> ClientData:
+  """``FederatedData`` (or any ``(x, y, counts)``) as :class:`ClientData` of jax arrays with a leading client axis.
+
+  Counts are checked on the host: each must lie in ``[0, rows]`` (a larger count would inflate the client's weight
+  and read padding as data; a negative one would give it a negative weight).
+  """
+  if isinstance(data, ClientData):
+    return data
+  x, y, counts = data
+  counts = np.asarray(counts)
+  if counts.ndim != 1 or not np.issubdtype(counts.dtype, np.integer):
+    raise ValueError(f'counts must be a 1-D integer array [K]; got {counts.dtype}{list(counts.shape)}.')
+  shapes = {tuple(np.shape(a)[:2]) for a in jax.tree.leaves((x, y))}
+  if len(shapes) != 1 or len(next(iter(shapes))) != 2 or next(iter(shapes))[0] != counts.shape[0]:
+    raise ValueError(f'x and y leaves must all be [K, N, ...] with K = {counts.shape[0]} clients (len(counts)); '
+                     f'got leading shapes {sorted(shapes)}.')
+  rows = next(iter(shapes))[1]
+  bad = np.flatnonzero((counts < 0) | (counts > rows))
+  if bad.size:
+    k = int(bad[0])
+    raise ValueError(f'client {k} has count {int(counts[k])}, outside [0, {rows}] (its padded rows); '
+                     f'{bad.size} client(s) have such counts.')
+  return ClientData(jax.tree.map(jnp.asarray, x), jax.tree.map(jnp.asarray, y), jnp.asarray(counts, jnp.int32))
 
 
 def masked_mean(values: Array, mask: Array) -> Array:
@@ -99,24 +126,26 @@ def make_client_update(loss_fn: LossFn, optimizer: optax.GradientTransformation,
   """Builds ``client_update`` for one local phase.
 
   Args:
-    loss_fn: ``loss_fn((global_params, client_state), frozen, batch, key) -> (loss, (metrics, overrides))``;
-      ``metrics`` is a dict of sums over the batch's real rows; ``overrides`` a nested dict written into the
-      updated global params after the optimizer step (batch-norm running statistics, e.g. ``{'stats': ...}``), or
-      ``{}``.
+    loss_fn: ``loss_fn((global_params, client_state), frozen, batch, key, anchor) -> (loss, (metrics,
+      overrides))``; ``anchor`` is the round's starting ``(global_params, client_state)`` (constant during the
+      phase; e.g. FedProx's proximal term); ``metrics`` is a dict of sums over the batch's real rows;
+      ``overrides`` a nested dict written into the updated global params after the optimizer step (batch-norm
+      running statistics, e.g. ``{'stats': ...}``), or ``{}``.
     optimizer: optax transformation over the trained pytree (``(global, local)``, or one of them; see ``train``).
       Re-initialized every call: both papers reset client optimizers each round / phase.
     batch_size: rows per step.
     num_epochs: passes over the client's rows.
     shuffle: permute real rows each epoch.
-    train: ``'both'``, ``'global'`` or ``'local'``: which half gets gradients and updates.
+    train: ``'both'``, ``'global'`` or ``'client'``: which half (global params, the client's own state) gets
+      gradients and updates.
     output_aux: ``(global_params, client_state) -> aux`` sent to the aggregator (default ``()``).
 
   Returns:
     ``client_update(frozen, global_params, client_state, data: ClientData, key) -> (ClientOutput, client_state,
     metrics)``.
   """
-  if train not in ('both', 'global', 'local'):
-    raise ValueError(f"train must be 'both', 'global' or 'local'; got {train!r}.")
+  if train not in ('both', 'global', 'client'):
+    raise ValueError(f"train must be 'both', 'global' or 'client'; got {train!r}.")
   if batch_size < 1 or num_epochs < 1:
     raise ValueError(f'batch_size and num_epochs must be >= 1; got {batch_size}, {num_epochs}.')
 
@@ -142,12 +171,12 @@ def make_client_update(loss_fn: LossFn, optimizer: optax.GradientTransformation,
 
       def loss_of(p):
         return loss_fn(unpick(p, global_params, client_state), frozen, batch,
-                       jax.random.fold_in(key, 1_000_003 + i))
+                       jax.random.fold_in(key, 1_000_003 + i), (global_params, client_state))
 
       (loss, (metrics, overrides)), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
       updates, new_opt = optimizer.update(grads, opt_state, params)
       new_params = optax.apply_updates(params, updates)
-      if overrides and train != 'local':
+      if overrides and train != 'client':
         # Batch-norm running statistics come from the forward pass, not from the optimizer.
         g_new, l_new = unpick(new_params, global_params, client_state)
         new_params = pick(deep_update(g_new, overrides), l_new)

@@ -30,8 +30,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_adapters.federated import evaluation
+from fedjax_adapters.federated import guard as guard_lib
+from fedjax_adapters.federated import mapping as mapping_lib
 from fedjax_adapters.federated import round as round_lib
-from fedjax_adapters.federated import sharding as sharding_lib
+from fedjax_adapters.federated.algorithm import Algorithm, ServerState
 from fedjax_adapters.federated.client_update import ClientData
 
 Array = jax.Array
@@ -127,7 +130,7 @@ class HostClientStore:
       out.append(arr)
     return cls(jax.tree.unflatten(treedef, out), num_clients=num_clients)
 
-  def _ids(self, client_ids) -> np.ndarray:
+  def check_ids(self, client_ids) -> np.ndarray:
     ids = np.asarray(client_ids)
     if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
       raise ValueError(f'client ids must be a 1-D integer array; got {ids.dtype}{list(ids.shape)}.')
@@ -144,7 +147,7 @@ class HostClientStore:
       client_ids: ``[M]`` ids (padding slots may repeat an id).
       sharding: where to put them (e.g. ``sharding.client_sharding(mesh)``); default: the default device.
     """
-    ids = self._ids(client_ids)
+    ids = self.check_ids(client_ids)
     rows = jax.tree.map(lambda x: np.take(x, ids, axis=0), self.tree)
     return jax.device_put(rows, sharding) if sharding is not None else jax.device_put(rows)
 
@@ -153,7 +156,7 @@ class HostClientStore:
 
     Masked-out (padding) slots write nothing, so they can never overwrite a real client's update.
     """
-    ids = self._ids(client_ids)
+    ids = self.check_ids(client_ids)
     keep = np.ones(ids.shape, bool) if mask is None else np.asarray(mask, bool)
     if keep.shape != ids.shape:
       raise ValueError(f'client_mask has shape {list(keep.shape)}; client_ids has {list(ids.shape)}.')
@@ -185,8 +188,8 @@ class HostClientStore:
         x.flush()
 
 
-def host_init(algorithm: round_lib.Algorithm, key: Array, num_clients: int, *,
-              path: str | os.PathLike | None = None) -> tuple[round_lib.ServerState, HostClientStore]:
+def host_init(algorithm: Algorithm, key: Array, num_clients: int, *,
+              path: str | os.PathLike | None = None) -> tuple[ServerState, HostClientStore]:
   """``algorithm.init`` for a population too large for the device: ``(state without clients, host store)``.
 
   Only two clients are ever initialized on the device; the store repeats client 0 ``num_clients`` times on the
@@ -233,80 +236,78 @@ def host_data(data) -> HostClientStore:
                                     np.asarray(counts, np.int32)))
 
 
-def make_host_round(algorithm: round_lib.Algorithm, *, clients_per_round: int, mesh=None,
-                    axis_name: str = 'clients', jit: bool = True):
+def make_host_round(algorithm: Algorithm, *, clients_per_round: int, mapping: mapping_lib.ClientMapping | None = None,
+                    guard: guard_lib.UpdateGuard | None = None):
   """Builds ``round_fn(state, store, data, client_ids=None, client_mask=None) -> (state, metrics)``.
 
   Args:
     algorithm: the algorithm.
     clients_per_round: ``M``.
-    mesh: optionally shard the sampled clients ``[M, ...]`` over ``mesh``'s ``axis_name`` (global params
-      replicated), as ``make_round(..., mesh=mesh)`` does; the host store itself stays on this host.
-    axis_name: the client axis of ``mesh``.
-    jit: compile the inner round.
+    mapping: how the sampled clients are mapped, as in ``make_round`` (``sharded_clients(mesh)`` shards the
+      ``[M, ...]`` sampled clients over the mesh; the host store itself stays on this host, so ``shard_store`` is
+      ignored).
+    guard: how client updates are screened, as in ``make_round``.
 
   Returns:
     ``round_fn``: ``state`` is a :class:`ServerState` with ``clients=()``; ``store`` the
-    :class:`HostClientStore` of client state (updated in place); ``data`` the population's data (a host store of
-    :class:`ClientData`, or anything :func:`host_data` takes). ``client_ids``/``client_mask`` as in
-    ``make_round``. Same ``state.key`` and round ⇒ same sampled clients and the same result as the device round.
+    :class:`HostClientStore` of client state (updated in place; rejected clients keep their state); ``data`` the
+    population's data (a host store of :class:`ClientData`, or anything :func:`host_data` takes).
+    ``client_ids``/``client_mask`` as in ``make_round``. Same ``state.key`` and round => same sampled clients and
+    the same result as the device round.
   """
-  if clients_per_round < 1:
-    raise ValueError(f'clients_per_round must be >= 1; got {clients_per_round}.')
-  layout = None
-  if mesh is not None:
-    layout = sharding_lib.RoundLayout(mesh, axis_name, shard_store=False)
-    layout.check_clients_per_round(clients_per_round)
-  sampled = round_lib.make_sampled_round(algorithm, constrain=layout.constrain if layout else None)
-  if layout is not None:
-    rep = layout.replicated
-    compiled = jax.jit(sampled, out_shardings=(round_lib.ServerState(rep, rep, rep, rep, rep, rep),
-                                               layout.clients, layout.clients))
-  else:
-    compiled = jax.jit(sampled) if jit else sampled
-  cpu = jax.devices('cpu')[0]
+  mapping = mapping_lib.resolve(mapping)
+  if isinstance(mapping, mapping_lib.ShardedClients):
+    mapping = mapping_lib.ShardedClients(mapping.mesh, mapping.axis_name, shard_store=False)
+  mapping.check_clients_per_round(int(clients_per_round))
+  guard = (guard or guard_lib.UpdateGuard()).check()
+
+  compiled = round_lib.make_sampled_update(algorithm, mapping, guard)
   # Sampling runs on the host CPU (threefry bits are the same on every backend), so a permutation of K ids never
   # touches accelerator memory.
   sample = jax.jit(round_lib.round_client_ids, static_argnums=(2, 3))
+  sharded = isinstance(mapping, mapping_lib.ShardedClients)
 
   def round_fn(state, store: HostClientStore, data, client_ids=None, client_mask=None):
-    if not isinstance(store, HostClientStore):
-      raise ValueError(f'store must be a HostClientStore; got {type(store).__name__}.')
-    if jax.tree.leaves(state.clients):
-      raise ValueError('a host round keeps client state in the HostClientStore; pass state with clients=() '
-                       '(host_init returns one).')
-    data = host_data(data)
-    k = data.num_clients
-    if store.num_clients != k:
-      raise ValueError(f'the data holds {k} clients but the client store holds {store.num_clients}; they must match.')
-    if client_ids is None:
-      key, rnd = jax.device_put((state.key, state.round), cpu)
-      ids = np.asarray(sample(key, rnd, k, clients_per_round))
-    else:
-      ids = store._ids(client_ids).astype(np.int32)
-      if ids.shape != (clients_per_round,):
-        raise ValueError(f'client_ids has shape {list(ids.shape)}; this round takes '
-                         f'clients_per_round={clients_per_round}.')
-    mask = np.ones(ids.shape, bool) if client_mask is None else np.asarray(client_mask, bool)
-    if mask.shape != ids.shape:
-      raise ValueError(f'client_mask has shape {list(mask.shape)}; client_ids has {list(ids.shape)}.')
-    where = layout.clients if layout is not None else None
-    local = store.gather(ids, sharding=where)
-    cdata = data.gather(ids, sharding=where)
-    if layout is not None:
-      state = jax.device_put(state, layout.replicated)
-      ids_d, mask_d = jax.device_put((ids, mask), layout.replicated)
-    else:
-      ids_d, mask_d = jnp.asarray(ids), jnp.asarray(mask)
-    state, new_local, metrics = compiled(state, local, cdata, ids_d, mask_d)
-    store.scatter(ids, new_local, mask)
+    data = _check_host_inputs(state, store, data)
+    ids, mask = _host_ids(state, data.num_clients, int(clients_per_round), sample, client_ids, client_mask)
+    where = mapping.layout.clients if sharded else None
+    client_state, cdata = store.gather(ids, sharding=where), data.gather(ids, sharding=where)
+    if sharded:
+      state = jax.device_put(state, mapping.layout.replicated)
+    ids_d, mask_d = mapping.replicate((jnp.asarray(ids), jnp.asarray(mask)))
+    state, new_cs, keep, metrics = compiled(state, client_state, cdata, ids_d, mask_d)
+    store.scatter(ids, new_cs, np.asarray(keep))
     return state, metrics
 
-  round_fn.compiled = compiled
   return round_fn
 
 
-def evaluate_host(algorithm: round_lib.Algorithm, state: round_lib.ServerState, store: HostClientStore, data, *,
+def _check_host_inputs(state, store, data) -> HostClientStore:
+  if not isinstance(store, HostClientStore):
+    raise ValueError(f'store must be a HostClientStore; got {type(store).__name__}.')
+  if jax.tree.leaves(state.clients):
+    raise ValueError('a host round keeps client state in the HostClientStore; pass state with clients=() '
+                     '(host_init returns one).')
+  data = host_data(data)
+  if store.num_clients != data.num_clients:
+    raise ValueError(f'the data holds {data.num_clients} clients but the client store holds {store.num_clients}; '
+                     'they must match.')
+  return data
+
+
+def _host_ids(state, num_clients: int, clients_per_round: int, sample, client_ids, client_mask):
+  """The round's ids and mask on the host: sampled on the host CPU as the device round samples, or checked."""
+  if client_ids is None:
+    if client_mask is not None:
+      raise ValueError('client_mask needs client_ids: it marks padding slots among explicitly given ids.')
+    key, rnd = jax.device_put((state.key, state.round), jax.devices('cpu')[0])
+    ids = np.asarray(sample(key, rnd, num_clients, clients_per_round))
+    return ids, np.ones(ids.shape, bool)
+  ids, mask = round_lib.check_round_ids(client_ids, client_mask, num_clients, clients_per_round)
+  return np.asarray(ids), np.asarray(mask)
+
+
+def evaluate_host(algorithm: Algorithm, state: ServerState, store: HostClientStore, data, *,
                   chunk_size: int = 1024) -> dict[str, np.ndarray]:
   """Every client's metric sums (``[K]`` numpy per metric), ``chunk_size`` clients on the device at a time.
 
@@ -318,7 +319,7 @@ def evaluate_host(algorithm: round_lib.Algorithm, state: round_lib.ServerState, 
   k = data.num_clients
   if store.num_clients != k:
     raise ValueError(f'the data holds {k} clients but the client store holds {store.num_clients}; they must match.')
-  fn = round_lib._compiled_evaluate(algorithm.evaluate)
+  fn = evaluation.mapped_function(algorithm.evaluate, mapping_lib.vmap_clients())
   size = min(chunk_size, k)
   parts = []
   for start in range(0, k, size):

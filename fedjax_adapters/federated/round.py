@@ -1,76 +1,31 @@
-"""The federated round: gather sampled clients -> client_update on each -> aggregate -> scatter, compiled once.
+"""The federated round: gather sampled clients -> client_update on each -> screen -> aggregate -> scatter.
 
-Two backends run the same ``client_update``: ``'vmap'`` (one ``jax.vmap`` over the client axis with the frozen base
-and global params broadcast, ``in_axes=None``, so the base is never copied per client) and ``'sequential'`` (a
-Python loop over clients, for checking). The whole experiment state is one pytree, :class:`ServerState`.
+``make_round(algorithm, clients_per_round=M, mapping=...)`` builds a :class:`Round`. *How* clients are mapped is
+one value, a :class:`~fedjax_adapters.federated.mapping.ClientMapping` (all at once, in chunks, one by one, sharded
+over a mesh); the round itself is the same code for all of them and, for every mapping but the sequential one, one
+compiled program traced once per experiment. Every client update is screened before aggregation
+(:mod:`fedjax_adapters.federated.guard`): a non-finite update weighs 0 and leaves that client's state as it was.
 
-``make_round(..., mesh=mesh)`` compiles the same vmapped round with the client axis sharded over the mesh's
-``'clients'`` axis (``federated/sharding.py``); :func:`make_sampled_round` is the part that only sees the sampled
-clients, shared with the host-memory client store of ``federated/host_store.py``.
+The whole experiment state is one pytree, :class:`ServerState`; ``Round.run`` runs many rounds in one compiled
+``lax.scan``.
 """
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from fedjax_adapters.federated import client_store, sharding
-from fedjax_adapters.federated.aggregators import Aggregator
-from fedjax_adapters.federated.client_update import ClientData, ClientOutput
+from fedjax_adapters.federated import client_store
+from fedjax_adapters.federated import guard as guard_lib
+from fedjax_adapters.federated import mapping as mapping_lib
+from fedjax_adapters.federated.algorithm import Algorithm, ServerState
+from fedjax_adapters.federated.client_update import ClientData, ClientOutput, client_data
 from fedjax_adapters.federated.sampling import sample_clients
 
 Array = jax.Array
-
-
-class ServerState(NamedTuple):
-  """The whole experiment state (one pytree; checkpoint it with ``fedjax_adapters.checkpoint``).
-
-  Attributes:
-    frozen: parameters no one trains (FedDPA's base model); broadcast to every client.
-    global_params: parameters the server aggregates (a dict of parts).
-    clients: per-client state stacked on a leading axis ``[K, ...]`` (local adaptors, router logits).
-    agg_state: server optimizer state.
-    round: ``[]`` int32 round counter.
-    key: PRNG key of the experiment; round ``t`` uses ``fold_in(key, t)``, client ``k`` ``fold_in(., k)``.
-  """
-  frozen: Any
-  global_params: Any
-  clients: Any
-  agg_state: Any
-  round: Array
-  key: Array
-
-
-class Algorithm(NamedTuple):
-  """An algorithm = how to initialize, train a client, aggregate and evaluate; the round runner is shared.
-
-  Attributes:
-    init: ``(key, num_clients) -> ServerState``.
-    client_update: ``(frozen, global_params, client_state, ClientData, key) -> (ClientOutput, client_state,
-      metrics)``.
-    aggregator: :class:`Aggregator`.
-    evaluate: ``(frozen, global_params, client_state, ClientData) -> dict`` of metric sums for one client.
-  """
-  init: Callable[[Array, int], ServerState]
-  client_update: Callable
-  aggregator: Aggregator
-  evaluate: Callable
-
-
-def client_data(data) -> ClientData:
-  """``FederatedData`` (or any ``(x, y, counts)``) as ``ClientData`` of jax arrays with a leading client axis."""
-  x, y, counts = data
-  return ClientData(jax.tree.map(jnp.asarray, x), jax.tree.map(jnp.asarray, y), jnp.asarray(counts, jnp.int32))
-
-
-def _check(state: ServerState, data: ClientData):
-  k_data = int(data.count.shape[0])
-  if jax.tree.leaves(state.clients):
-    k_state = client_store.num_clients_of(state.clients)
-    if k_state != k_data:
-      raise ValueError(f'the data holds {k_data} clients but the client store holds {k_state}; they must match.')
 
 
 def round_client_ids(key: Array, round_: Array, num_clients: int, clients_per_round: int) -> Array:
@@ -82,228 +37,216 @@ def round_client_ids(key: Array, round_: Array, num_clients: int, clients_per_ro
   return sample_clients(sampling_key, num_clients, clients_per_round)
 
 
-def _client_keys(state: ServerState, client_ids: Array) -> Array:
+def client_keys(state: ServerState, client_ids: Array) -> Array:
   """Client ``k``'s key in round ``t``: ``fold_in(fold_in(key, t), k)``; ``[M]`` keys."""
   key_r = jax.random.fold_in(state.key, state.round)
   return jax.vmap(lambda i: jax.random.fold_in(key_r, i))(client_ids)
 
 
-def _server_update(algorithm: Algorithm, state: ServerState, client_ids, client_mask, outs: ClientOutput, metrics):
-  weights = outs.num_examples.astype(jnp.float32) * client_mask
-  g, agg = algorithm.aggregator.aggregate(state.global_params, outs, weights, state.agg_state)
-  metrics = dict(metrics, client_ids=client_ids, client_mask=client_mask)
-  return state._replace(global_params=g, agg_state=agg, round=state.round + 1), metrics
+def _keep_if(pred: Array, new: Any, old: Any) -> Any:
+  return jax.tree.map(lambda n, o: jnp.where(pred, n, o), new, old)
 
 
-def map_clients(client_update: Callable, client_chunk: int | None = None) -> Callable:
-  """``client_update`` over stacked clients: ``(frozen, global, local[M], data[M], keys[M]) -> outputs[M]``.
-
-  ``client_chunk=None`` vmaps over all ``M`` clients at once. An int ``k`` runs ``lax.map`` over chunks of ``k``
-  vmapped clients, one chunk after another inside the same compiled program: the same results with ``k`` clients'
-  activations in memory instead of ``M``. On a CPU, where one client's convolutions already use every core, chunks
-  of 1 keep each client's working set in cache (the CIFAR CNN's unfolded conv inputs), so the compiled round is not
-  slower than calling clients one by one, and still pays no per-client dispatch.
-  """
-  if client_chunk is None:
-    return jax.vmap(client_update, in_axes=(None, None, 0, 0, 0))
-  client_chunk = int(client_chunk)
-  if client_chunk < 1:
-    raise ValueError(f'client_chunk must be None (all clients at once) or >= 1; got {client_chunk}.')
-
-  def mapped(frozen, global_params, local, data, keys):
-    one = lambda args: client_update(frozen, global_params, *args)
-    return jax.lax.map(one, (local, data, keys), batch_size=client_chunk)
-
-  return mapped
-
-
-def make_sampled_round(algorithm: Algorithm, *, constrain: Callable[[Any], Any] | None = None,
-                       client_chunk: int | None = None):
-  """The part of a round that sees only the sampled clients (shared by the device and host-store rounds).
-
-  Args:
-    algorithm: the algorithm.
-    constrain: applied to the stacked per-client pytrees (inputs and outputs of the vmapped ``client_update``); the
-      sharded round passes ``with_sharding_constraint`` to the mesh's client axis. Default: identity.
-    client_chunk: see :func:`map_clients` (default: every sampled client vmapped at once).
+def server_update(algorithm: Algorithm, guard: guard_lib.UpdateGuard, state: ServerState, client_ids: Array,
+                  client_mask: Array, outs: ClientOutput, new_client_state: Any, metrics: dict
+                  ) -> tuple[ServerState, Array, dict]:
+  """Screens the sampled clients' outputs ``[M, ...]``, aggregates and advances the round counter.
 
   Returns:
-    ``sampled_round(state, local, data, client_ids, client_mask) -> (state, new_local, metrics)``: ``local`` and
-    ``data`` are the sampled clients' state and :class:`ClientData` ``[M, ...]``; each client gets the key
-    ``fold_in(fold_in(state.key, state.round), client_id)``; the global params and server state are aggregated and
-    the round counter advanced, while ``state.clients`` is left alone (the caller scatters ``new_local [M, ...]``).
+    ``(state, keep, metrics)``: ``keep [M]`` marks the clients whose new state may be written back (in the mask
+    and not rejected); ``metrics`` adds ``rejected``, ``reject_reason``, ``update_norm``, ``client_ids`` and
+    ``client_mask`` to the clients' own metric sums. When no client carries weight (all rejected, padded or empty)
+    the global params and server optimizer state stay exactly as they were.
   """
-  constrain = constrain or (lambda t: t)
-
-  def sampled_round(state, local, data, client_ids, client_mask):
-    keys = _client_keys(state, client_ids)
-    local, data, keys = constrain((local, data, keys))
-    outs, new_local, metrics = constrain(map_clients(algorithm.client_update, client_chunk)(
-        state.frozen, state.global_params, local, data, keys))
-    state, metrics = _server_update(algorithm, state, client_ids, client_mask, outs, metrics)
-    return state, new_local, metrics
-
-  return sampled_round
+  outs, keep, info = guard_lib.screen(guard, state.global_params, outs, new_client_state, metrics, client_mask)
+  weights = outs.num_examples.astype(jnp.float32) * keep
+  g, agg = algorithm.aggregator.aggregate(state.global_params, outs, weights, state.agg_state)
+  g, agg = _keep_if(jnp.sum(weights) > 0, (g, agg), (state.global_params, state.agg_state))
+  metrics = dict(metrics, **info, client_ids=client_ids, client_mask=client_mask)
+  return state._replace(global_params=g, agg_state=agg, round=state.round + 1), keep, metrics
 
 
-def make_round(algorithm: Algorithm, *, clients_per_round: int, backend: str = 'vmap', jit: bool = True,
-               mesh=None, axis_name: str = 'clients', shard_store: bool = True, client_chunk: int | None = None):
-  """Builds ``round_fn(state, data, client_ids=None, client_mask=None) -> (state, metrics)``.
+def map_client_updates(algorithm: Algorithm, mapping: mapping_lib.ClientMapping, state: ServerState,
+                       client_state: Any, data: ClientData, client_ids: Array):
+  """Every sampled client's ``client_update`` (``[M, ...]`` in and out), mapped as ``mapping`` says."""
+  keys = client_keys(state, client_ids)
+  return mapping.map(algorithm.client_update, (state.frozen, state.global_params), (client_state, data, keys))
+
+
+def make_sampled_update(algorithm: Algorithm, mapping: mapping_lib.ClientMapping, guard: guard_lib.UpdateGuard):
+  """The part of a round that sees only the sampled clients (the host-store round is built on it).
+
+  Returns ``update(state, client_state, data, client_ids, client_mask) -> (state, new_client_state, keep,
+  metrics)`` over the sampled clients ``[M, ...]``: compiled once for compiled mappings (a sharded mapping keeps the
+  per-client outputs on its client axis); for the sequential mapping, clients are looped and the server update is
+  jitted. ``keep [M]`` says which clients' new state to write back.
+  """
+  def update(state, client_state, data, client_ids, client_mask):
+    outs, new_cs, metrics = map_client_updates(algorithm, mapping, state, client_state, data, client_ids)
+    state, keep, metrics = server_update(algorithm, guard, state, client_ids, client_mask, outs, new_cs, metrics)
+    return state, new_cs, keep, metrics
+
+  if mapping.compiled:
+    return mapping.jit(update, lambda layout: (ServerState(*(layout.replicated,) * 6),) + (layout.clients,) * 3)
+  finish = jax.jit(functools.partial(server_update, algorithm, guard))
+
+  def stepwise(state, client_state, data, client_ids, client_mask):
+    outs, new_cs, metrics = map_client_updates(algorithm, mapping, state, client_state, data, client_ids)
+    state, keep, metrics = finish(state, client_ids, client_mask, outs, new_cs, metrics)
+    return state, new_cs, keep, metrics
+
+  return stepwise
+
+
+def check_round_ids(client_ids, client_mask, num_clients: int, clients_per_round: int):
+  """Host-side checks of explicit ids: in range, the round's shape, no real client twice; ``(ids, mask)``."""
+  client_store.check_client_ids(client_ids, num_clients)
+  ids = np.asarray(client_ids)
+  if ids.shape != (clients_per_round,):
+    raise ValueError(f'client_ids has shape {tuple(ids.shape)}; this round takes clients_per_round='
+                     f'{clients_per_round}.')
+  mask = np.ones(ids.shape, bool) if client_mask is None else np.asarray(client_mask, bool)
+  if mask.shape != ids.shape:
+    raise ValueError(f'client_mask has shape {tuple(mask.shape)}; client_ids has {tuple(ids.shape)}.')
+  real, counts = np.unique(ids[mask], return_counts=True)
+  if np.any(counts > 1):
+    raise ValueError(f'client ids {real[counts > 1].tolist()} appear more than once among the real (unmasked) slots '
+                     'of this round; each client may train once per round (padding slots may repeat an id).')
+  return jnp.asarray(ids, jnp.int32), jnp.asarray(mask)
+
+
+class DataCheck:
+  """Runs ``algorithm.check_data`` once per data object (held, so its id cannot be reused)."""
+
+  def __init__(self, algorithm: Algorithm):
+    self._check = algorithm.check_data
+    self._seen: list = []
+
+  def __call__(self, data: ClientData) -> None:
+    if self._check is None or any(d is data for d in self._seen):
+      return
+    self._check(data)
+    self._seen = (self._seen + [data])[-4:]
+
+
+def check_state_matches(state: ServerState, data: ClientData) -> None:
+  k_data = int(data.count.shape[0])
+  if jax.tree.leaves(state.clients):
+    k_state = client_store.num_clients_of(state.clients)
+    if k_state != k_data:
+      raise ValueError(f'the data holds {k_data} clients but the client store holds {k_state}; they must match.')
+
+
+class Round:
+  """One federated round of ``algorithm``: ``round_fn(state, data, client_ids=None, client_mask=None)``.
+
+  Build it with :func:`make_round`. Calling it returns ``(state, metrics)``: ``data`` is :class:`ClientData` for
+  all ``K`` clients; ``client_ids [M]`` overrides the seeded sampling (``client_mask [M]`` marks padding slots, which
+  train but weigh nothing and write nothing). ``metrics`` holds the sampled clients' metric sums ``[M]`` and the
+  screening results (:mod:`fedjax_adapters.federated.guard`). :meth:`run` runs many rounds in one compiled loop.
+
+  Attributes:
+    algorithm, clients_per_round, mapping, guard: as given to :func:`make_round`.
+    compiled: the jitted round ``(state, data, client_ids, client_mask) -> (state, metrics)`` (None for the
+      sequential mapping); exposed for lowering, FLOP counting and compile counts.
+  """
+
+  def __init__(self, algorithm: Algorithm, clients_per_round: int, mapping: mapping_lib.ClientMapping,
+               guard: guard_lib.UpdateGuard):
+    self.algorithm, self.clients_per_round, self.mapping, self.guard = algorithm, clients_per_round, mapping, guard
+    self._check_data = DataCheck(algorithm)
+    self._loops: dict[int, Any] = {}
+    if mapping.compiled:
+      self.compiled = mapping.jit(self._body, lambda layout: (
+          ServerState(*(layout.replicated,) * 2, layout.store, *(layout.replicated,) * 3), layout.clients))
+    else:
+      self.compiled = None
+      self._prepare = jax.jit(self._prepare_fn)
+      self._finish = jax.jit(self._finish_fn)
+
+  def _prepare_fn(self, state, data, client_ids, client_mask):
+    if client_ids is None:
+      client_ids = round_client_ids(state.key, state.round, data.count.shape[0], self.clients_per_round)
+    if client_mask is None:
+      client_mask = jnp.ones(client_ids.shape, bool)
+    cs = client_store.gather(state.clients, client_ids)
+    return client_ids, client_mask, cs, client_store.gather(data, client_ids)
+
+  def _finish_fn(self, state, client_ids, client_mask, outs, new_cs, metrics):
+    state, keep, metrics = server_update(self.algorithm, self.guard, state, client_ids, client_mask, outs, new_cs,
+                                         metrics)
+    return state._replace(clients=client_store.scatter(state.clients, client_ids, new_cs, keep)), metrics
+
+  def _body(self, state, data, client_ids, client_mask):
+    client_ids, client_mask, cs, cdata = self._prepare_fn(state, data, client_ids, client_mask)
+    outs, new_cs, metrics = map_client_updates(self.algorithm, self.mapping, state, cs, cdata, client_ids)
+    return self._finish_fn(state, client_ids, client_mask, outs, new_cs, metrics)
+
+  def _inputs(self, state, data, client_ids, client_mask):
+    data = data if isinstance(data, ClientData) else client_data(data)
+    check_state_matches(state, data)
+    self._check_data(data)
+    if client_ids is not None:
+      client_ids, client_mask = self.mapping.replicate(
+          check_round_ids(client_ids, client_mask, int(data.count.shape[0]), self.clients_per_round))
+    elif client_mask is not None:
+      raise ValueError('client_mask needs client_ids: it marks padding slots among explicitly given ids.')
+    state, data = self.mapping.place(state, data)
+    return state, data, client_ids, client_mask
+
+  def __call__(self, state: ServerState, data, client_ids=None, client_mask=None) -> tuple[ServerState, dict]:
+    state, data, client_ids, client_mask = self._inputs(state, data, client_ids, client_mask)
+    if self.compiled is not None:
+      return self.compiled(state, data, client_ids, client_mask)
+    client_ids, client_mask, cs, cdata = self._prepare(state, data, client_ids, client_mask)
+    outs, new_cs, metrics = map_client_updates(self.algorithm, self.mapping, state, cs, cdata, client_ids)
+    return self._finish(state, client_ids, client_mask, outs, new_cs, metrics)
+
+  def run(self, state: ServerState, data, num_rounds: int) -> tuple[ServerState, dict]:
+    """``num_rounds`` rounds with seeded sampling; returns the state and every round's metrics ``[num_rounds, ...]``.
+
+    With a compiled mapping the rounds run in one ``lax.scan`` (no Python dispatch per round; compiled once per
+    ``num_rounds`` and cached); the sequential mapping loops in Python. Same result as calling the round
+    ``num_rounds`` times.
+    """
+    num_rounds = int(num_rounds)
+    if num_rounds < 1:
+      raise ValueError(f'num_rounds must be >= 1; got {num_rounds}.')
+    if self.compiled is None:
+      history = []
+      for _ in range(num_rounds):
+        state, metrics = self(state, data)
+        history.append(metrics)
+      return state, jax.tree.map(lambda *xs: jnp.stack(xs), *history)
+    state, data, _, _ = self._inputs(state, data, None, None)
+    if num_rounds not in self._loops:
+      def loop(state, data):
+        return jax.lax.scan(lambda s, _: self.compiled(s, data, None, None), state, None, length=num_rounds)
+      self._loops[num_rounds] = jax.jit(loop)
+    return self._loops[num_rounds](state, data)
+
+
+def make_round(algorithm: Algorithm, *, clients_per_round: int, mapping: mapping_lib.ClientMapping | None = None,
+               guard: guard_lib.UpdateGuard | None = None) -> Round:
+  """Builds the round of ``algorithm``.
 
   Args:
     algorithm: the algorithm.
     clients_per_round: ``M``, clients sampled each round (fixed, so the round compiles once).
-    backend: ``'vmap'`` or ``'sequential'``.
-    jit: compile the vmapped round (the sequential backend always jits per client).
-    mesh: a ``jax.sharding.Mesh`` (e.g. :func:`fedjax_adapters.federated.sharding.client_mesh`): run the same
-      round with the client axis sharded over ``mesh``'s ``axis_name`` and the frozen/global params, server state
-      and key replicated (``'vmap'`` backend, jitted). ``M`` must divide over the axis; pad with ``client_ids`` +
-      ``client_mask``.
-    axis_name: the client axis of ``mesh``.
-    shard_store: with ``mesh``, also shard the client store and the data ``[K, ...]`` (``K`` must divide over the
-      axis); ``False`` replicates them, so only the sampled clients ``[M, ...]`` are sharded.
-    client_chunk: ``'vmap'`` backend: ``None`` vmaps all ``M`` clients at once; ``k`` vmaps ``k`` at a time in a
-      compiled loop over chunks (same results, less memory; ``1`` suits conv models on a CPU; see
-      :func:`map_clients`). Not with ``mesh``.
+    mapping: how clients are mapped (:func:`~fedjax_adapters.federated.mapping.vmap_clients` by default;
+      ``chunked_clients(k)``, ``sequential_clients()``, ``sharded_clients(mesh)``).
+    guard: how client updates are screened (default :class:`~fedjax_adapters.federated.guard.UpdateGuard`:
+      non-finite updates rejected, no norm bound). ``UpdateGuard(reject_nonfinite=False)`` lets them through.
 
   Returns:
-    ``round_fn``. ``data`` is :class:`ClientData` for all ``K`` clients; ``client_ids: [M]`` overrides sampling
-    (with ``client_mask: [M]`` marking padding slots, which train but weigh nothing and write nothing).
-    ``metrics`` holds the sampled clients' metric sums ``[M]`` and their ids.
+    A :class:`Round`: ``round_fn(state, data, client_ids=None, client_mask=None) -> (state, metrics)``.
   """
-  if backend not in ('vmap', 'sequential'):
-    raise ValueError(f"backend must be 'vmap' or 'sequential'; got {backend!r}.")
-  if client_chunk is not None and (backend != 'vmap' or int(client_chunk) < 1):
-    raise ValueError(f"client_chunk must be None or >= 1 with backend='vmap'; got client_chunk={client_chunk}, "
-                     f"backend={backend!r}.")
-  if clients_per_round < 1:
-    raise ValueError(f'clients_per_round must be >= 1; got {clients_per_round}.')
-  layout = None
-  if mesh is not None:
-    if backend != 'vmap' or not jit:
-      raise ValueError(f"a mesh needs backend='vmap' and jit=True; got backend={backend!r}, jit={jit}.")
-    if client_chunk is not None:
-      raise ValueError(f'client_chunk={client_chunk} cannot be combined with a mesh: the mesh already splits the '
-                       f'client axis over devices.')
-    layout = sharding.RoundLayout(mesh, axis_name, shard_store)
-    layout.check_clients_per_round(clients_per_round)
-
-  def select(state, data, client_ids, client_mask):
-    if client_ids is None:
-      client_ids = round_client_ids(state.key, state.round, data.count.shape[0], clients_per_round)
-    if client_mask is None:
-      client_mask = jnp.ones(client_ids.shape, bool)
-    return client_ids, client_mask
-
-  def finish(state, client_ids, client_mask, outs: ClientOutput, new_local, metrics):
-    state, metrics = _server_update(algorithm, state, client_ids, client_mask, outs, metrics)
-    return state._replace(clients=client_store.scatter(state.clients, client_ids, new_local, client_mask)), metrics
-
-  sampled_round = make_sampled_round(algorithm, constrain=layout.constrain if layout else None,
-                                     client_chunk=client_chunk)
-
-  def vmap_round(state, data, client_ids=None, client_mask=None):
-    client_ids, client_mask = select(state, data, client_ids, client_mask)
-    local = client_store.gather(state.clients, client_ids)
-    cdata = client_store.gather(data, client_ids)
-    state, new_local, metrics = sampled_round(state, local, cdata, client_ids, client_mask)
-    return state._replace(clients=client_store.scatter(state.clients, client_ids, new_local, client_mask)), metrics
-
-  if backend == 'vmap':
-    if layout is None:
-      compiled = jax.jit(vmap_round) if jit else vmap_round
-    else:
-      # The state leaves as it came in (store per `shard_store`, the rest replicated), so the next round moves
-      # nothing; per-client metrics stay on the client axis.
-      rep = layout.replicated
-      state_out = ServerState(rep, rep, layout.store, rep, rep, rep)
-      compiled = jax.jit(vmap_round, out_shardings=(state_out, layout.clients))
-
-    def round_fn(state, data, client_ids=None, client_mask=None):
-      _check(state, data)
-      if client_ids is not None:
-        client_store.check_client_ids(client_ids, int(data.count.shape[0]))
-        client_ids = jnp.asarray(client_ids, jnp.int32)
-        if client_ids.shape != (clients_per_round,):
-          raise ValueError(f'client_ids has shape {tuple(client_ids.shape)}; this round takes '
-                           f'clients_per_round={clients_per_round}.')
-      if layout is not None:
-        state, data = layout.place(state, data)
-        client_ids, client_mask = jax.device_put((client_ids, client_mask), layout.replicated)
-      return compiled(state, data, client_ids, client_mask)
-
-    round_fn.compiled = compiled
-    round_fn.layout = layout
-    return round_fn
-
-  update_one = jax.jit(algorithm.client_update)
-  select_j = jax.jit(select)
-  finish_j = jax.jit(finish)
-
-  def sequential_round(state, data, client_ids=None, client_mask=None):
-    _check(state, data)
-    if client_ids is not None:
-      client_store.check_client_ids(client_ids, int(data.count.shape[0]))
-      client_ids = jnp.asarray(client_ids, jnp.int32)
-    client_ids, client_mask = select_j(state, data, client_ids, client_mask)
-    keys = _client_keys(state, client_ids)
-    results = []
-    for j in range(int(client_ids.shape[0])):
-      i = client_ids[j]
-      local = jax.tree.map(lambda x: x[i], state.clients)
-      cdata = jax.tree.map(lambda x: x[i], data)
-      results.append(update_one(state.frozen, state.global_params, local, cdata, keys[j]))
-    outs, new_local, metrics = jax.tree.map(lambda *xs: jnp.stack(xs), *results)
-    return finish_j(state, client_ids, client_mask, outs, new_local, metrics)
-
-  return sequential_round
+  mapping = mapping_lib.resolve(mapping)
+  mapping.check_clients_per_round(int(clients_per_round))
+  guard = (guard or guard_lib.UpdateGuard()).check()
+  return Round(algorithm, int(clients_per_round), mapping, guard)
 
 
-def run_rounds(round_fn: Callable, state: ServerState, data: ClientData, num_rounds: int
-               ) -> tuple[ServerState, dict[str, Array]]:
-  """Runs ``num_rounds`` rounds of a vmapped ``round_fn`` (from :func:`make_round`) inside one compiled loop.
-
-  The same as calling ``round_fn(state, data)`` ``num_rounds`` times, without a Python dispatch per round: the
-  rounds run in a ``lax.scan`` around the round ``make_round`` compiled, which pays off when rounds are small (the
-  FLoRAL MNIST MLP runs about twice as fast). The loop compiles once per ``num_rounds`` and is cached on
-  ``round_fn``. Returns the final state and every round's metrics, stacked on a leading ``[num_rounds]`` axis.
-  The sequential backend has no compiled round; it is looped in Python.
-  """
-  num_rounds = int(num_rounds)
-  if num_rounds < 1:
-    raise ValueError(f'num_rounds must be >= 1; got {num_rounds}.')
-  compiled = getattr(round_fn, 'compiled', None)
-  if compiled is None:
-    history = []
-    for _ in range(num_rounds):
-      state, metrics = round_fn(state, data)
-      history.append(metrics)
-    return state, jax.tree.map(lambda *xs: jnp.stack(xs), *history)
-  _check(state, data)
-  layout = round_fn.layout
-  if layout is not None:
-    state, data = layout.place(state, data)
-  cache = round_fn.__dict__.setdefault('loops', {})
-  if num_rounds not in cache:
-    def loop(state, data):
-      def body(state, _):
-        return compiled(state, data, None, None)
-      return jax.lax.scan(body, state, None, length=num_rounds)
-    cache[num_rounds] = jax.jit(loop)
-  return cache[num_rounds](state, data)
-
-
-@functools.lru_cache(maxsize=64)
-def _compiled_evaluate(evaluate_fn):
-  return jax.jit(jax.vmap(evaluate_fn, in_axes=(None, None, 0, 0)))
-
-
-def evaluate(algorithm: Algorithm, state: ServerState, data, *, jit: bool = True) -> dict[str, Array]:
-  """Every client's metric sums on its own ``data`` (``[K]`` per metric), vmapped over clients.
-
-  The compiled evaluation is cached per algorithm, so evaluating every few rounds does not recompile.
-  """
-  data = data if isinstance(data, ClientData) else client_data(data)
-  _check(state, data)
-  fn = _compiled_evaluate(algorithm.evaluate) if jit else jax.vmap(algorithm.evaluate, in_axes=(None, None, 0, 0))
-  return fn(state.frozen, state.global_params, state.clients, data)
+def run_rounds(round_fn: Round, state: ServerState, data, num_rounds: int) -> tuple[ServerState, dict]:
+  """``round_fn.run(state, data, num_rounds)``: many rounds, in one compiled loop where the mapping compiles."""
+  return round_fn.run(state, data, num_rounds)

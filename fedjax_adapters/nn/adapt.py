@@ -76,6 +76,18 @@ class AdapterSpec:
       raise ValueError('AdapterSpec with num_global=0 and num_local=0 adds no adaptor.')
     if self.router and self.num_global < 1:
       raise ValueError('a router needs num_global >= 1 adaptors to mix.')
+    if self.alpha is not None and not self.alpha > 0:
+      raise ValueError(f'alpha must be > 0 (or None for unscaled adaptors); got {self.alpha}.')
+
+  @classmethod
+  def floral(cls, num_adaptors: int = 1, *, rank: int | float | str = 0.01, num_local: int = 0, target: str = '.*',
+             linear: bool = True, conv: bool = True, bias: bool = True, norm: bool = False, embed: bool = False,
+             bias_init: str = 'uniform', router: bool = False) -> 'AdapterSpec':
+    """FLoRAL's adaptors as its public code builds them: ``num_adaptors`` global adaptors per layer with a rank
+    budget ``rho`` (1 % by default), unscaled (``alpha=None``), A uniform in ``+-1/sqrt(d_in)``, bias adaptors with
+    PyTorch's nonzero default bias init. ``num_adaptors=0, num_local=1`` is the Local Adaptor baseline."""
+    return cls(target=target, rank=rank, alpha=None, num_global=num_adaptors, num_local=num_local, router=router,
+               linear=linear, conv=conv, bias=bias, embed=embed, norm=norm, init='uniform_in', bias_init=bias_init)
 
 
 _NORMS = (nnx.LayerNorm, nnx.RMSNorm, nnx.BatchNorm)
