@@ -34,7 +34,9 @@ _ORDER = ('router', 'local', 'adapters', 'stats', 'base')  # first matching filt
 
 @dataclasses.dataclass(frozen=True)
 class AdapterSpec:
-  """What to adapt and how.
+  """What to adapt and how. The defaults are plain LoRA as PEFT configures it: rank 8, alpha 16 (scale alpha / r),
+  A kaiming-uniform and B zero (so the adapted model starts equal to the base), no bias adaptors.
+  :meth:`floral` is FLoRAL's preset.
 
   Attributes:
     target: regex matched in full against module paths such as ``'layers.0'`` or
@@ -47,23 +49,23 @@ class AdapterSpec:
     router: give the model C router logits (FLoRAL).
     linear: LoRA on ``nnx.Linear``; conv: LoRA on ``nnx.Conv``; bias: bias adaptors where the base has a bias;
     embed: embedding LoRA on ``nnx.Embed``; norm: norm adaptors on LayerNorm / RMSNorm / BatchNorm.
-    init: ``'uniform_in'`` (FLoRAL), ``'kaiming'`` (PEFT) for the A factor.
+    init: ``'kaiming'`` (PEFT) or ``'uniform_in'`` (FLoRAL) for the A factor; B always starts at zero.
     bias_init: ``'zeros'`` or ``'uniform'`` (FLoRAL public code: PyTorch's default bias init, nonzero).
     dropout: LoRA dropout on the adaptor input of linear layers (PEFT's ``lora_dropout``; FedDPA: 0.05), active
       only when :meth:`ModelDef.apply` gets a ``dropout_key``.
   """
   target: str = '.*'
-  rank: int | float | str = 0.01
-  alpha: float | None = None
+  rank: int | float | str = 8
+  alpha: float | None = 16.0
   num_global: int = 1
   num_local: int = 0
   router: bool = False
   linear: bool = True
   conv: bool = True
-  bias: bool = True
+  bias: bool = False
   embed: bool = False
   norm: bool = False
-  init: str = 'uniform_in'
+  init: str = 'kaiming'
   bias_init: str = 'zeros'
   dropout: float = 0.0
 
