@@ -490,10 +490,20 @@ def main(argv=None) -> dict:
   sections: dict[str, float] = {}
   current = {'name': None, 't': time.perf_counter()}
 
+  def _write():
+    # Rewritten after every section (atomically), so a long or interrupted run keeps what it measured.
+    result['meta']['wall_s'] = time.perf_counter() - t_start
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    tmp = f'{args.json}.tmp'
+    with open(tmp, 'w') as f:
+      json.dump(result, f, indent=1, default=str)
+    os.replace(tmp, args.json)
+
   def _mark(name):
     now = time.perf_counter()
     if current['name']:
       sections[current['name']] = now - current['t']
+    _write()
     current.update(name=name, t=now)
 
   result['meta']['section_s'] = sections
@@ -566,10 +576,7 @@ def main(argv=None) -> dict:
   rebase_peak(result)
   result['checks'] = checks(result, args)
   result['meta']['load_average_after'] = _loadavg()
-  result['meta']['wall_s'] = time.perf_counter() - t_start
-  os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-  with open(args.json, 'w') as f:
-    json.dump(result, f, indent=1, default=str)
+  _write()
   log(f"checks: {json.dumps(result['checks'], indent=1)}")
   log(f"wrote {args.json} in {result['meta']['wall_s']:.0f}s")
   return result
