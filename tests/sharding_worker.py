@@ -168,6 +168,26 @@ def case_aggregation_is_an_all_reduce():
   assert_close(new, one)
 
 
+def case_guard():
+  """A NaN client on the mesh is rejected exactly as if masked out (the screen runs inside the sharded round)."""
+  alg, data, _, _ = reference(16)
+  bad = 5
+  x = np.array(data.x)
+  x[bad, 0] = np.nan
+  data = data._replace(x=jax.numpy.asarray(x))
+  mesh = sharding.client_mesh()
+  round_fn = make_round(alg, clients_per_round=M, mapping=sharded_clients(mesh))
+  state = alg.init(jax.random.key(0), 16)
+  ids = np.arange(0, 16, 2)
+  ids[2] = bad
+  mask = ids != bad
+  got, metrics = round_fn(state, data, client_ids=ids, client_mask=np.ones(M, bool))
+  want, _ = round_fn(state, data, client_ids=ids, client_mask=mask)
+  np.testing.assert_array_equal(metrics['rejected'], ~mask)
+  assert all(np.all(np.isfinite(np.asarray(v))) for v in jax.tree.leaves(got.global_params))
+  assert_close(got, want)
+
+
 def expect_error(fn, *needles):
   try:
     fn()

@@ -99,6 +99,10 @@ def test_eight_devices_aggregation_is_an_all_reduce(runs):
   _case(runs, 'aggregation_is_an_all_reduce')
 
 
+def test_eight_devices_nonfinite_client_is_rejected(runs):
+  _case(runs, 'guard')
+
+
 def test_eight_devices_errors_say_how_to_fix(runs):
   _case(runs, 'errors')
 

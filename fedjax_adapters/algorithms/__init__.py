@@ -4,7 +4,7 @@ Each builder returns a :class:`~fedjax_adapters.federated.Algorithm` that expose
 ``ModelDef``) and adapter spec (``alg.spec``), takes a loss string or callable and an optax client optimizer, and
 serves per-client predictions (``fedjax_adapters.federated.predict``).
 """
-from fedjax_adapters.algorithms.common import (LOSSES, LossInputs, batch_metrics, check_labels, per_example_loss,
+from fedjax_adapters.algorithms.common import (LOSSES, LossInputs, batch_metrics, per_example_loss,
                                                sq_distance, summarize, supervised, task_loss)
 from fedjax_adapters.algorithms.ensemble import ensemble, ensemble_optimizer
 from fedjax_adapters.algorithms.fedavg import fedavg
@@ -12,6 +12,6 @@ from fedjax_adapters.algorithms.floral import floral, floral_optimizer
 from fedjax_adapters.algorithms.local import local_adaptor, local_adaptor_optimizer
 from fedjax_adapters.algorithms.lora_fedavg import lora_fedavg, uniform_weights
 
-__all__ = ['LOSSES', 'LossInputs', 'batch_metrics', 'check_labels', 'per_example_loss', 'sq_distance', 'summarize',
+__all__ = ['LOSSES', 'LossInputs', 'batch_metrics', 'per_example_loss', 'sq_distance', 'summarize',
            'supervised', 'task_loss', 'ensemble', 'ensemble_optimizer', 'fedavg', 'floral', 'floral_optimizer',
            'local_adaptor', 'local_adaptor_optimizer', 'lora_fedavg', 'uniform_weights']

@@ -19,9 +19,9 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
+from fedjax_adapters.data.federated import check_client_data
 from fedjax_adapters.federated.aggregators import Aggregator
 from fedjax_adapters.federated.algorithm import Algorithm
 from fedjax_adapters.federated.client_update import Batch, ClientData, make_client_update, masked_mean
@@ -181,22 +181,9 @@ def label_check(kind: str, predict, init_params):
     x1 = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), data.x)
     out = jax.eval_shape(predict, frozen, g, jax.tree.map(lambda c: jax.ShapeDtypeStruct(c.shape[1:], c.dtype),
                                                           clients), x1)
-    check_labels(data, int(out.shape[-1]))
+    check_client_data(data.x, data.y, data.count, num_classes=int(out.shape[-1]))
 
   return check
-
-
-def check_labels(data: ClientData, num_classes: int) -> None:
-  """Raises a ValueError naming the first client whose real rows hold a label outside ``[0, num_classes)``."""
-  y, count = (np.asarray(v) for v in jax.device_get((data.y, data.count)))
-  real = np.arange(y.shape[1])[None, :] < count[:, None]
-  bad = real.reshape(real.shape + (1,) * (y.ndim - 2)) & ((y < 0) | (y >= num_classes))
-  bad_clients = np.flatnonzero(bad.reshape(y.shape[0], -1).any(axis=1))
-  if bad_clients.size:
-    k = int(bad_clients[0])
-    values = np.unique(y[k][bad[k]])
-    raise ValueError(f'client {k} has labels {values[:5].tolist()} outside [0, {num_classes}) (the model has '
-                     f'{num_classes} classes); {bad_clients.size} client(s) have such labels.')
 
 
 def summarize(metrics: dict[str, jax.Array]) -> dict[str, float]:

@@ -16,8 +16,9 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
+
+from fedjax_adapters.data.federated import check_client_data
 
 Array = jax.Array
 
@@ -57,25 +58,14 @@ LossFn = Callable[[tuple, Any, Batch, Array, tuple], tuple[Array, tuple[dict, An
 def client_data(data) -> ClientData:
   """``FederatedData`` (or any ``(x, y, counts)``) as :class:`ClientData` of jax arrays with a leading client axis.
 
-  Counts are checked on the host: each must lie in ``[0, rows]`` (a larger count would inflate the client's weight
-  and read padding as data; a negative one would give it a negative weight).
+  Shapes and counts are checked on the host (:func:`fedjax_adapters.data.federated.check_client_data`): each count
+  must lie in ``[0, rows]`` (a larger count would inflate the client's weight and read padding as data; a negative
+  one would give it a negative weight).
   """
   if isinstance(data, ClientData):
     return data
   x, y, counts = data
-  counts = np.asarray(counts)
-  if counts.ndim != 1 or not np.issubdtype(counts.dtype, np.integer):
-    raise ValueError(f'counts must be a 1-D integer array [K]; got {counts.dtype}{list(counts.shape)}.')
-  shapes = {tuple(np.shape(a)[:2]) for a in jax.tree.leaves((x, y))}
-  if len(shapes) != 1 or len(next(iter(shapes))) != 2 or next(iter(shapes))[0] != counts.shape[0]:
-    raise ValueError(f'x and y leaves must all be [K, N, ...] with K = {counts.shape[0]} clients (len(counts)); '
-                     f'got leading shapes {sorted(shapes)}.')
-  rows = next(iter(shapes))[1]
-  bad = np.flatnonzero((counts < 0) | (counts > rows))
-  if bad.size:
-    k = int(bad[0])
-    raise ValueError(f'client {k} has count {int(counts[k])}, outside [0, {rows}] (its padded rows); '
-                     f'{bad.size} client(s) have such counts.')
+  check_client_data(x, y, counts)
   return ClientData(jax.tree.map(jnp.asarray, x), jax.tree.map(jnp.asarray, y), jnp.asarray(counts, jnp.int32))
 
 

@@ -77,8 +77,9 @@ def screen(guard: UpdateGuard, global_params: Any, outs: ClientOutput, client_st
   """Screens the stacked client outputs ``[M, ...]`` of one round.
 
   Returns:
-    ``(outs, keep, info)``: ``outs`` with every rejected client's params replaced by ``global_params`` and its aux
-    by zeros (so it adds exactly nothing, even to sums that ignore weights), norm-clipped where asked; ``keep``
+    ``(outs, keep, info)``: ``outs`` with the params of every client outside ``keep`` replaced by ``global_params``
+    and its aux by zeros (so it adds exactly nothing, even to sums that ignore weights), norm-clipped where asked;
+    ``keep``
     ``[M]`` bool = ``client_mask`` and not rejected; ``info`` the per-client metrics ``rejected``, ``reject_reason``,
     ``update_norm``.
   """
@@ -102,8 +103,10 @@ def screen(guard: UpdateGuard, global_params: Any, outs: ClientOutput, client_st
     factor = guard.max_update_norm / jnp.maximum(norms, 1e-30)
     params = jax.tree.map(lambda p, g: jnp.where(_rows(over, p), (g + (p - g) * _rows(factor, p)).astype(p.dtype), p),
                           params, global_params)
-  params = jax.tree.map(lambda p, g: jnp.where(_rows(rejected, p), g, p), params, global_params)
-  aux = jax.tree.map(lambda a: jnp.where(_rows(rejected, a), jnp.zeros_like(a), a), outs.aux)
+  # Every client that carries no weight (rejected, or a padding slot, which may hold anything) sends the global
+  # params and zero aux, so 0 * NaN can never reach a sum; for finite values this changes no bit of the result.
+  params = jax.tree.map(lambda p, g: jnp.where(_rows(keep, p), p, g), params, global_params)
+  aux = jax.tree.map(lambda a: jnp.where(_rows(keep, a), a, jnp.zeros_like(a)), outs.aux)
   info = {'rejected': rejected, 'reject_reason': reason, 'update_norm': norms.astype(jnp.float32)}
   return outs._replace(params=params, aux=aux), keep, info
 

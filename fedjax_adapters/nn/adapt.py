@@ -47,7 +47,9 @@ class AdapterSpec:
     num_global: global adaptors per layer (FLoRAL: C; FedDPA: 1; 0: none).
     num_local: local adaptors per layer (0 or 1).
     router: give the model C router logits (FLoRAL).
-    linear: LoRA on ``nnx.Linear``; conv: LoRA on ``nnx.Conv``; bias: bias adaptors where the base has a bias;
+    linear: LoRA on ``nnx.Linear``, ``nnx.LinearGeneral`` and ``nnx.Einsum`` (so the query/key/value/out
+    projections of ``nnx.MultiHeadAttention``); conv: LoRA on ``nnx.Conv``; bias: bias adaptors where the base has
+    a bias;
     embed: embedding LoRA on ``nnx.Embed``; norm: norm adaptors on LayerNorm / RMSNorm / BatchNorm.
     init: ``'kaiming'`` (PEFT) or ``'uniform_in'`` (FLoRAL) for the A factor; B always starts at zero.
     bias_init: ``'zeros'`` or ``'uniform'`` (FLoRAL public code: PyTorch's default bias init, nonzero).
@@ -86,7 +88,7 @@ class AdapterSpec:
              linear: bool = True, conv: bool = True, bias: bool = True, norm: bool = False, embed: bool = False,
              bias_init: str = 'uniform', router: bool = False) -> 'AdapterSpec':
     """FLoRAL's adaptors as its public code builds them: ``num_adaptors`` global adaptors per layer with a rank
-    budget ``rho`` (1 % by default), unscaled (``alpha=None``), A uniform in ``+-1/sqrt(d_in)``, bias adaptors with
+    budget ``rho`` (1 % by default), unscaled (``alpha=None``), A uniform in ``+-sqrt(6 / d_in)``, bias adaptors with
     PyTorch's nonzero default bias init. ``num_adaptors=0, num_local=1`` is the Local Adaptor baseline."""
     return cls(target=target, rank=rank, alpha=None, num_global=num_adaptors, num_local=num_local, router=router,
                linear=linear, conv=conv, bias=bias, embed=embed, norm=norm, init='uniform_in', bias_init=bias_init)
