@@ -124,7 +124,8 @@ class LlamaConfig:
     tie_word_embeddings: if True, there is no ``lm_head`` and logits are ``h @ embed_tokens.embedding.T``.
     max_position_embeddings: the context length the checkpoint was trained for (informational; positions beyond it
       still compute).
-    dtype: computation dtype of activations (attention softmax and RMSNorm statistics always use float32).
+    dtype: computation dtype of activations (attention softmax, rotary and RMSNorm statistics use at least float32,
+      so a float64 model computes in float64 throughout).
     param_dtype: dtype of the parameters.
     model_type: the Hugging Face class the config corresponds to: ``'llama'`` (LlamaForCausalLM), ``'qwen2'``
       (Qwen2ForCausalLM: q/k/v biases) or ``'mistral'`` (MistralForCausalLM: optional sliding window).
@@ -409,12 +410,16 @@ def rotary_cos_sin(positions: jax.Array, head_dim: int, theta: float, *,
 
 
 def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-  """Rotates ``x`` [B, T, heads, Dh] by position; cos/sin are [B, T, Dh]. Computed in float32."""
+  """Rotates ``x`` [B, T, heads, Dh] by position; cos/sin are [B, T, Dh]. Computed in float32 (or x's wider dtype)."""
   half = x.shape[-1] // 2
-  xf = x.astype(jnp.float32)
+  xf = x.astype(_at_least_f32(x.dtype))
   rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
   out = xf * cos[:, :, None, :] + rotated * sin[:, :, None, :]
   return out.astype(x.dtype)
+
+
+def _at_least_f32(dtype) -> Any:
+  return jnp.promote_types(dtype, jnp.float32)
 
 
 def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
@@ -434,7 +439,7 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Ar
   # Query head h uses key/value head h // (H // KV), as in HF's repeat_kv: grouping the query heads as [KV, G]
   # gets that without materialising repeated keys.
   q = q.reshape(b, t, kv, h // kv, dh)
-  scores = jnp.einsum('btkgd,bskd->bkgts', q, k, preferred_element_type=jnp.float32) * (dh ** -0.5)
+  scores = jnp.einsum('btkgd,bskd->bkgts', q, k, preferred_element_type=_at_least_f32(q.dtype)) * (dh ** -0.5)
   scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   out = jnp.einsum('bkgts,bskd->btkgd', probs, v)
@@ -574,13 +579,14 @@ class Llama(nnx.Module):
                                 param_dtype=config.param_dtype, rngs=rngs)
 
   def logits(self, hidden: jax.Array) -> jax.Array:
-    """Output head: [B, T, D] normed hidden states -> [B, T, V] float32 logits."""
+    """Output head: [B, T, D] normed hidden states -> [B, T, V] float32 logits (float64 for a float64 model)."""
+    dtype = _at_least_f32(hidden.dtype)
     if self.lm_head is not None:
-      return self.lm_head(hidden).astype(jnp.float32)
+      return self.lm_head(hidden).astype(dtype)
     embed = self.model.embed_tokens
     if hasattr(embed, 'attend'):
-      return embed.attend(hidden).astype(jnp.float32)
-    return (hidden @ embed.embedding[...].T).astype(jnp.float32)
+      return embed.attend(hidden).astype(dtype)
+    return (hidden @ embed.embedding[...].T).astype(dtype)
 
   def _scan_layers(self, splits, x, cos, sin, masks, cache_kv, cache_index):
     """The layer loop as one ``lax.scan`` over the layers' stacked states; returns (x, updated cache or None)."""

@@ -136,6 +136,37 @@ def to_hf_state_dict(model: Llama) -> dict[str, np.ndarray]:
   return out
 
 
+def _base_leaf(base: Mapping, path: tuple[str | int, ...]) -> Any:
+  node = base
+  for key in path[:-1]:
+    node = node[key]
+  if path[-1] not in node and isinstance(node.get('base'), Mapping):  # an adapted layer wraps its base layer
+    node = node['base']
+  return node[path[-1]]
+
+
+def llama_from_base_parts(config: LlamaConfig, base: Mapping[str, Any]) -> Llama:
+  """Rebuilds the plain :class:`Llama` from the ``'base'`` part of an adapted, split Llama.
+
+  Args:
+    config: the model's config (``mdef.merge({}).config``).
+    base: ``parts['base']`` of :func:`fedjax_adapters.nn.split_model` (adapted layers keep their weights under a
+      ``'base'`` key, which is looked through).
+
+  Returns:
+    The model, e.g. for :func:`save_hf_checkpoint`.
+  """
+  shapes, tensors = {}, {}
+  for name, path, transpose in hf_param_table(config):
+    try:
+      array = np.asarray(_base_leaf(base, path))
+    except (KeyError, TypeError):
+      raise ValueError(f'the base parts lack {name!r} (model path {path}).') from None
+    tensors[name] = array.T if transpose else array
+    shapes[name] = tensors[name].shape
+  return llama_from_tensors(config, shapes, tensors.__getitem__, source='base parts')
+
+
 def save_hf_checkpoint(folder: PathLike, model: Llama, *, tokenizer=None) -> pathlib.Path:
   """Writes ``model`` as a Hugging Face folder: ``config.json`` + ``model.safetensors`` (+ the tokenizer's files).
 
