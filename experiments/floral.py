@@ -2,305 +2,265 @@
 
 Usage::
 
-  python -m experiments.floral --task synthetic_linear --json out/synthetic_linear.json
-  python -m experiments.floral --task mnist_offline_label_shift --seeds 3 --json out/mnist_offline_label_shift.json
-  python -m experiments.floral --task cifar10_rotate --data-dir ~/tensorflow_datasets --seeds 4
-  python -m experiments.floral --task mnist_rotate --smoke      # a few clients, 2 rounds, random images
+  python -m experiments.floral --task synthetic_linear                      # -> runs/synthetic_linear-<time>/
+  python -m experiments.floral --task mnist_offline_label_shift --seeds 3 --out runs/mnist_ls
+  python -m experiments.floral --resume runs/mnist_ls                       # continue an interrupted run
+  python -m experiments.floral --task cifar10_rotate --data-dir ~/tensorflow_datasets --seeds 0 1 2 3
+  python -m experiments.floral --task synthetic_mlp --set lr=0.05 floor=none --print-config
+  python -m experiments.report runs/mnist_ls                                # plots and tables
 
-Tasks: the synthetic ones (``experiments/configs/floral_synthetic.py``) and one per column of the paper's Table 1
-(``experiments/configs/floral_vision.py``, whose docstrings give the paper's numbers). Methods, by the table's rows:
-``fedavg``, ``local_adaptor``, ``ensemble``, ``ensemble_oracle``, ``floral_1``, ``floral_1_oracle``, ``floral_10``,
-``floral_10_oracle`` (FLoRAL 1 % / 10 % = rank budget 0.01 / 0.1); ``floral`` and ``floral_oracle`` are aliases of
-the 1 % ones (the synthetic table's names). Training switches (router lr, noise, preconditioning, server optimizer,
-participation, rounds, ...) default to the task's public-code settings and can be overridden.
+Tasks and methods are the registries of ``experiments/configs/floral.py``: the synthetic tasks and one task per
+column of the paper's Table 1. Methods, by the table's rows: fedavg, local_adaptor, ensemble, ensemble_oracle,
+floral_1, floral_1_oracle, floral_10, floral_10_oracle (FLoRAL 1 % / 10 % = rank budget 0.01 / 0.1); floral and
+floral_oracle are the synthetic table's names for the 1 % ones.
 
-Prints a table (mean +- std over seeds 0..N-1, with the paper's numbers for vision tasks) and writes
-``{"task": ..., "methods": {name: {metric: mean, "std": ..., "per_seed": [...]}}}`` (accuracy as a fraction in
-[0, 1]; the paper's numbers, in %, under ``"paper"``), rewritten after every method.
+Every setting of the task can be changed: by its flag below, by ``--set key=value``, or by ``--config FILE`` (a
+JSON object of settings, or a run's config.json); flags win over --set, which wins over --config.
+
+The run directory (``--out``) receives config.json, metrics.jsonl (one line per round per method and seed),
+results.json and checkpoints; ``--json PATH`` also writes results.json's content to PATH. Ctrl-C (or SIGTERM)
+saves a checkpoint and exits; ``--resume DIR`` continues. A method whose state becomes non-finite, or whose sampled
+clients are all rejected for --max-rejected-rounds rounds, fails with an error naming it, its seed and the round;
+the others still run, and the exit status is 1. See docs/experiments.md.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
 import sys
-import time
+import typing
 
-import jax
-import numpy as np
-import optax
+from experiments.configs import floral as configs
+from experiments.runlib import cli
+from experiments.runlib.cli import UserError
 
-from experiments.configs.common import BIAS_INITS, SERVER_OPTIMIZERS, FloralTask
-from experiments.configs.floral_synthetic import SYNTHETIC
-from experiments.configs.floral_vision import VISION
-from fedjax_adapters import algorithms
-from fedjax_adapters.data.vision import DatasetNotFoundError
-from fedjax_adapters.federated.round import client_data, evaluate, make_round, run_rounds
-from fedjax_adapters.federated.sampling import clients_per_round
-from fedjax_adapters.optim import label_tree
-
-
-def _synthetic_factory(cfg):
-  def factory(*, smoke: bool = False):
-    return cfg.smoke() if smoke else cfg
-  factory.__doc__ = sys.modules[type(cfg).__module__].__doc__
-  return factory
-
-
-# name -> factory(smoke=False) -> task config
-TASKS = {**{name: _synthetic_factory(cfg) for name, cfg in SYNTHETIC.items()}, **VISION}
-TABLE_METHODS = ('fedavg', 'local_adaptor', 'ensemble', 'ensemble_oracle', 'floral_1', 'floral_1_oracle', 'floral_10',
-                 'floral_10_oracle')
-ALIASES = {'floral': 'floral_1', 'floral_oracle': 'floral_1_oracle'}
-METHODS = TABLE_METHODS + tuple(ALIASES)
-SYNTHETIC_METHODS = ('fedavg', 'local_adaptor', 'floral', 'floral_oracle', 'ensemble', 'ensemble_oracle')
-FLORAL_RANKS = {'floral_1': 0.01, 'floral_10': 0.1}
+RUNNER = 'floral'
 DEFAULT_SERVER_LR = {'sgd': 1.0, 'adam': 1e-3}
 
-
-def server_optimizer(kind: str, lr: float, adaptor_lr: float | None = None) -> optax.GradientTransformation:
-  """The server optimizer on the pseudo-gradient; ``adaptor_lr`` gives FLoRAL's ``adapters`` their own rate."""
-  make = {'sgd': optax.sgd, 'adam': optax.adam}
-  if kind not in make:
-    raise ValueError(f'unknown server optimizer {kind!r}; choose one of {SERVER_OPTIMIZERS}.')
-  if adaptor_lr is None:
-    return make[kind](lr)
-  return optax.multi_transform(
-      {'rest': make[kind](lr), 'adapters': make[kind](adaptor_lr)},
-      lambda g: {k: label_tree(v, 'adapters' if k == 'adapters' else 'rest') for k, v in g.items()})
-
-
-def build_algorithm(method: str, cfg: FloralTask, data):
-  """The algorithm object for ``method`` on task config ``cfg`` (``data`` gives the oracle clusters)."""
-  name = ALIASES.get(method, method)
-  if name not in TABLE_METHODS:
-    raise ValueError(f'unknown method {method!r}; valid methods: {", ".join(METHODS)}.')
-  base, oracle = (name[:-len('_oracle')], True) if name.endswith('_oracle') else (name, False)
-  clusters = data.clusters if oracle else None
-  c = data.num_clusters
-  common = dict(loss=cfg.loss, lr=cfg.lr, batch_size=cfg.batch_size, num_epochs=cfg.num_epochs,
-                train_arg=cfg.train_arg)
-  router = dict(router_lr=cfg.router_lr, noise_std=cfg.noise_std, temperature=cfg.temperature,
-                oracle_clusters=clusters)
-  server = server_optimizer(cfg.server_optimizer, cfg.server_lr)
-  if base == 'fedavg':
-    return algorithms.fedavg(cfg.model_fn, server_optimizer=server, **common)
-  if base == 'local_adaptor':
-    return algorithms.local_adaptor(cfg.model_fn, rank=cfg.rank, precondition=cfg.precondition,
-                                    bias_init=cfg.bias_init, server_optimizer=server, **common)
-  if base == 'ensemble':
-    return algorithms.ensemble(cfg.model_fn, num_members=c, server_optimizer=server, **router, **common)
-  server = server_optimizer(cfg.server_optimizer, cfg.server_lr, cfg.server_adaptor_lr)
-  return algorithms.floral(cfg.model_fn, num_adaptors=c, rank=FLORAL_RANKS[base], precondition=cfg.precondition,
-                           bias_init=cfg.bias_init, server_optimizer=server, **router, **common)
+# Settings that are flags of their own (the rest of FloralTask describes the task itself; --set reaches all).
+_FLAG_HELP = {
+    'rounds': 'federated rounds',
+    'fraction': 'share of clients sampled per round',
+    'batch_size': 'local batch size',
+    'num_epochs': 'local epochs per round',
+    'shuffle': 'shuffle each client\'s examples every epoch',
+    'lr': 'client SGD learning rate',
+    'lora_lr': 'client rate of FLoRAL\'s / the Local Adaptor\'s adaptors (none: --lr)',
+    'router_lr': 'router-logit learning rate',
+    'rank': 'Local Adaptor rank (an int) or rank budget (a float < 1)',
+    'noise_std': 'scale of the uniform U[0, 1) noise on the router logits in training (0: off)',
+    'temperature': 'router softmax temperature',
+    'floor': 'lower bound of each router probability (none: no floor)',
+    'precondition': 'LoRA gradient preconditioning',
+    'bias_init': 'bias-adaptor init',
+    'server_optimizer': 'server optimizer on the pseudo-gradient',
+    'server_lr': 'server learning rate (changing --server-opt alone picks 1 for sgd, 1e-3 for adam)',
+    'server_adaptor_lr': 'separate server rate for FLoRAL\'s adaptors (none: --server-lr; the public code in effect '
+                         'uses the client lr)',
+    'augment': 'CIFAR crop + flip augmentation',
+}
+_FLAG_NAMES = {'noise_std': ('--router-noise', '--noise-std'), 'server_optimizer': ('--server-opt',)}
+_CHOICES = {'bias_init': configs.BIAS_INITS, 'server_optimizer': configs.SERVER_OPTIMIZERS}
 
 
-def _metrics(cfg: FloralTask, summary: dict) -> dict:
-  if cfg.metric == 'test_mse':
-    return {'test_mse': summary['loss']}
-  return {'test_accuracy': summary['accuracy'], 'test_loss': summary['loss']}
+def _task_defaults(name: str) -> str:
+  values = {dataclasses.asdict(t)[name] for t in configs.TASKS.values()}
+  text = [repr(v) for v in sorted(values, key=lambda v: (type(v).__name__, v))]
+  if len(text) == 1:
+    return f'default: {text[0]}'
+  return f'default per task: {" | ".join(text)}; --print-config shows the one in effect'
 
 
-def run_method(method: str, cfg: FloralTask, data, *, seed: int, rounds: int, eval_every: int = 0,
-               log=None, cache: dict | None = None, compiled_loop: bool = False) -> dict:
-  """Trains ``method`` for ``rounds`` rounds and returns its population test metrics (and a curve if asked).
-
-  ``cache`` (a dict the caller keeps) reuses the algorithm and its compiled round across seeds whose data have the
-  same clusters and batch size, so each method compiles once. ``compiled_loop`` runs the rounds between evaluations
-  in one compiled loop (:func:`run_rounds`) instead of one dispatch per round.
-  """
-  train, test = client_data(data.train), client_data(data.test)
-  # A client never has more rows than the padded maximum, so a larger batch only adds masked padding rows: capping
-  # it there leaves every update unchanged and saves the work (the offline MNIST: 10 rows, batch 32).
-  rows = jax.tree.leaves(train.x)[0].shape[1]
-  cfg = dataclasses.replace(cfg, batch_size=min(cfg.batch_size, rows))
-  k = data.train.num_clients
-  cache_key = (method, cfg.batch_size, tuple(np.asarray(data.clusters).tolist()))
-  if cache is not None and cache_key in cache:
-    alg, round_fn = cache[cache_key]
-  else:
-    alg = build_algorithm(method, cfg, data)
-    # Conv models on a CPU: one client per step of the compiled round (benchmarks/README.md: all clients vmapped at
-    # once ran 17 % slower than the client-by-client loop at 4-8 clients; one per step matched or beat it).
-    chunk = 1 if getattr(cfg, 'model', 'mlp') != 'mlp' and jax.default_backend() == 'cpu' else None
-    round_fn = make_round(alg, clients_per_round=clients_per_round(k, cfg.fraction), client_chunk=chunk)
-    if cache is not None:
-      cache[cache_key] = (alg, round_fn)
-  state = alg.init(jax.random.key(seed), k)
-  curve = []
-  done = 0
-  while done < rounds:
-    chunk = min(eval_every or rounds, rounds - done)
-    if compiled_loop:
-      state, _ = run_rounds(round_fn, state, train, chunk)
-    else:
-      for _ in range(chunk):
-        state, _ = round_fn(state, train)
-    done += chunk
-    if eval_every:
-      m = _metrics(cfg, algorithms.summarize(evaluate(alg, state, test)))
-      curve.append([done, m[cfg.metric]])
-      if log:
-        log(f'    {method} seed {seed} round {done}: {cfg.metric} {m[cfg.metric]:.4f}')
-  out = _metrics(cfg, algorithms.summarize(evaluate(alg, state, test)))
-  if eval_every:
-    out['curve'] = curve
-  return out
+def _number(text: str) -> int | float:
+  """An int if ``text`` is one, else a float (a rank: 8 is a rank, 0.01 a budget)."""
+  try:
+    return cli.int_at_least(1)(text)
+  except argparse.ArgumentTypeError:
+    return cli.positive_float(text)
 
 
-def _config_dict(cfg: FloralTask) -> dict:
-  return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
-          if isinstance(getattr(cfg, f.name), (int, float, str, bool, type(None)))}
+def _optional(parse):
+  return lambda text: None if text.lower() in ('none', 'null') else parse(text)
 
 
-def _fmt(cfg: FloralTask, value: float) -> str:
-  return f'{100 * value:.1f}' if cfg.metric == 'test_accuracy' else f'{value:.4g}'
+_FLAG_TYPES = {'rounds': cli.int_at_least(0), 'batch_size': cli.int_at_least(1), 'num_epochs': cli.int_at_least(1),
+               'fraction': cli.fraction, 'rank': _number, 'noise_std': cli.nonnegative_float,
+               'floor': _optional(cli.nonnegative_float), 'lora_lr': _optional(cli.positive_float),
+               'server_adaptor_lr': _optional(cli.positive_float)}
 
 
-def _table(cfg: FloralTask, results: dict, seeds: int) -> str:
-  paper = getattr(cfg, 'paper', None)
-  unit = ' %' if cfg.metric == 'test_accuracy' else ''
-  head = f'| method | {cfg.metric}{unit} (mean ± std, {seeds} seed(s)) |'
-  rule = '|---|---|'
-  if paper:
-    head += f' paper, {cfg.column} |'
-    rule += '---|'
-  lines = [head, rule]
-  for m, r in results.items():
-    line = f'| {m} | {_fmt(cfg, r[cfg.metric])} ± {_fmt(cfg, r["std"])} |'
-    if paper:
-      p = paper.get(ALIASES.get(m, m))
-      line += f' {p[0]:.1f} ({p[1]:.1f}) |' if p else ' |'
-    lines.append(line)
-  return '\n'.join(lines)
-
-
-def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--task', required=True, help=f'one of: {", ".join(TASKS)}')
+def build_parser() -> cli.Parser:
+  p = cli.Parser(prog='python -m experiments.floral', description=__doc__,
+                 formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--task', help=f'one of: {", ".join(configs.TASKS)}')
   p.add_argument('--methods', nargs='+', default=None,
-                 help=f'subset of: {", ".join(METHODS)} (default: the table\'s eight rows; synthetic tasks: '
-                      f'{" ".join(SYNTHETIC_METHODS)})')
-  p.add_argument('--seeds', type=int, default=1, help='number of seeds (0 .. N-1); each seed repartitions the data')
+                 help=f'subset of: {", ".join(configs.METHODS)} (default: the table\'s eight rows; synthetic tasks: '
+                      f'{" ".join(configs.SYNTHETIC_METHODS)})')
+  p.add_argument('--seeds', nargs='+', default=['1'],
+                 help='one number N: seeds 0..N-1; several numbers: those seeds; A:B: seeds A..B-1 (default: 1, i.e. '
+                      'seed 0); each seed repartitions the data and initializes the models')
   p.add_argument('--smoke', action='store_true', help='the task shrunk to a few clients, 2 rounds, random images')
   p.add_argument('--data-dir', default=None, help='tensorflow_datasets directory (array_record) for MNIST / CIFAR')
-  p.add_argument('--json', default=None, help='write results here')
-  p.add_argument('--eval-every', type=int, default=0, help='also evaluate every this many rounds (a curve)')
-  p.add_argument('--compiled-loop', action='store_true',
-                 help='run the rounds between evaluations in one compiled loop (about 2x faster for the MNIST MLP '
-                      'on a CPU; on XLA:CPU with jax 0.10 the rotation tasks hung inside it, so it is opt-in)')
-  g = p.add_argument_group('training switches (default: the task config, i.e. the public code\'s settings)')
-  g.add_argument('--rounds', type=int, default=None, help='federated rounds')
-  g.add_argument('--fraction', type=float, default=None, help='share of clients sampled per round')
-  g.add_argument('--lr', type=float, default=None, help='client SGD learning rate')
-  g.add_argument('--batch-size', type=int, default=None, help='local batch size')
-  g.add_argument('--router-lr', type=float, default=None, help='router-logit learning rate (public code: 0.1; '
-                 '0.3 in the reduced tasks)')
-  g.add_argument('--router-noise', type=float, default=None, dest='noise_std',
-                 help='scale of the uniform U[0, 1) noise on the router logits in training (public code: 1; 0: off)')
-  g.add_argument('--temperature', type=float, default=None, help='router softmax temperature (public code: 1)')
-  g.add_argument('--precondition', action=argparse.BooleanOptionalAction, default=None,
-                 help='LoRA gradient preconditioning (public code: on)')
-  g.add_argument('--bias-init', choices=BIAS_INITS, default=None,
-                 help='bias-adaptor init (public code: uniform, i.e. nonzero)')
-  g.add_argument('--server-opt', choices=SERVER_OPTIMIZERS, default=None, dest='server_optimizer',
-                 help='server optimizer (public code: sgd; cifar100: adam)')
-  g.add_argument('--server-lr', type=float, default=None,
-                 help='server learning rate (default: the task\'s, or 1 for sgd / 1e-3 for adam when --server-opt '
-                      'changes the optimizer)')
-  g.add_argument('--server-adaptor-lr', type=float, default=None,
-                 help='separate server rate for FLoRAL\'s adaptors (default: --server-lr; the public code in effect '
-                      'uses the client lr, e.g. 0.1 on MNIST)')
-  g.add_argument('--augment', action=argparse.BooleanOptionalAction, default=None,
-                 help='CIFAR crop + flip augmentation (default: on for CIFAR tasks)')
+  g = p.add_argument_group('run directory, checkpoints, progress')
+  g.add_argument('--out', default=None, help='run directory (default: runs/<task>-<YYYYmmdd-HHMMSS>)')
+  g.add_argument('--resume', metavar='DIR', default=None,
+                 help='continue the run in DIR: finished methods/seeds are kept, the others restart from their latest '
+                      'checkpoint (takes every setting from DIR/config.json)')
+  g.add_argument('--json', default=None, help='also write the results document here')
+  g.add_argument('--eval-every', type=cli.int_at_least(1), default=None,
+                 help='evaluate every this many rounds (default: rounds / 20); the state is checked for NaN/Inf then')
+  g.add_argument('--checkpoint-every', type=cli.int_at_least(1), default=None,
+                 help='checkpoint every this many rounds (default: rounds / 10), and after the last round')
+  g.add_argument('--keep-checkpoints', type=cli.int_at_least(1), default=2, help='checkpoints kept per method and seed '
+                 '(default: 2)')
+  g.add_argument('--max-rejected-rounds', type=cli.int_at_least(1), default=5,
+                 help='fail a method after this many consecutive rounds with every sampled client rejected '
+                      '(default: 5)')
+  g.add_argument('--compiled-loop', action='store_true',
+                 help='run the rounds between evaluations / checkpoints in one compiled loop (about 2x faster for the '
+                      'MNIST MLP on a CPU)')
+  g.add_argument('--quiet', action='store_true', help='no progress output; only errors and the final table')
+  c = p.add_argument_group('configuration')
+  c.add_argument('--config', metavar='FILE', default=None,
+                 help='JSON settings: an object {setting: value} or a run\'s config.json')
+  c.add_argument('--set', nargs='+', metavar='KEY=VALUE', default=[], dest='overrides',
+                 help=f'override any task setting: {", ".join(f.name for f in dataclasses.fields(configs.FloralTask))}')
+  c.add_argument('--print-config', action='store_true', help='print the resolved settings as JSON and exit')
+  hints = typing.get_type_hints(configs.FloralTask)
+  t = p.add_argument_group('training settings (default: the task\'s, i.e. the public code\'s settings)')
+  for name, text in _FLAG_HELP.items():
+    flags = _FLAG_NAMES.get(name, ('--' + name.replace('_', '-'),))
+    help_text = f'{text} ({_task_defaults(name)})'
+    if hints[name] is bool:
+      t.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                     help=help_text)
+    elif name in _CHOICES:
+      t.add_argument(*flags, dest=name, choices=_CHOICES[name], default=argparse.SUPPRESS, help=help_text)
+    else:
+      t.add_argument(*flags, dest=name, type=_FLAG_TYPES.get(name, cli.positive_float), default=argparse.SUPPRESS,
+                     help=help_text)
   return p
 
 
-_OVERRIDES = ('rounds', 'fraction', 'lr', 'batch_size', 'router_lr', 'noise_std', 'temperature', 'precondition',
-              'bias_init', 'server_optimizer', 'server_lr', 'server_adaptor_lr', 'augment')
+def resolve_config(args: argparse.Namespace) -> configs.FloralTask:
+  """The task's settings with --config, then --set, then the flags applied (each later one wins); validated.
 
-
-def resolve_config(args: argparse.Namespace) -> FloralTask:
-  """The task config with the command line's overrides applied."""
-  cfg = TASKS[args.task](smoke=args.smoke)
-  overrides = {k: getattr(args, k) for k in _OVERRIDES if getattr(args, k) is not None}
-  if ('server_optimizer' in overrides and 'server_lr' not in overrides
-      and overrides['server_optimizer'] != cfg.server_optimizer):
-    overrides['server_lr'] = DEFAULT_SERVER_LR[overrides['server_optimizer']]
-  return dataclasses.replace(cfg, **overrides)
-
-
-def main(argv=None) -> dict:
-  p = _parser()
-  args = p.parse_args(argv)
-  # Long CPU runs wedged with every XLA worker thread idle in a futex wait, mid-execution: once after a few hundred
-  # rounds dispatched one by one (asynchronously), and in the compiled loop of the rotation tasks (with and without
-  # multi-threaded Eigen). Synchronous dispatch costs nothing at this scale. It only takes effect before JAX's CPU
-  # backend starts, i.e. when this is the process's first JAX work.
-  jax.config.update('jax_cpu_enable_async_dispatch', False)
-  if args.task not in TASKS:
-    p.error(f'unknown task {args.task!r}; valid tasks: {", ".join(TASKS)}')
-  methods = args.methods or list(SYNTHETIC_METHODS if args.task in SYNTHETIC else TABLE_METHODS)
-  bad = [m for m in methods if m not in METHODS]
-  if bad:
-    p.error(f'unknown method(s) {", ".join(bad)}; valid methods: {", ".join(METHODS)}')
-  if args.seeds < 1:
-    p.error(f'--seeds must be >= 1; got {args.seeds}')
+  Raises:
+    UserError: an unknown task or setting, or a value out of range.
+  """
+  if args.task not in configs.TASKS:
+    raise UserError(f'unknown task {args.task!r}; valid tasks: {", ".join(configs.TASKS)}')
+  task = configs.TASKS[args.task]
+  if args.smoke:
+    task = configs.smoke(task)
+  if args.config:
+    task = cli.apply_overrides(task, cli.read_config_file(args.config), source=f'--config {args.config}')
+  task = cli.apply_overrides(task, args.overrides)
+  flags = {name: vars(args)[name] for name in _FLAG_HELP if name in vars(args)}  # only the flags given
+  if 'server_optimizer' in flags and 'server_lr' not in flags and flags['server_optimizer'] != task.server_optimizer:
+    flags['server_lr'] = DEFAULT_SERVER_LR[flags['server_optimizer']]
+  task = dataclasses.replace(task, **flags)
   try:
-    cfg = resolve_config(args)
+    return configs.validate(task)
   except ValueError as e:
-    p.error(str(e))
-  print(f'task {args.task}: {cfg.rounds} rounds, {args.seeds} seed(s), devices {jax.devices()}', flush=True)
-  print(f'  settings: {_config_dict(cfg)}', flush=True)
+    raise UserError(str(e)) from None
 
-  datasets = {}
 
-  def data_of(seed):
-    if seed not in datasets:
-      t0 = time.time()
-      try:
-        datasets[seed] = cfg.load(seed, data_dir=args.data_dir)
-      except DatasetNotFoundError as e:
-        raise DatasetNotFoundError(f'{e}\nThen rerun with `--data-dir DIR`.') from e
-      print(f'  data seed {seed}: {datasets[seed].train.num_clients} clients, '
-            f'{int(np.sum(datasets[seed].train.counts))} train / {int(np.sum(datasets[seed].test.counts))} test '
-            f'examples ({time.time() - t0:.1f} s)', flush=True)
-    return datasets[seed]
+def _methods(args, task) -> list[str]:
+  methods = args.methods or list(configs.default_methods(task))
+  bad = [m for m in methods if m not in configs.METHODS]
+  if bad:
+    raise UserError(f'unknown method(s) {", ".join(bad)}; valid methods: {", ".join(configs.METHODS)}')
+  if len(set(methods)) != len(methods):
+    raise UserError(f'--methods lists a method twice: {" ".join(methods)}')
+  return methods
 
-  results = {}
-  out = {'task': args.task, 'rounds': cfg.rounds, 'seeds': args.seeds, 'metric': cfg.metric,
-         'config': _config_dict(cfg), 'methods': results}
-  if getattr(cfg, 'paper', None):
-    out['paper'] = {'column': cfg.column, 'unit': 'test accuracy %, mean (std)',
-                    'methods': {m: list(cfg.paper[ALIASES.get(m, m)]) for m in methods}}
-  for method in methods:
-    per_seed, extras, cache = [], [], {}
-    t0 = time.time()
-    for seed in range(args.seeds):
-      r = run_method(method, cfg, data_of(seed), seed=seed, rounds=cfg.rounds, eval_every=args.eval_every,
-                     log=lambda s: print(s, flush=True), cache=cache, compiled_loop=args.compiled_loop)
-      per_seed.append(r[cfg.metric])
-      extras.append(r)
-    results[method] = {cfg.metric: float(np.mean(per_seed)), 'std': float(np.std(per_seed)),
-                       'per_seed': [float(v) for v in per_seed], 'seconds': round(time.time() - t0, 1)}
-    if 'test_loss' in extras[0]:
-      results[method]['test_loss_per_seed'] = [float(r['test_loss']) for r in extras]
-    if args.eval_every:
-      results[method]['curves'] = [r['curve'] for r in extras]
-    print(f'  {method:<18} {cfg.metric} {_fmt(cfg, np.mean(per_seed))} +- {_fmt(cfg, np.std(per_seed))}   '
-          f'({time.time() - t0:.0f} s)', flush=True)
-    if args.json:  # rewritten after every method, so a long run can be watched
-      os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-      with open(args.json, 'w') as f:
-        json.dump(out, f, indent=2)
-  print()
-  print(_table(cfg, results, args.seeds))
-  return out
 
+def _resume_plan(args) -> dict:
+  """The plan stored in the run directory ``args.resume``; other settings may not be given with --resume."""
+  from experiments.runlib.rundir import RunDir  # pylint: disable=g-import-not-at-top
+  parser = build_parser()
+  given = [f'--{k.replace("_", "-")}' for k, v in vars(args).items()
+           if k not in ('resume', 'quiet', 'json') and v != parser.get_default(k)]
+  if given:
+    raise UserError(f'--resume continues a run with its own settings; drop {", ".join(given)}')
+  run = RunDir.open(args.resume)
+  config = run.config
+  if config.get('runner') != RUNNER:
+    raise UserError(f'{args.resume} holds a {config.get("runner")!r} run, not a FLoRAL run')
+  plan = dict(config['plan'], out=run.path, json=args.json, quiet=args.quiet, resuming=True)
+  plan['task'] = configs.FloralTask(**config['settings'])
+  return plan
+
+
+def make_plan(args) -> dict:
+  """Everything a run needs, validated, before JAX is imported (errors raise UserError)."""
+  if args.resume:
+    return _resume_plan(args)
+  if args.task is None:
+    raise UserError('--task is required (or --resume DIR)')
+  task = resolve_config(args)
+  methods = _methods(args, task)
+  seeds = cli.parse_seeds(args.seeds)
+  rounds = task.rounds
+  eval_every = args.eval_every or max(1, rounds // 20)
+  plan = dict(task=task, methods=methods, seeds=seeds, eval_every=eval_every,
+              checkpoint_every=args.checkpoint_every or max(1, rounds // 10), keep=args.keep_checkpoints,
+              max_rejected_rounds=args.max_rejected_rounds, compiled_loop=args.compiled_loop,
+              data_dir=args.data_dir and cli.existing_dir(args.data_dir, '--data-dir'), json=args.json,
+              quiet=args.quiet, out=args.out)
+  if args.print_config:
+    return plan
+  if task.dataset in configs.TFDS_DATASETS and not task.smoke:
+    from experiments.runlib import tfds_check  # pylint: disable=g-import-not-at-top  (no JAX)
+    hint = ' (The mnist_offline_* tasks need no download.)' if task.dataset == 'mnist' else ''
+    missing = tfds_check.missing(task.dataset, plan['data_dir'], hint=hint)
+    if missing:
+      raise UserError(missing)
+  from experiments.runlib.rundir import default_path  # pylint: disable=g-import-not-at-top
+  plan['out'] = cli.probe_writable_dir(args.out or default_path(task.name), '--out')
+  if args.json:
+    cli.probe_writable_file(args.json, '--json')
+  return plan
+
+
+def main(argv: typing.Sequence[str] | None = None) -> dict:
+  """Parses ``argv``, runs every (method, seed) and returns the results document.
+
+  A user error exits with status 2 (one line ``error: ...``), a failed method with 1 after the others ran, an
+  interrupted run with 128 + the signal number.
+  """
+  return cli.run_cli(_main, argv)
+
+
+def _main(argv: typing.Sequence[str] | None) -> dict:
+  args = build_parser().parse_args(argv)
+  plan = make_plan(args)
+  if args.print_config:
+    from experiments.runlib import strict_json  # pylint: disable=g-import-not-at-top
+    print(strict_json.dumps(dataclasses.asdict(plan['task']), indent=1))
+    return {}
+  from experiments import floral_run  # pylint: disable=g-import-not-at-top  (JAX and the library load here)
+  results, status = floral_run.run(plan, argv=list(sys.argv[1:] if argv is None else argv))
+  if status:
+    raise SystemExit(status)
+  return results
+
+
+def build_algorithm(method: str, task: configs.FloralTask, data):
+  """The algorithm of ``method`` on ``task`` (``data`` gives the oracle clusters); see floral_tasks."""
+  from experiments import floral_tasks  # pylint: disable=g-import-not-at-top
+  return floral_tasks.build_algorithm(method, task, data)
+
+
+def load_data(task: configs.FloralTask, seed: int, *, data_dir: str | None = None):
+  """The task's federated dataset for ``seed``; see floral_tasks."""
+  from experiments import floral_tasks  # pylint: disable=g-import-not-at-top
+  return floral_tasks.load_data(task, seed, data_dir=data_dir)
+
+
+TASKS = configs.TASKS
+METHODS = tuple(configs.METHODS)
 
 if __name__ == '__main__':
-  try:
-    main(sys.argv[1:])
-  except DatasetNotFoundError as err:
-    sys.exit(f'error: {err}')
+  main(sys.argv[1:])

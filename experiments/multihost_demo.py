@@ -34,12 +34,12 @@ import numpy as np
 
 def build(seed: int = 0):
   """The experiment: ``(algorithm, FederatedDataset)`` of FLoRAL (learned router) on synthetic_linear."""
-  from experiments.configs.floral_synthetic import SYNTHETIC
+  from experiments import floral_tasks
+  from experiments.configs.floral import TASKS
   from fedjax_adapters import algorithms
-  from fedjax_adapters.data.synthetic import synthetic_task
-  cfg = SYNTHETIC['synthetic_linear']
-  ds = synthetic_task(cfg.name, seed=seed)
-  alg = algorithms.floral(cfg.model_fn, num_adaptors=ds.num_clusters, loss=cfg.loss, lr=cfg.lr,
+  cfg = TASKS['synthetic_linear']
+  ds = floral_tasks.load_data(cfg, seed)
+  alg = algorithms.floral(floral_tasks.model_fn(cfg), num_adaptors=ds.num_clusters, loss=cfg.loss, lr=cfg.lr,
                           batch_size=cfg.batch_size, rank=cfg.rank, router_lr=cfg.router_lr)
   return alg, ds
 

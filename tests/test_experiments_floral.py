@@ -1,6 +1,10 @@
-"""The FLoRAL experiment runner and its vision configs: smoke runs, error messages, docstrings, input pipeline."""
+"""The FLoRAL experiment runner and its configs: smoke runs, argument checks, divergence, configs, input pipeline."""
+import dataclasses
 import functools
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -8,17 +12,29 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from experiments import floral
-from experiments.configs import floral_vision as fv
-from experiments.configs.vision_input import VisionInput, random_crop, random_flip, rotate_quarter_turns
+from experiments import floral, floral_tasks
+from experiments.configs import floral as configs
+from experiments.vision_input import VisionInput, random_crop, random_flip, rotate_quarter_turns
 from fedjax_adapters import algorithms
 from fedjax_adapters.data import partition, vision
-from fedjax_adapters.federated.round import client_data
+from fedjax_adapters.federated import client_data
 from fedjax_adapters.models import MLP
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-def _flat(text):
-  return ' '.join(text.split())
+
+def _strict(text):
+  def refuse(name):
+    raise ValueError(f'non-standard constant {name}')
+  return json.loads(text, parse_constant=refuse)
+
+
+def _run(argv):
+  """``floral.main(argv)`` as the command line runs it: (exit status, results)."""
+  try:
+    return 0, floral.main(argv)
+  except SystemExit as e:
+    return e.code, None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -26,32 +42,44 @@ def _flat(text):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def test_smoke_run_writes_json_with_every_requested_method(tmp_path):
+def test_smoke_run_writes_a_run_directory_and_the_json(tmp_path):
   # Every branch of build_algorithm (FedAvg, Local Adaptor, Ensemble, FLoRAL), an oracle router and an alias.
   methods = ['fedavg', 'local_adaptor', 'ensemble_oracle', 'floral_oracle']
-  path = tmp_path / 'out' / 'smoke.json'
-  out = floral.main(['--task', 'mnist_offline_label_shift', '--smoke', '--seeds', '2', '--json', str(path),
-                     '--methods', *methods])
-  saved = json.loads(path.read_text())
-  assert saved == json.loads(json.dumps(out))
-  assert saved['task'] == 'mnist_offline_label_shift' and saved['rounds'] == 2 and saved['seeds'] == 2
-  assert list(saved['methods']) == methods
+  path, out = tmp_path / 'json' / 'smoke.json', tmp_path / 'run'
+  result = floral.main(['--task', 'mnist_offline_label_shift', '--smoke', '--seeds', '2', '--json', str(path),
+                        '--methods', *methods, '--out', str(out), '--quiet'])
+  saved = _strict(path.read_text())
+  assert saved == _strict((out / 'results.json').read_text()) == json.loads(json.dumps(result))
+  assert saved['task'] == 'mnist_offline_label_shift' and saved['rounds'] == 2 and saved['seeds'] == [0, 1]
+  assert saved['status'] == 'done' and list(saved['methods']) == methods
   for m in methods:
     r = saved['methods'][m]
     assert len(r['per_seed']) == 2 and all(0.0 <= a <= 1.0 for a in r['per_seed'])
     assert r['test_accuracy'] == pytest.approx(np.mean(r['per_seed']))
     assert r['std'] == pytest.approx(np.std(r['per_seed']))
+    for seed in ('0', '1'):
+      unit = saved['units'][m][seed]
+      assert unit['status'] == 'done' and unit['test_accuracy'] in r['per_seed']
+      assert os.path.isdir(out / unit['state'])  # the final state, as the last checkpoint
   # The paper's numbers of the column sit beside ours; the alias maps to FLoRAL(1%) with the oracle router.
   assert saved['paper']['column'] == 'MNIST-LS 5%'
   assert saved['paper']['methods']['floral_oracle'] == [87.6, 0.5]
   assert saved['paper']['methods']['fedavg'] == [23.2, 0.9]
+  config = _strict((out / 'config.json').read_text())
+  assert config['settings']['name'] == 'mnist_offline_label_shift' and config['settings']['smoke'] is True
+  assert config['plan']['methods'] == methods and config['environment']['packages']['jax'] == jax.__version__
+  lines = [_strict(line) for line in (out / 'metrics.jsonl').read_text().splitlines()]
+  assert sorted((r['method'], r['seed'], r['round']) for r in lines) == sorted(
+      (m, s, r) for m in methods for s in (0, 1) for r in (1, 2))
+  routed = [r for r in lines if r['method'] in ('ensemble_oracle', 'floral_oracle')]
+  assert all(np.asarray(r['eval']['router_probs']).shape == (8, 4) for r in routed)
 
 
 def test_cifar_smoke_model_augments_in_training_only():
-  task = fv.cifar10_rotate(smoke=True)
-  data = task.load(0)
+  task = configs.smoke(configs.TASKS['cifar10_rotate'])
+  data = floral_tasks.load_data(task, 0)
   x = jax.tree.map(lambda a: jnp.asarray(a[0, :4]), data.train.x)
-  model = task.model_fn(nnx.Rngs(0))
+  model = floral_tasks.model_fn(task)(nnx.Rngs(0))
   graphdef, state = nnx.split(model)
 
   @functools.partial(jax.jit, static_argnums=2)
@@ -65,59 +93,139 @@ def test_cifar_smoke_model_augments_in_training_only():
   assert not np.allclose(train_a, train_b)        # a fresh crop / flip per call in training
 
 
+def _resolve(*argv):
+  return floral.resolve_config(floral.build_parser().parse_args(list(argv)))
+
+
 def test_switches_override_the_task_config():
-  args = floral._parser().parse_args(['--task', 'mnist_rotate', '--router-lr', '0.5', '--router-noise', '0',
-                                      '--no-precondition', '--fraction', '0.2', '--rounds', '7',
-                                      '--server-adaptor-lr', '0.1', '--bias-init', 'zeros'])
-  cfg = floral.resolve_config(args)
+  cfg = _resolve('--task', 'mnist_rotate', '--router-lr', '0.5', '--router-noise', '0', '--no-precondition',
+                 '--fraction', '0.2', '--rounds', '7', '--server-adaptor-lr', '0.1', '--bias-init', 'zeros',
+                 '--floor', 'none', '--rank', '8', '--shuffle')
   assert (cfg.router_lr, cfg.noise_std, cfg.precondition, cfg.fraction, cfg.rounds) == (0.5, 0.0, False, 0.2, 7)
   assert (cfg.server_adaptor_lr, cfg.bias_init, cfg.server_optimizer, cfg.server_lr) == (0.1, 'zeros', 'sgd', 1.0)
-  default = floral.resolve_config(floral._parser().parse_args(['--task', 'cifar100']))
+  assert (cfg.floor, cfg.rank, cfg.shuffle) == (None, 8, True) and isinstance(cfg.rank, int)
+  default = _resolve('--task', 'cifar100')
   assert (default.server_optimizer, default.server_lr, default.lr, default.fraction) == ('adam', 1e-3, 1e-3, 0.5)
-  assert default.augment and not floral.resolve_config(floral._parser().parse_args(['--task', 'cifar100',
-                                                                                    '--no-augment'])).augment
+  assert default.augment and not _resolve('--task', 'cifar100', '--no-augment').augment
   # Switching the optimizer without a rate takes that optimizer's usual rate (Adam 1e-3, SGD 1).
-  adam = floral.resolve_config(floral._parser().parse_args(['--task', 'mnist_rotate', '--server-opt', 'adam']))
+  adam = _resolve('--task', 'mnist_rotate', '--server-opt', 'adam')
   assert (adam.server_optimizer, adam.server_lr) == ('adam', 1e-3)
-  with pytest.raises(SystemExit):
-    floral.main(['--task', 'mnist_rotate', '--fraction', '1.5'])
+
+
+def test_config_file_then_set_then_flags(tmp_path):
+  path = tmp_path / 'settings.json'
+  path.write_text(json.dumps({'lr': 0.5, 'router_lr': 0.2, 'rounds': 9, 'floor': None}))
+  cfg = _resolve('--task', 'synthetic_mlp', '--config', str(path), '--set', 'router_lr=0.3', 'rounds=11',
+                 'precondition=false', '--rounds', '13')
+  assert (cfg.lr, cfg.router_lr, cfg.rounds, cfg.floor, cfg.precondition) == (0.5, 0.3, 13, None, False)
+  # A run's config.json works as a config file: its settings are taken over.
+  (tmp_path / 'config.json').write_text(json.dumps({'runner': 'floral', 'settings': {'lr': 0.25}}))
+  assert _resolve('--task', 'synthetic_mlp', '--config', str(tmp_path / 'config.json')).lr == 0.25
+
+
+def test_print_config_shows_the_resolved_settings_without_training(capsys, tmp_path):
+  code, _ = _run(['--task', 'synthetic_linear', '--set', 'lr=0.05', '--print-config', '--out', str(tmp_path / 'r')])
+  assert code == 0
+  shown = _strict(capsys.readouterr().out)
+  assert shown['lr'] == 0.05 and shown['rounds'] == 2000 and shown['name'] == 'synthetic_linear'
+  assert not (tmp_path / 'r').exists()
 
 
 def test_server_adaptor_lr_steps_only_the_adaptors_at_their_own_rate():
   params = {'base': jnp.ones(3), 'adapters': jnp.ones(2)}
   grad = {'base': jnp.full(3, 2.0), 'adapters': jnp.full(2, 2.0)}
-  opt = floral.server_optimizer('sgd', 1.0, adaptor_lr=0.1)
+  opt = floral_tasks.server_optimizer('sgd', 1.0, adaptor_lr=0.1)
   updates, _ = opt.update(grad, opt.init(params), params)
   np.testing.assert_allclose(updates['base'], -2.0)
   np.testing.assert_allclose(updates['adapters'], -0.2)
 
 
-def test_unknown_task_lists_valid_tasks(capsys):
-  with pytest.raises(SystemExit):
-    floral.main(['--task', 'mnist_rot'])
+def _one_line_error(capsys, argv) -> str:
+  code, _ = _run(argv)
   err = capsys.readouterr().err
+  assert code == 2, err
+  assert err.startswith('error: ') and err.count('\n') == 1 and 'Traceback' not in err, err
+  return err
+
+
+def test_unknown_task_and_method_list_the_valid_ones(capsys):
+  err = _one_line_error(capsys, ['--task', 'mnist_rot'])
   assert "unknown task 'mnist_rot'" in err
   for name in ('mnist_rotate', 'cifar10_label_shift_reduced', 'cifar100', 'mnist_offline_rotate', 'synthetic_mlp'):
     assert name in err
-
-
-def test_unknown_method_lists_valid_methods(capsys):
-  with pytest.raises(SystemExit):
-    floral.main(['--task', 'mnist_rotate', '--smoke', '--methods', 'fedavg', 'floral_5'])
-  err = capsys.readouterr().err
-  assert 'unknown method(s) floral_5' in err
-  for name in floral.METHODS:
-    assert name in err
+  err = _one_line_error(capsys, ['--task', 'mnist_rotate', '--smoke', '--methods', 'fedavg', 'floral_5'])
+  assert 'unknown method(s) floral_5' in err and all(name in err for name in configs.METHODS)
   with pytest.raises(ValueError, match='valid methods: fedavg, local_adaptor, ensemble'):
-    floral.build_algorithm('fedprox', fv.mnist_rotate(smoke=True), None)
+    floral_tasks.build_algorithm('fedprox', configs.smoke(configs.TASKS['mnist_rotate']), None)
 
 
-def test_missing_tfds_dataset_says_how_to_get_it(tmp_path):
-  with pytest.raises(vision.DatasetNotFoundError) as err:
-    floral.main(['--task', 'cifar10_rotate', '--data-dir', str(tmp_path), '--methods', 'fedavg'])
-  message = str(err.value)
-  assert 'tfds build cifar10 --file_format=array_record' in message
-  assert str(tmp_path) in message and '--data-dir DIR' in message
+@pytest.mark.parametrize('argv, words', [
+    (['--eval-every', '0'], '--eval-every: must be >= 1'),
+    (['--eval-every', '-1'], '--eval-every: must be >= 1'),
+    (['--rounds', '-1'], '--rounds: must be >= 0'),
+    (['--seeds', '-1'], 'seeds must be >= 0'),
+    (['--seeds', '0', '0'], 'a seed twice'),
+    (['--lr', 'inf'], '--lr: must be finite and > 0'),
+    (['--lr', '0'], '--lr: must be finite and > 0'),
+    (['--fraction', '1.5'], '--fraction: must lie in (0, 1]'),
+    (['--set', 'lr=abc'], "lr='abc': expected a number"),
+    (['--set', 'bogus=1'], 'unknown setting(s) bogus'),
+    (['--set', 'temperature=-1'], 'temperature must be finite and > 0'),
+    (['--data-dir', '/nonexistent/dir'], '--data-dir /nonexistent/dir: no such directory'),
+    (['--config', '/nonexistent.json'], '--config /nonexistent.json'),
+])
+def test_bad_arguments_stop_before_any_training(capsys, tmp_path, argv, words):
+  out = tmp_path / 'run'
+  err = _one_line_error(capsys, ['--task', 'synthetic_linear', '--out', str(out)] + argv)
+  assert words in err
+  assert not out.exists()
+
+
+def test_unwritable_output_paths_stop_before_any_training(capsys, tmp_path):
+  blocker = tmp_path / 'file'
+  blocker.write_text('x')
+  err = _one_line_error(capsys, ['--task', 'synthetic_linear', '--out', str(blocker / 'run')])
+  assert '--out' in err and 'not writable' in err
+  err = _one_line_error(capsys, ['--task', 'synthetic_linear', '--out', str(tmp_path / 'run'),
+                                 '--json', str(blocker / 'x.json')])
+  assert '--json' in err and str(blocker / 'x.json') in err
+  err = _one_line_error(capsys, ['--resume', str(tmp_path)])
+  assert 'not a run directory' in err
+  err = _one_line_error(capsys, ['--resume', str(tmp_path), '--rounds', '3'])
+  assert '--resume continues a run with its own settings; drop --rounds' in err
+
+
+@pytest.mark.parametrize('data_dir', [True, False])
+def test_missing_tfds_dataset_says_how_to_prepare_it(capsys, tmp_path, monkeypatch, data_dir):
+  monkeypatch.setenv('TFDS_DATA_DIR', str(tmp_path))  # without --data-dir tfds looks here: an empty directory
+  argv = ['--task', 'cifar10_rotate', '--methods', 'fedavg', '--out', str(tmp_path / 'run')]
+  err = _one_line_error(capsys, argv + (['--data-dir', str(tmp_path)] if data_dir else []))
+  assert 'tfds build cifar10 --file_format=array_record' in err
+  assert str(tmp_path) in err and '--data-dir DIR' in err
+
+
+def test_a_diverging_method_fails_loudly_and_the_json_stays_strict(capsys, tmp_path):
+  path = tmp_path / 'r.json'
+  code, _ = _run(['--task', 'synthetic_linear', '--methods', 'fedavg', 'floral_oracle', '--rounds', '5', '--lr',
+                  '1e6', '--out', str(tmp_path / 'run'), '--json', str(path), '--quiet'])
+  err = capsys.readouterr().err
+  assert code == 1
+  doc = _strict(path.read_text())  # no bare NaN anywhere
+  for method in ('fedavg', 'floral_oracle'):
+    unit = doc['units'][method]['0']
+    assert unit['status'] == 'failed' and unit['error'].startswith(f'{method} seed 0 round ')
+    assert doc['methods'][method]['status'] == 'failed' and doc['methods'][method]['test_mse'] is None
+    assert f'error: {unit["error"]}' in err
+  assert doc['status'] == 'failed'
+  lines = [_strict(x) for x in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
+  assert [r for r in lines if 'error' in r][0]['error'] == doc['units']['fedavg']['0']['error']
+
+
+def test_help_imports_no_jax():
+  code = ('import sys; from experiments import floral; floral.build_parser().format_help(); '
+          'heavy = [m for m in ("jax", "transformers", "nltk", "tensorflow_datasets") if m in sys.modules]; '
+          'assert not heavy, heavy')
+  subprocess.run([sys.executable, '-c', code], cwd=ROOT, check=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -125,60 +233,66 @@ def test_missing_tfds_dataset_says_how_to_get_it(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def test_there_is_a_config_for_every_table_column_and_both_offline_tasks():
-  columns = {fv.VISION[name]().column for name in fv.VISION}
-  assert columns == set(fv.COLUMNS)
-  assert {'mnist_offline_rotate', 'mnist_offline_label_shift'} <= set(fv.VISION)
-  for name in fv.VISION:
-    if not name.startswith('mnist_offline'):
-      assert name.endswith('_reduced') == (fv.VISION[name]().reduce == 0.05)
-
-
-@pytest.mark.parametrize('name', sorted(fv.VISION))
-def test_config_docstring_names_its_column_and_the_papers_numbers(name):
-  factory = fv.VISION[name]
-  task = factory()
-  doc = _flat(factory.__doc__)
-  assert f'column "{task.column}"' in doc
-  for method, (mean, std) in task.paper.items():
-    assert f'{mean:.1f} ({std:.1f})' in doc, (name, method)
-  assert f'--task {name}' in doc
+def test_there_is_a_task_for_every_table_column_and_both_offline_tasks():
+  columns = {t.column for t in configs.TASKS.values() if t.column}
+  assert columns == set(configs.COLUMNS)
+  assert {'mnist_offline_rotate', 'mnist_offline_label_shift', 'synthetic_linear', 'synthetic_mlp'} <= set(
+      configs.TASKS)
+  for name, task in configs.TASKS.items():
+    configs.validate(task)
+    if task.dataset in configs.TFDS_DATASETS:
+      assert name.endswith('_reduced') == (task.reduce == 0.05)
+  # Every method's paper row exists in every column.
+  for method in configs.METHODS.values():
+    assert all(method.paper_row in configs.PAPER[c] for c in configs.COLUMNS)
 
 
 def test_paper_table_spot_checks():
-  assert fv.PAPER['MNIST-LS 5%']['floral_10'] == (70.8, 7.1)
-  assert fv.PAPER['C100']['ensemble_oracle'] == (92.8, 0.3)
-  assert fv.PAPER['C10-Rot']['local_adaptor'] == (66.3, 0.5)
+  assert configs.PAPER['MNIST-LS 5%']['floral_10'] == (70.8, 7.1)
+  assert configs.PAPER['C100']['ensemble_oracle'] == (92.8, 0.3)
+  assert configs.PAPER['C10-Rot']['local_adaptor'] == (66.3, 0.5)
 
 
 def test_task_settings_follow_the_public_code():
-  m, c10, c100 = fv.mnist_rotate(), fv.cifar10_label_shift_reduced(), fv.cifar100()
+  m, c10, c100 = configs.TASKS['mnist_rotate'], configs.TASKS['cifar10_label_shift_reduced'], configs.TASKS['cifar100']
   assert (m.num_clients, m.num_clusters, m.rounds, m.fraction, m.batch_size, m.lr, m.router_lr) == (
       300, 4, 500, 0.1, 32, 0.1, 0.1)
   assert (c10.num_clients, c10.rounds, c10.fraction, c10.batch_size, c10.lr, c10.router_lr, c10.reduce) == (
       20, 1500, 1.0, 64, 0.03, 0.3, 0.05)
   assert (c100.num_clients, c100.num_clusters, c100.model, c100.server_optimizer, c100.server_lr) == (
       100, 10, 'vgg8', 'adam', 1e-3)
-  off = fv.mnist_offline_label_shift()
+  off = configs.TASKS['mnist_offline_label_shift']
   assert (off.dataset, off.rounds, off.router_lr, off.test_fraction) == ('mnist_offline', 1500, 0.3, 0.4)
+  lin = configs.TASKS['synthetic_linear']
+  assert (lin.rounds, lin.batch_size, lin.lr, lin.router_lr, lin.floor, lin.noise_std) == (2000, 4, 0.1, 0.1, 0.01, 1.0)
 
 
-@pytest.mark.parametrize('name', sorted(fv.VISION))
+def test_config_validation_names_the_setting():
+  task = configs.TASKS['mnist_rotate']
+  for field, value, words in [('fraction', 0.0, 'fraction must lie in (0, 1]'), ('lr', float('nan'), 'lr must be'),
+                              ('bias_init', 'ones', 'bias_init must be one of'), ('num_clusters', 3, 'quarter turns'),
+                              ('shift', 'blur', 'shift must be one of')]:
+    with pytest.raises(ValueError, match=words.replace('(', r'\(').replace(')', r'\)')):
+      configs.validate(dataclasses.replace(task, **{field: value}))
+
+
+@pytest.mark.parametrize('name', sorted(n for n, t in configs.TASKS.items() if t.dataset != 'synthetic'))
 def test_every_smoke_task_loads_shifted_random_data(name):
-  task = fv.VISION[name](smoke=True)
-  data = task.load(0)
+  task = configs.smoke(configs.TASKS[name])
+  data = floral_tasks.load_data(task, 0)
   k = task.num_clients
   assert data.train.num_clients == k and data.num_clusters == task.num_clusters
   np.testing.assert_array_equal(data.clusters, np.arange(k) % task.num_clusters)
   x = data.train.x['image'] if task.shift == 'rotate' else data.train.x
-  assert x.dtype == np.uint8 and x.shape[0] == k and x.shape[2:] == vision.DATASETS[task.image_dataset].image_shape
+  image_shape = vision.DATASETS[floral_tasks.image_dataset(task)].image_shape
+  assert x.dtype == np.uint8 and x.shape[0] == k and x.shape[2:] == image_shape
   if task.shift == 'rotate':
     np.testing.assert_array_equal(data.train.x['turns'][:, 0], data.clusters)  # C = 4: one quarter turn per cluster
   assert task.rounds == 2 and int(data.test.counts.min()) > 0
 
 
 def test_offline_task_gives_every_client_ten_training_images():
-  data = fv.mnist_offline_label_shift().load(0)
+  data = floral_tasks.load_data(configs.TASKS['mnist_offline_label_shift'], 0)
   assert data.train.num_clients == 300
   np.testing.assert_array_equal(data.train.counts, 10)
   assert int(data.test.counts.sum()) == 2000
