@@ -135,7 +135,8 @@ def table(docs: Sequence[dict[str, Any]]) -> str:
   merged = merge_seeds(docs)
   tasks = _tasks_in_order(docs)
   metric = {doc['task']: doc['metric'] for doc in docs}
-  methods = [m for m in configs.METHODS if any((t, m) in merged and merged[(t, m)] for t in tasks)]
+  failed = {(doc['task'], m) for doc in docs for m, r in doc['methods'].items() if r.get('status') == 'failed'}
+  methods = [m for m in configs.METHODS if any(merged.get((t, m)) or (t, m) in failed for t in tasks)]
   head, rule = ['method'], ['---']
   for t in tasks:
     seeds = sorted({s for m in methods for s in merged.get((t, m), {})})
@@ -151,7 +152,10 @@ def table(docs: Sequence[dict[str, Any]]) -> str:
     cells = [configs.METHODS[m].label]
     for t in tasks:
       values = merged.get((t, m), {})
-      cells.append(format_cell(metric[t], [values[s] for s in sorted(values)]) if values else '')
+      cell = format_cell(metric[t], [values[s] for s in sorted(values)]) if values else ''
+      if (t, m) in failed:
+        cell = f'{cell} (a seed failed)' if cell else 'failed'
+      cells.append(cell)
       column = configs.TASKS[t].column if t in configs.TASKS else None
       if column is not None:
         p = configs.PAPER[column].get(configs.METHODS[m].paper_row)

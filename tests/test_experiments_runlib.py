@@ -303,3 +303,12 @@ def test_stop_request_catches_sigterm_and_restores_the_handler():
     signal.raise_signal(signal.SIGTERM)
     assert stop.requested and stop.signum == signal.SIGTERM
   assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_a_nonfinite_test_metric_fails_the_unit_even_when_the_state_is_finite(tmp_path):
+  unit = dataclasses.replace(_toy_unit(), evaluate=lambda s: {'test': {'mse': float('inf') if s.round >= 4 else 1.0}})
+  out = loop.train_unit(unit, RunDir.create(str(tmp_path / 'r'), {}),
+                        loop.Schedule(rounds=10, eval_every=2, checkpoint_every=100), progress=Progress(quiet=True),
+                        stop=loop.StopRequest())
+  assert out.status == 'failed' and out.round == 4 and out.curve == [[2, {'mse': 1.0}]]
+  assert out.error == 'toy seed 3 round 4: the test metrics are not finite (mse inf); diverged'

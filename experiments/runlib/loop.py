@@ -5,8 +5,8 @@
 * ``init() -> state``: the freshly initialized :class:`~fedjax_adapters.federated.round.ServerState`;
 * ``step(state, n) -> (state, [summary] * n)``: ``n`` rounds and a summary dict per round (``train_loss``,
   ``clients``, ``rejected``, ...; :func:`round_summaries` builds them from a round's metrics);
-* ``evaluate(state) -> dict``: a strict-JSON-able evaluation record (``test`` metrics, ``per_client`` metrics,
-  ``router_probs``, ...).
+* ``evaluate(state) -> dict``: a strict-JSON-able evaluation record: ``test`` (a dict of headline numbers, all of
+  which must be finite), ``per_client`` metrics, ``router_probs``, ...
 
 Resuming is exact: a round's randomness comes only from the state's key and round counter, so restoring the state
 and the loop's own bookkeeping (saved as the checkpoint's metadata) continues the run bit for bit. With
@@ -202,6 +202,10 @@ def _evaluate(unit: Unit, state, r: int) -> tuple[dict, str | None]:
   if bad:
     return {}, f'{unit.name} round {r}: the state is not finite ({" and ".join(bad)} hold NaN or Inf); diverged'
   evaluation = unit.evaluate(state)
+  bad = {k: v for k, v in evaluation['test'].items() if not np.isfinite(v)}
+  if bad:  # a finite state can still overflow its loss (a diverging model before updates turn non-finite)
+    return {}, (f'{unit.name} round {r}: the test metrics are not finite '
+                f'({", ".join(f"{k} {v}" for k, v in bad.items())}); diverged')
   return evaluation, None
 
 
