@@ -7,7 +7,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).parent.parent
 # Examples that need inputs made by another test (which runs them there).
-RUN_ELSEWHERE = {'peft_generate.py': 'tests/test_interop_peft.py'}
+RUN_ELSEWHERE = {'peft_generate.py': 'tests/test_interop_feddpa.py'}
 EXAMPLES = sorted(p for p in (ROOT / 'examples').glob('*.py') if p.name not in RUN_ELSEWHERE)
 
 
