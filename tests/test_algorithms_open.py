@@ -209,8 +209,10 @@ def test_lora_fedavg_trains_only_the_adapters_starting_from_the_base_model():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), new.global_params, hand)
 
 
-def test_bad_labels_counts_and_duplicate_ids_are_refused_with_the_client_named():
-  alg = algorithms.fedavg(mlp, loss='xent', lr=0.1, batch_size=2)  # 2 classes
+@pytest.mark.parametrize('name', ['fedavg', 'floral'])
+def test_bad_labels_are_refused_with_the_client_named(name):
+  alg = {'fedavg': lambda: algorithms.fedavg(mlp, loss='xent', lr=0.1, batch_size=2),  # 2 classes
+         'floral': lambda: algorithms.floral(mlp, num_adaptors=2, loss='xent', lr=0.1, batch_size=2, rank=1)}[name]()
   round_fn = make_round(alg, clients_per_round=2)
   state = alg.init(jax.random.key(0), 3)
   for bad, value, row in (([0, 1, -1], -1, 2), ([0, 2, 1], 2, 1)):
@@ -221,6 +223,13 @@ def test_bad_labels_counts_and_duplicate_ids_are_refused_with_the_client_named()
       evaluate(alg, state, data)
   good = classification_data([[0, 1], [1, 0, 1], [1, 1]])
   round_fn(state, good)  # padding rows (label 0) are never checked as data: fine
+
+
+def test_bad_counts_and_duplicate_ids_are_refused_with_the_client_named():
+  alg = algorithms.fedavg(mlp, loss='mse', lr=0.1, batch_size=2)
+  round_fn = make_round(alg, clients_per_round=2)
+  state = alg.init(jax.random.key(0), 3)
+  good = regression_data(rows=(2, 3, 2))
   with pytest.raises(ValueError, match=r'client ids \[1\] appear more than once'):
     round_fn(state, good, client_ids=[1, 1])
   round_fn(state, good, client_ids=[1, 1], client_mask=[True, False])  # a padding slot may repeat an id

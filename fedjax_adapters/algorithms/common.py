@@ -177,7 +177,7 @@ def label_check(kind: str, predict, init_params):
     return None
 
   def check(data: ClientData):
-    frozen, g, clients = jax.eval_shape(init_params, jax.random.key(0), 1)
+    frozen, g, clients = jax.eval_shape(lambda key: init_params(key, 1), jax.random.key(0))
     x1 = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), data.x)
     out = jax.eval_shape(predict, frozen, g, jax.tree.map(lambda c: jax.ShapeDtypeStruct(c.shape[1:], c.dtype),
                                                           clients), x1)
