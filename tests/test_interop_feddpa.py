@@ -107,3 +107,38 @@ def test_example_command_line_errors_are_one_line(trained, capsys):
   assert example.main(['--base', str(out / 'base'), '--adapter', str(out / 'global'), str(out / 'global'),
                        '--prompt', 'hi']) == 2
   assert capsys.readouterr().err.strip() == 'error: 2 adapters need --weights (one per adapter).'
+
+
+def _doc_block(marker: str) -> str:
+  """The first python block after ``marker`` in docs/interop.md (the docs' per-prompt recipe, run as written)."""
+  text = (EXAMPLE.parents[1] / 'docs' / 'interop.md').read_text()
+  return text.split(marker, 1)[1].split('```python\n', 1)[1].split('```', 1)[0]
+
+
+def test_per_prompt_weights_in_peft_equal_the_batched_jax_forward(trained):
+  import torch  # pylint: disable=g-import-not-at-top
+  from peft import PeftModel  # pylint: disable=g-import-not-at-top
+  from transformers import AutoModelForCausalLM  # pylint: disable=g-import-not-at-top
+  fd, state, out, _ = trained
+  mdef, parts, local, _ = interop.feddpa_parts(fd, state)
+  parts = {**parts, 'local': jax.tree.map(lambda a: a[0], local)}
+  namespace = {}
+  exec(_doc_block('<!-- tested: set_feddpa_weight'), namespace)  # pylint: disable=exec-used
+  tokenizer = AutoTokenizer.from_pretrained(str(out / 'base'))
+  base = AutoModelForCausalLM.from_pretrained(str(out / 'base'), dtype=torch.float32)
+  model = PeftModel.from_pretrained(base, str(out / 'global'), adapter_name='global')
+  model.load_adapter(str(out / 'local' / 'client_0'), adapter_name='local')
+  weights = np.array([0.2, 0.7, -0.1], np.float32)  # FedDPA's weight can be negative (no clamp in the paper's code)
+  batch = fdata.tokenize_prompts(tokenizer, PROMPTS, max_length=LENGTH, truncation='left')
+  expected, _ = mdef.apply(parts, jnp.asarray(batch.input_ids), jnp.asarray(batch.attention_mask),
+                           global_weight=jnp.asarray(weights), local_weight=1.0 - jnp.asarray(weights))
+  expected = np.asarray(expected)
+  for i, w in enumerate(weights):
+    namespace['set_feddpa_weight'](model, float(w))
+    real = batch.attention_mask[i].astype(bool)
+    with torch.no_grad():
+      got = model(input_ids=torch.tensor(batch.input_ids[i][real][None].astype(np.int64))).logits[0].numpy()
+    np.testing.assert_allclose(got, expected[i][real], atol=1e-4, rtol=0, err_msg=f'prompt {i}, w={w}')
+  other, _ = mdef.apply(parts, jnp.asarray(batch.input_ids), jnp.asarray(batch.attention_mask),
+                        global_weight=1.0 - jnp.asarray(weights), local_weight=jnp.asarray(weights))
+  assert np.abs(np.asarray(other) - expected)[batch.attention_mask.astype(bool)].max() > 1e-3  # weights matter

@@ -32,6 +32,7 @@ MASK = np.array([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 1, 1
 POSITIONS = np.maximum(np.cumsum(MASK, axis=-1) - 1, 0) + 900
 
 FAMILIES = {
+    'llama_untied': {},
     'llama3_rope_tied': dict(rope_scaling=LLAMA3, tie_word_embeddings=True),
     'linear_rope_untied': dict(rope_scaling={'rope_type': 'linear', 'factor': 4.0}),
     'llama_attention_and_mlp_bias': dict(attention_bias=True, mlp_bias=True),

@@ -488,6 +488,9 @@ _TORCH_NAMES = {'kernel': 'weight', 'embedding': 'weight', 'scale': 'weight', 'b
 
 def _fold_layer(node: dict, kind: str, leaves: Mapping[str, np.ndarray], w: np.ndarray, alpha, path: str) -> None:
   """Adds one layer's mixed adaptor delta (weights ``w [C]``) to its base parameters ``node`` in place."""
+  if kind not in ('linear', 'embed', 'conv', 'norm'):
+    raise ValueError(f'{path}: cannot merge adaptors into a {kind!r} layer (LinearGeneral / Einsum kernels); only '
+                     'Linear, Conv, Embed and norm layers merge.')
   scale = _scale(alpha, leaves['b'].shape[-2 if leaves['b'].ndim == 3 else 3]) if 'b' in leaves else 1.0
   if kind in ('linear', 'embed') and 'a' in leaves:
     key = 'kernel' if kind == 'linear' else 'embedding'

@@ -875,6 +875,50 @@ def beam_search(model: nnx.Module, input_ids: jax.Array, attention_mask: jax.Arr
   return (tokens, scores) if return_scores else tokens
 
 
+def _take(x, idx):
+  """``x [B, C, ...]`` gathered at ``idx [B, K]`` along axis 1 -> ``[B, K, ...]``."""
+  return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def _beam_select(step, logits, alive_logp, alive_seq, fin_score, fin_seq, done, *, eos, length_penalty, num_cand):
+  """One beam-search step's bookkeeping: expand the K alive beams by the next-token ``logits [B * K, V]``.
+
+  Returns:
+    (alive_logp, alive_seq, fin_score, fin_seq, done, parent [B, K], token [B, K]): the updated beams, and for each
+    new alive beam the beam it extends and its new token.
+  """
+  b, k_beams = alive_logp.shape
+  vocab = logits.shape[-1]
+  neg_inf = jnp.float32(-jnp.inf)
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1).reshape(b, k_beams, vocab)
+  cand = (alive_logp[:, :, None] + logp).reshape(b, k_beams * vocab)
+  cand_logp, flat = jax.lax.top_k(cand, num_cand)  # [B, C], sorted best first
+  parent, token = flat // vocab, (flat % vocab).astype(jnp.int32)
+  seqs = _take(alive_seq, parent)
+  seqs = jax.lax.dynamic_update_slice(seqs, token[:, :, None], (0, 0, step))
+  is_eos = jnp.isin(token, eos)
+
+  # Finished: EOS candidates ranked within the top K (as HF does; it is what makes K = 1 greedy).
+  length = (step + 1).astype(jnp.float32)
+  rank = jnp.arange(num_cand)[None, :]
+  new_fin = jnp.where(is_eos & (rank < k_beams) & (cand_logp > neg_inf), cand_logp / length ** length_penalty,
+                      neg_inf)
+  fin_best, fin_idx = jax.lax.top_k(jnp.concatenate([fin_score, new_fin], axis=1), k_beams)
+  fin_seq_new = _take(jnp.concatenate([fin_seq, seqs], axis=1), fin_idx)
+
+  # Alive: the best K non-EOS candidates.
+  alive_best, alive_idx = jax.lax.top_k(jnp.where(is_eos, neg_inf, cand_logp), k_beams)
+
+  # Rows that already stopped keep their hypotheses; their beams keep decoding harmlessly (static shapes).
+  keep = done[:, None]
+  fin_score = jnp.where(keep, fin_score, fin_best)
+  fin_seq = jnp.where(keep[..., None], fin_seq, fin_seq_new)
+  alive_logp = jnp.where(keep, alive_logp, alive_best)
+  alive_seq = jnp.where(keep[..., None], alive_seq, _take(seqs, alive_idx))
+  done = done | (jnp.sum(fin_score > neg_inf, axis=-1) >= k_beams)
+  return alive_logp, alive_seq, fin_score, fin_seq, done, _take(parent, alive_idx), _take(token, alive_idx)
+
+
 @functools.partial(jax.jit, static_argnames=('graphdef', 'num_beams', 'max_new_tokens', 'scan_layers'))
 def _beam_jit(graphdef, state, input_ids, attention_mask, eos, pad_id, length_penalty, *, num_beams, max_new_tokens,
               scan_layers):
@@ -900,51 +944,18 @@ def _beam_jit(graphdef, state, input_ids, attention_mask, eos, pad_id, length_pe
   fin_score = jnp.full((b, k_beams), neg_inf)
   fin_seq = jnp.full((b, k_beams, n_new), pad_id, jnp.int32)
 
-  def take(x, idx):  # x [B, C, ...], idx [B, K] -> [B, K, ...]
-    return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
-
   def cond(carry):
     step, *_, done = carry
     return (step < n_new) & ~jnp.all(done)
 
   def body(carry):
-    step, logits, cache, alive_logp, alive_seq, fin_score, fin_seq, done = carry
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1).reshape(b, k_beams, vocab)
-    cand = (alive_logp[:, :, None] + logp).reshape(b, k_beams * vocab)
-    cand_logp, flat = jax.lax.top_k(cand, num_cand)  # [B, C], sorted best first
-    parent, token = flat // vocab, (flat % vocab).astype(jnp.int32)
-    seqs = take(alive_seq, parent)
-    seqs = jax.lax.dynamic_update_slice(seqs, token[:, :, None], (0, 0, step))
-    is_eos = jnp.isin(token, eos)
-
-    # Finished: EOS candidates ranked within the top K (as HF does; it is what makes K = 1 greedy).
-    length = (step + 1).astype(jnp.float32)
-    rank = jnp.arange(num_cand)[None, :]
-    new_fin = jnp.where(is_eos & (rank < k_beams) & (cand_logp > neg_inf), cand_logp / length ** length_penalty,
-                        neg_inf)
-    fin_all = jnp.concatenate([fin_score, new_fin], axis=1)
-    fin_best, fin_idx = jax.lax.top_k(fin_all, k_beams)
-    fin_seq_new = take(jnp.concatenate([fin_seq, seqs], axis=1), fin_idx)
-
-    # Alive: the best K non-EOS candidates.
-    alive_best, alive_idx = jax.lax.top_k(jnp.where(is_eos, neg_inf, cand_logp), k_beams)
-    alive_seq_new = take(seqs, alive_idx)
-    alive_parent = take(parent, alive_idx)
-    alive_token = take(token, alive_idx)
-
-    # Rows that already stopped keep their hypotheses; their beams keep decoding harmlessly (static shapes).
-    keep = done[:, None]
-    fin_score = jnp.where(keep, fin_score, fin_best)
-    fin_seq = jnp.where(keep[..., None], fin_seq, fin_seq_new)
-    alive_logp = jnp.where(keep, alive_logp, alive_best)
-    alive_seq = jnp.where(keep[..., None], alive_seq, alive_seq_new)
-    done = done | (jnp.sum(fin_score > neg_inf, axis=-1) >= k_beams)
-
-    rows = (jnp.arange(b)[:, None] * k_beams + alive_parent).reshape(-1)
+    step, logits, cache, *beams = carry
+    *beams, parent, token = _beam_select(step, logits, *beams, eos=eos, length_penalty=length_penalty,
+                                         num_cand=num_cand)
+    rows = (jnp.arange(b)[:, None] * k_beams + parent).reshape(-1)
     cache = KVCache(k=cache.k[:, rows], v=cache.v[:, rows], mask=cache.mask[rows], index=cache.index)
-    logits, cache = model(alive_token.reshape(-1, 1), jnp.ones((b * k_beams, 1), jnp.int32), cache=cache,
-                          **call_kwargs)
-    return step + 1, logits[:, 0], cache, alive_logp, alive_seq, fin_score, fin_seq, done
+    logits, cache = model(token.reshape(-1, 1), jnp.ones((b * k_beams, 1), jnp.int32), cache=cache, **call_kwargs)
+    return (step + 1, logits[:, 0], cache, *beams)
 
   carry = (jnp.zeros((), jnp.int32), logits, cache, alive_logp, alive_seq, fin_score, fin_seq,
            jnp.zeros((b,), bool))
