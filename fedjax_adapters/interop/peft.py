@@ -28,7 +28,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_adapters.adapters import lora as lora_fns
 from fedjax_adapters.adapters.mixture import router_probs
 
 PathLike = str | os.PathLike
