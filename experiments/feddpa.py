@@ -1,246 +1,253 @@
-"""FedDPA on the paper's Dataset 1: FedIT, Local, FedDPA-T, FedDPA-F (and Centralized), with test-time
-personalization evaluation.
+"""FedDPA on the paper's Dataset 1: FedIT, Local, FedDPA-T, FedDPA-F (and Centralized), scored on personalization
+(each client on its own task) and test-time personalization (each client over every task), with paired bootstrap
+intervals.
 
 Usage::
 
-  python -m experiments.feddpa --data ../shared/data/feddpa/dataset1 --config cpu --json out/feddpa_cpu.json
-  python -m experiments.feddpa --data DIR --config paper --model /path/to/llama-7b-hf --json out/feddpa.json
+  python -m experiments.feddpa --data ../shared/data/feddpa/dataset1 --config smoke     # first contact, ~1 min
+  python -m experiments.feddpa --data DIR --config cpu --out runs/feddpa_cpu             # about an hour, 2 cores
+  python -m experiments.feddpa --resume runs/feddpa_cpu                                  # continue after a stop
+  python -m experiments.feddpa --data DIR --config gpu                                   # one GPU, the paper's schedule
+  python -m experiments.feddpa --data DIR --config paper --model /path/to/llama-7b-hf    # the paper's setting
+  python -m experiments.feddpa --data DIR --config cpu --lr 3e-4 --set num_refs=3 --print-config
+  python -m experiments.report runs/feddpa_cpu                                           # table and P/TTP bars
 
-Every client's final model answers the whole test pool: its own task is *personalization*, the average over all
-tasks *test-time personalization* (reference/feddpa.md §1). Writes
-``{"config": ..., "methods": {name: {"personalization": {task: rouge1, "avg": ...}, "test_time": {...}}}}``.
+Every client's final model answers the whole test pool. Its own task is *personalization* (P); the average over all
+tasks is *test-time personalization* (TTP). Every setting of the config can be changed by its flag below, by
+``--set key=value`` or by ``--config-file FILE`` (a JSON object of settings, or a run's config.json); flags win over
+--set, which wins over the file.
+
+The run directory (``--out``) receives config.json, metrics.jsonl (one line per round per method and seed, the
+evaluation on the last), results.json (per-task and average ROUGE-1, every prompt's score, 95 % paired bootstrap
+intervals of every average and of the paper's claimed differences), the clients' answers under predictions/ and
+checkpoints of the adapters (the frozen base is not stored). Ctrl-C (or SIGTERM) saves a checkpoint and exits;
+``--resume DIR`` continues with bit-identical results. ``--export-peft DIR`` writes every method's adapters as PEFT
+folders. See docs/feddpa.md.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
-import time
+import typing
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
+from experiments.configs import feddpa as configs
+from experiments.runlib import cli
+from experiments.runlib.cli import UserError
 
-from fedjax_adapters.algorithms.feddpa import (feddpa, instance_weights, lm_spec, mixing_weights,
-                                               prompt_embeddings)
-from fedjax_adapters.data import feddpa as fdata
-from fedjax_adapters.federated.client_update import ClientData
-from fedjax_adapters.federated.round import make_round
-from fedjax_adapters.metrics.rouge import personalization_report
-from fedjax_adapters.models import llama
-from fedjax_adapters.models.llama_loaders import load_gguf, load_hf_checkpoint, load_tokenizer, smollm2_gguf_path
-from experiments.configs.feddpa import CONFIGS
-
+RUNNER = 'feddpa'
 METHODS = ('centralized', 'fedit', 'local', 'feddpa_t', 'feddpa_f')
 DEFAULT_METHODS = ('fedit', 'local', 'feddpa_t', 'feddpa_f')
 
-
-def load_base(cfg, model_arg: str | None):
-  """(pretrained Llama model, tokenizer) for the config; the model's weights become the frozen base."""
-  source = model_arg or cfg.model
-  if source in ('smollm2', 'tiny'):
-    path = smollm2_gguf_path()
-    tokenizer = load_tokenizer(path)
-    if source == 'tiny':
-      config = llama.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                 tie_word_embeddings=True)
-      return llama.Llama(config, rngs=nnx.Rngs(0)), tokenizer
-    model, _ = load_gguf(path)
-    return model, tokenizer
-  if not source:
-    raise ValueError(f'config {cfg.name!r} needs --model (a Hugging Face LLaMA folder or a .gguf file).')
-  if str(source).endswith('.gguf'):
-    model, _ = load_gguf(source)
-  else:
-    model, _ = load_hf_checkpoint(source)
-  return model, load_tokenizer(source)
-
-
-def client_arrays(tokenizer, examples_by_client, cfg) -> ClientData:
-  """Tokenized, right-padded training data of every client, stacked ``[K, N, L]``."""
-  batches = [fdata.tokenize_for_training(tokenizer, ex, max_length=cfg.max_length, length=cfg.max_length)
-             for ex in examples_by_client]
-  x = {name: jnp.asarray(np.stack([getattr(b, name) for b in batches])) for name in
-       ('input_ids', 'attention_mask', 'loss_mask')}
-  n = x['input_ids'].shape[1]
-  return ClientData(x, jnp.zeros((len(batches), n), jnp.int32), jnp.full((len(batches),), n, jnp.int32))
+# Settings with a flag of their own: name -> (flags, argparse type or choices, help). --set reaches every setting.
+_FLAGS = {
+    'rounds': (('--rounds',), cli.int_at_least(0), 'federated rounds'),
+    'lr': (('--lr',), cli.positive_float, 'client AdamW peak learning rate (linear decay to 0 in each phase)'),
+    'num_epochs': (('--epochs',), cli.int_at_least(1), 'local epochs per training phase'),
+    'batch_size': (('--batch-size',), cli.int_at_least(1), 'examples per optimizer step'),
+    'rank': (('--rank',), cli.int_at_least(1), 'LoRA rank of both adapters'),
+    'alpha': (('--alpha',), cli.positive_float, 'LoRA alpha (scale alpha / rank)'),
+    'dropout': (('--dropout',), cli.nonnegative_float, 'LoRA dropout while training'),
+    'mix_weight': (('--mix-weight',), cli.nonnegative_float,
+                   "FedDPA-T's weight of the local adapter while it trains (the paper's alpha)"),
+    'lam': (('--lam', '--lambda'), cli.nonnegative_float, 'lambda, the scale of the instance-wise weight'),
+    'num_refs': (('--num-refs', '--S'), cli.int_at_least(1), 'S, local reference prompts per test prompt'),
+    'weight_target': (('--weight-target',), configs.WEIGHT_TARGETS,
+                      'the adapter the instance-wise weight scales (global: the public code)'),
+    'embed_adapter': (('--embed-adapter',), configs.EMBED_ADAPTERS, 'the adapters that embed prompts for the weight'),
+    'max_new_tokens': (('--max-new-tokens',), cli.int_at_least(1), 'decoded tokens per answer'),
+    'num_beams': (('--num-beams',), cli.int_at_least(1), 'beams (1: greedy decoding)'),
+    'test_per_task': (('--test-per-task',), cli.int_at_least(1), 'test prompts per task (200: all)'),
+    'train_per_client': (('--train-per-client',), cli.int_at_least(1), 'training examples per client (300: all)'),
+    'max_length': (('--max-length',), cli.int_at_least(2), 'training sequences are cut at this many tokens'),
+    'prompt_length': (('--prompt-length',), cli.int_at_least(1), 'longer test prompts keep their last tokens'),
+    'eval_batch': (('--eval-batch',), cli.int_at_least(1), 'prompts decoded per batch'),
+    'backend': (('--backend',), configs.BACKENDS, 'train all clients at once (vmap) or one by one (sequential)'),
+}
 
 
-def train(method: str, cfg, base_model, tokenizer, data: fdata.FedDPAData, *, seed: int):
-  """Runs ``method`` and returns ``(FedDPA object, final state)``."""
-  train_sets = [list(ex[:cfg.train_per_client]) for ex in data.train]
-  if method == 'centralized':
-    train_sets = [[e for ex in train_sets for e in ex]]
-  variant = 'fedit' if method == 'centralized' else method
-  spec = lm_spec(target=cfg.target, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout)
-  graphdef, base_state = nnx.split(base_model)
-
-  def model_fn(rngs):
-    del rngs  # the pretrained weights are the base; adapters are initialized by adapt() from the algorithm's key
-    return nnx.merge(graphdef, base_state)
-
-  fd = feddpa(model_fn, variant=variant, spec=spec, lr=cfg.lr, batch_size=cfg.batch_size,
-              num_epochs=cfg.num_epochs, mix_weight=cfg.mix_weight)
-  cdata = client_arrays(tokenizer, train_sets, cfg)
-  k = len(train_sets)
-  state = fd.algorithm.init(jax.random.key(seed), k)
-  round_fn = make_round(fd.algorithm, clients_per_round=k, backend=cfg.backend)
-  for r in range(cfg.rounds):
-    t0 = time.time()
-    state, metrics = round_fn(state, cdata)
-    loss = float(jnp.sum(metrics.get('global_loss', metrics.get('local_loss', 0.0))))
-    tokens = float(jnp.sum(metrics.get('global_tokens', metrics.get('local_tokens', 1.0))))
-    print(f'    {method} round {r}: train loss {loss / max(tokens, 1):.3f} ({time.time() - t0:.0f} s)', flush=True)
-  if method == 'feddpa_f':
-    state = fd.personalize_from_global(state, cdata, backend=cfg.backend)
-  return fd, state
+def _defaults(name: str) -> str:
+  return 'defaults: ' + ', '.join(f'{c} {getattr(cfg, name)!r}' for c, cfg in configs.CONFIGS.items())
 
 
-def _embed_prompts(fd, parts, tokenizer, prompts: list[str], cfg) -> jax.Array:
-  """``[len(prompts), D]`` embeddings, in chunks of ``cfg.eval_batch`` (the last padded, so one compile)."""
-  out = []
-  for start in range(0, len(prompts), cfg.eval_batch):
-    chunk = prompts[start:start + cfg.eval_batch]
-    padded = chunk + [chunk[-1]] * (cfg.eval_batch - len(chunk))
-    b = fdata.tokenize_prompts(tokenizer, padded, max_length=cfg.prompt_length, truncation='left',
-                               length=cfg.prompt_length)
-    out.append(_embed(fd, parts, jnp.asarray(b.input_ids), jnp.asarray(b.attention_mask), cfg.embed_adapter)
-               [:len(chunk)])
-  return jnp.concatenate(out)
+def build_parser() -> cli.Parser:
+  p = cli.Parser(prog='python -m experiments.feddpa', description=__doc__,
+                 formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--data', default=None, help='a folder laid out like FedDPA Dataset 1 (required unless --resume)')
+  p.add_argument('--config', default='cpu', help=f'one of: {", ".join(configs.CONFIGS)} (default: cpu)')
+  p.add_argument('--methods', nargs='+', default=list(DEFAULT_METHODS),
+                 help=f'subset of: {", ".join(METHODS)} (default: {" ".join(DEFAULT_METHODS)})')
+  p.add_argument('--model', default=None, help="HF LLaMA folder or .gguf file (default: the config's model)")
+  p.add_argument('--seed', type=cli.int_at_least(0), default=None, help='one seed (default: 0)')
+  p.add_argument('--seeds', nargs='+', default=None, help='several seeds: N (0..N-1), a list, or A:B')
+  g = p.add_argument_group('run directory, checkpoints, output')
+  g.add_argument('--out', default=None, help='run directory (default: runs/feddpa-<config>-<YYYYmmdd-HHMMSS>)')
+  g.add_argument('--resume', metavar='DIR', default=None, help='continue the run in DIR with its own settings')
+  g.add_argument('--json', default=None, help='also write the results document here')
+  g.add_argument('--export-peft', metavar='DIR', default=None,
+                 help="write every finished method's adapters as PEFT folders under DIR/<method>[-seed<k>]")
+  g.add_argument('--checkpoint-every', type=cli.int_at_least(1), default=1,
+                 help='checkpoint the adapters every this many rounds, and after the last (default: 1)')
+  g.add_argument('--keep-checkpoints', type=cli.int_at_least(1), default=2, help='checkpoints kept (default: 2)')
+  g.add_argument('--bootstrap-samples', type=cli.int_at_least(1), default=10_000,
+                 help='paired bootstrap resamples of the test prompts (default: 10000)')
+  g.add_argument('--quiet', action='store_true', help='no progress output; only errors and the final tables')
+  c = p.add_argument_group('configuration')
+  c.add_argument('--config-file', metavar='FILE', default=None,
+                 help="JSON settings: an object {setting: value} or a run's config.json")
+  c.add_argument('--set', nargs='+', metavar='KEY=VALUE', default=[], dest='overrides',
+                 help=f'override any setting: {", ".join(f.name for f in dataclasses.fields(configs.FedDPAConfig))}')
+  c.add_argument('--print-config', action='store_true', help='print the resolved settings as JSON and exit')
+  t = p.add_argument_group("FedDPA settings (default: the config's)")
+  for name, (flags, kind, text) in _FLAGS.items():
+    extra = {'choices': kind} if isinstance(kind, tuple) else {'type': kind}
+    t.add_argument(*flags, dest=name, default=argparse.SUPPRESS, help=f'{text} ({_defaults(name)})', **extra)
+  return p
 
 
-def generate(fd, state, tokenizer, data, cfg, *, client: int, seed: int) -> list[str]:
-  """Client ``client``'s answers to the whole test pool, with the method's adapter weighting."""
-  parts = fd.client_parts(state, client)
-  prompts = [fdata.build_prompt(e.instruction) for e in data.test]
-  eos = tokenizer.eos_token_id
-  pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-  ref_emb = None
-  if fd.variant in ('feddpa_t', 'feddpa_f'):
-    # References are drawn from the client's own training data (the examples it trained on), S per test prompt.
-    # Each distinct reference is embedded once: the embedding depends only on the prompt and the client's model.
-    local = data.train[min(client, len(data.train) - 1)][:cfg.train_per_client]
-    refs_pool = [fdata.build_prompt(e.instruction) for e in local]
-    ref_idx = fdata.sample_references(np.random.default_rng([seed, client]), len(refs_pool), cfg.num_refs,
-                                      len(prompts))
-    used, inverse = np.unique(ref_idx, return_inverse=True)
-    ref_emb = _embed_prompts(fd, parts, tokenizer, [refs_pool[j] for j in used], cfg)[inverse.reshape(ref_idx.shape)]
-  outputs = []
-  for start in range(0, len(prompts), cfg.eval_batch):
-    chunk = prompts[start:start + cfg.eval_batch]
-    pb = fdata.tokenize_prompts(tokenizer, chunk, max_length=cfg.prompt_length, truncation='left',
-                                length=cfg.prompt_length)
-    ids, mask = jnp.asarray(pb.input_ids), jnp.asarray(pb.attention_mask)
-    if ref_emb is not None:
-      e_test = _embed(fd, parts, ids, mask, cfg.embed_adapter)
-      w = instance_weights(e_test, ref_emb[start:start + len(chunk)], lam=cfg.lam)
-      gw, lw = mixing_weights(w, target=cfg.weight_target)
-    elif fd.variant == 'local':
-      gw, lw = jnp.zeros(len(chunk)), jnp.ones(len(chunk))
-    else:
-      gw, lw = jnp.ones(len(chunk)), jnp.zeros(len(chunk))
-    reps = cfg.num_beams
-    model = fd.mdef.bind(parts, global_weight=jnp.repeat(gw, reps), local_weight=jnp.repeat(lw, reps))
-    if cfg.num_beams > 1:
-      out = llama.beam_search(model, ids, mask, num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens,
-                              eos_id=eos, pad_id=pad)
-    else:
-      out = llama.greedy_decode(model, ids, mask, max_new_tokens=cfg.max_new_tokens, eos_id=eos, pad_id=pad)
-    texts = tokenizer.batch_decode(np.asarray(out), skip_special_tokens=True)
-    outputs.extend(t.strip() for t in texts)
-  return outputs
+def resolve_config(args: argparse.Namespace) -> configs.FedDPAConfig:
+  """The config with --config-file, then --set, then the flags applied (each later one wins); validated."""
+  if args.config not in configs.CONFIGS:
+    raise UserError(f'unknown config {args.config!r}; valid configs: {", ".join(configs.CONFIGS)}')
+  cfg = configs.CONFIGS[args.config]
+  try:
+    if args.config_file:
+      settings = cli.read_config_file(args.config_file)
+      cfg = cli.apply_overrides(cfg, settings, source=f'--config-file {args.config_file}')
+    cfg = cli.apply_overrides(cfg, args.overrides)
+    cfg = cfg.replace(**{name: vars(args)[name] for name in _FLAGS if name in vars(args)})
+  except ValueError as e:  # the config's own checks (FedDPAConfig.__post_init__)
+    raise UserError(str(e)) from None
+  if args.model:
+    cfg = cfg.replace(model=args.model)
+  return cfg
 
 
+def one_line(message: str) -> str:
+  """A multi-line loader message as one line (the CLI reports every user error on one line)."""
+  return '; '.join(line.strip(' -') for line in str(message).splitlines() if line.strip())
 
 
-_EMBED_CACHE = {}
+def check_model(cfg: configs.FedDPAConfig) -> str:
+  """The model source, checked to exist and look parseable (a GGUF header, or an HF folder's config.json)."""
+  if cfg.model in configs.MODELS:
+    return cfg.model
+  if not cfg.model:
+    raise UserError(f'config {cfg.name!r} needs --model (a Hugging Face LLaMA folder or a .gguf file)')
+  path = os.path.abspath(os.path.expanduser(cfg.model))
+  if os.path.isfile(path) and path.endswith('.gguf'):
+    with open(path, 'rb') as f:
+      if f.read(4) != b'GGUF':
+        raise UserError(f'--model {cfg.model}: not a GGUF file (no GGUF header)')
+    return path
+  config_json = os.path.join(path, 'config.json')
+  if not os.path.isdir(path) or not os.path.isfile(config_json):
+    raise UserError(f'--model {cfg.model}: expected a Hugging Face folder with config.json, or a .gguf file')
+  try:
+    with open(config_json) as f:
+      json.load(f)
+  except (OSError, ValueError) as e:
+    raise UserError(f'--model {cfg.model}: config.json does not parse ({e})') from None
+  return path
 
 
-def _embed(fd, parts, ids, mask, adapter):
-  key = (id(fd.mdef), adapter)
-  if key not in _EMBED_CACHE:
-    _EMBED_CACHE[key] = jax.jit(lambda p, i, m: prompt_embeddings(fd.mdef, p, i, m, adapter=adapter))
-  return _EMBED_CACHE[key](parts, ids, mask)
+def check_data(path: str | None, cfg: configs.FedDPAConfig) -> str:
+  """The data folder, loaded once so a missing or malformed dataset, or a client with fewer training examples than
+  the S references it must draw, fails before any training."""
+  if not path:
+    raise UserError('--data is required (a folder laid out like FedDPA Dataset 1), or --resume DIR')
+  from fedjax_adapters.data import feddpa as fdata  # pylint: disable=g-import-not-at-top
+  try:
+    data = fdata.load_feddpa(path)
+  except ValueError as e:
+    raise UserError(f'--data {path}: {one_line(e)}') from None
+  for k, examples in enumerate(data.train):
+    n = min(len(examples), cfg.train_per_client)
+    if n < cfg.num_refs:
+      raise UserError(f'--data {path}: client {k} has {n} training examples, fewer than num_refs={cfg.num_refs} '
+                      f'references per test prompt; lower --num-refs')
+  return os.path.abspath(os.path.expanduser(path))
 
 
-def evaluate_method(method, fd, state, tokenizer, data, cfg, *, seed: int) -> dict:
-  k = data.num_clients
-  if method in ('centralized', 'fedit'):
-    # One model serves every client (FedIT decodes with the averaged global adapter alone), so its answers are
-    # computed once and given to each client.
-    answers = generate(fd, state, tokenizer, data, cfg, client=0, seed=seed)
-    predictions = [answers] * k
-  else:
-    predictions = [generate(fd, state, tokenizer, data, cfg, client=c, seed=seed) for c in range(k)]
-  report = personalization_report(predictions, data)
-  return {'personalization': report['personalization'], 'test_time': report['test_time'],
-          'examples': {c: predictions[c][:3] for c in range(min(k, 2))}}
+def _seeds(args) -> list[int]:
+  if args.seed is not None and args.seeds is not None:
+    raise UserError('pass --seed or --seeds, not both')
+  if args.seeds is not None:
+    return cli.parse_seeds(args.seeds)
+  return [0 if args.seed is None else args.seed]
 
 
-def main(argv=None) -> dict:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--data', required=True, help='a folder laid out like FedDPA Dataset 1')
-  p.add_argument('--config', default='cpu', help=f'one of: {", ".join(CONFIGS)}')
-  p.add_argument('--methods', nargs='+', default=list(DEFAULT_METHODS), help=f'subset of: {", ".join(METHODS)}')
-  p.add_argument('--model', default=None, help='HF LLaMA folder or .gguf file (default: the config\'s model)')
-  p.add_argument('--rounds', type=int, default=None)
-  p.add_argument('--seed', type=int, default=0)
-  p.add_argument('--json', default=None)
-  args = p.parse_args(argv)
-  if args.config not in CONFIGS:
-    p.error(f'unknown config {args.config!r}; valid configs: {", ".join(CONFIGS)}')
-  bad = [m for m in args.methods if m not in METHODS]
+def _methods(methods: list[str]) -> list[str]:
+  bad = [m for m in methods if m not in METHODS]
   if bad:
-    p.error(f'unknown method(s) {", ".join(bad)}; valid methods: {", ".join(METHODS)}')
-  cfg = CONFIGS[args.config]
-  if args.rounds is not None:
-    cfg = cfg.__class__(**{**cfg.__dict__, 'rounds': args.rounds})
-  t_start = time.time()
-  data = fdata.load_feddpa(args.data)
-  if cfg.test_per_task < 200:
-    data = data.subset_test(cfg.test_per_task)
-  t0 = time.time()
-  base, tokenizer = load_base(cfg, args.model)
-  print(f'config {cfg.name}: base loaded in {time.time() - t0:.0f} s; {data.num_clients} clients, '
-        f'{len(data.test)} test prompts; devices {jax.devices()}', flush=True)
-  results = {}
-  for method in args.methods:
-    t0 = time.time()
-    fd, state = train(method, cfg, base, tokenizer, data, seed=args.seed)
-    t1 = time.time()
-    results[method] = evaluate_method(method, fd, state, tokenizer, data, cfg, seed=args.seed)
-    results[method]['seconds'] = {'train': round(t1 - t0, 1), 'evaluate': round(time.time() - t1, 1)}
-    r = results[method]
-    print(f'  {method:<12} P avg {r["personalization"]["avg"]:.4f}  TTP avg {r["test_time"]["avg"]:.4f}  '
-          f'(train {t1 - t0:.0f} s, eval {time.time() - t1:.0f} s)', flush=True)
-    _write(args.json, _output(cfg, args, results))  # after every method, so a long run can be watched
-  cats = list(data.categories)
-  print()
-  for block in ('personalization', 'test_time'):
-    print(f'{block} (ROUGE-1 x 100)')
-    print('| method | ' + ' | '.join(cats) + ' | avg |')
-    print('|---' * (len(cats) + 2) + '|')
-    for m, r in results.items():
-      print(f'| {m} | ' + ' | '.join(f'{100 * r[block][c]:.1f}' for c in cats) + f' | {100 * r[block]["avg"]:.1f} |')
-  out = _output(cfg, args, results)
-  out['seconds'] = round(time.time() - t_start, 1)
-  _write(args.json, out)
-  return out
+    raise UserError(f'unknown method(s) {", ".join(bad)}; valid methods: {", ".join(METHODS)}')
+  if len(set(methods)) != len(methods):
+    raise UserError(f'--methods lists a method twice: {" ".join(methods)}')
+  return methods
 
 
-def _output(cfg, args, results) -> dict:
-  return {'config': cfg.name, 'settings': dict(cfg.__dict__), 'seed': args.seed, 'rounds': cfg.rounds,
-          'metric': 'rouge1', 'methods': results}
+def _resume_plan(args) -> dict:
+  from experiments.runlib.rundir import RunDir  # pylint: disable=g-import-not-at-top  (no JAX)
+  parser = build_parser()
+  given = [f'--{k.replace("_", "-")}' for k, v in vars(args).items()
+           if k not in ('resume', 'quiet', 'json', 'export_peft') and v != parser.get_default(k)]
+  if given:
+    raise UserError(f'--resume continues a run with its own settings; drop {", ".join(given)}')
+  run = RunDir.open(args.resume)
+  config = run.config
+  if config.get('runner') != RUNNER:
+    raise UserError(f'{args.resume} holds a {config.get("runner")!r} run, not a FedDPA run')
+  plan = dict(config['plan'], out=run.path, json=args.json, quiet=args.quiet, resuming=True,
+              export_peft=args.export_peft and cli.probe_writable_dir(args.export_peft, '--export-peft'))
+  plan['cfg'] = configs.FedDPAConfig(**config['settings'])
+  check_data(plan['data'], plan['cfg'])
+  check_model(plan['cfg'])
+  return plan
 
 
-def _write(path, out) -> None:
-  if path:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, 'w') as f:
-      json.dump(out, f, indent=2, default=str)
+def make_plan(args) -> dict:
+  """Everything a run needs, validated, before JAX is imported (errors raise UserError)."""
+  if args.resume:
+    return _resume_plan(args)
+  cfg = resolve_config(args)
+  plan = dict(cfg=cfg, methods=_methods(args.methods), seeds=_seeds(args), checkpoint_every=args.checkpoint_every,
+              keep=args.keep_checkpoints, bootstrap_samples=args.bootstrap_samples, json=args.json,
+              quiet=args.quiet, out=args.out, data=args.data, export_peft=args.export_peft)
+  if args.print_config:
+    return plan
+  plan['data'] = check_data(args.data, cfg)
+  check_model(cfg)
+  if args.json:
+    cli.probe_writable_file(args.json, '--json')
+  if args.export_peft:
+    plan['export_peft'] = cli.probe_writable_dir(args.export_peft, '--export-peft')
+  from experiments.runlib.rundir import default_path  # pylint: disable=g-import-not-at-top
+  plan['out'] = cli.probe_writable_dir(args.out or default_path(f'feddpa-{cfg.name}'), '--out')  # created last
+  return plan
+
+
+def main(argv: typing.Sequence[str] | None = None) -> dict:
+  """Parses ``argv``, trains and evaluates every (method, seed), and returns the results document.
+
+  A user error exits with status 2 (one line ``error: ...``), a failed method with 1 after the others ran, an
+  interrupted run with 128 + the signal number.
+  """
+  return cli.run_cli(_main, argv)
+
+
+def _main(argv: typing.Sequence[str] | None) -> dict:
+  args = build_parser().parse_args(argv)
+  plan = make_plan(args)
+  if args.print_config:
+    print(json.dumps(dataclasses.asdict(plan['cfg']), indent=1))
+    return {}
+  from experiments import feddpa_run  # pylint: disable=g-import-not-at-top  (JAX and the library load here)
+  results, status = feddpa_run.run(plan, argv=list(sys.argv[1:] if argv is None else argv))
+  if status:
+    raise SystemExit(status)
+  return results
 
 
 if __name__ == '__main__':

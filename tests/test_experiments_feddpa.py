@@ -1,36 +1,240 @@
-"""`python -m experiments.feddpa`: the smoke config end to end (train, weighted decoding, ROUGE, JSON), bad input."""
+"""`python -m experiments.feddpa`: the smoke config end to end on uneven clients (run directory, per-prompt scores,
+paired intervals, report, PEFT export), resume after SIGKILL, and bad input stopping before any training."""
 import json
 import os
+import subprocess
+import sys
+import time
 
+import jax
+import numpy as np
 import pytest
 
 from experiments import feddpa as exp
+from experiments import report
+from fedjax_adapters import checkpoint
+from fedjax_adapters.metrics import bootstrap, rouge
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # FedDPA's Dataset 1 sits in ../shared beside the repository (as in CI).
-DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '..', 'shared', 'data', 'feddpa',
-                    'dataset1')
+DATA = os.path.join(ROOT, '..', 'shared', 'data', 'feddpa', 'dataset1')
+METHODS = ('fedit', 'local', 'feddpa_t', 'feddpa_f')
+CATEGORIES = {'coreference', 'entailment', 'linguistic_acceptability', 'paraphrase', 'question_classification',
+              'structure_to_text', 'text_formatting', 'word_disambiguation'}
 
 
-def test_smoke_run_writes_the_documented_json(tmp_path):
-  out = tmp_path / 'smoke.json'
-  result = exp.main(['--data', DATA, '--config', 'smoke', '--methods', 'feddpa_t', '--json', str(out)])
-  written = json.loads(out.read_text())
-  assert written['methods'].keys() == {'feddpa_t'} == result['methods'].keys()
-  r = written['methods']['feddpa_t']
-  categories = {'coreference', 'entailment', 'linguistic_acceptability', 'paraphrase', 'question_classification',
-                'structure_to_text', 'text_formatting', 'word_disambiguation'}
-  for block in ('personalization', 'test_time'):
-    assert set(r[block]) == categories | {'avg'}
-    assert all(0.0 <= v <= 1.0 for v in r[block].values())
-  assert written['config'] == 'smoke' and written['metric'] == 'rouge1' and written['settings']['num_refs'] == 2
-  assert r['seconds']['train'] > 0 and r['seconds']['evaluate'] > 0
+@pytest.fixture(scope='module')
+def uneven_data(tmp_path_factory):
+  """Dataset 1 with 6 training examples per client, except client 2 with 3 (fewer than the smoke config's 4)."""
+  root = tmp_path_factory.mktemp('uneven')
+  os.makedirs(root / '8')
+  for k in range(8):
+    with open(os.path.join(DATA, '8', f'local_training_{k}.json')) as f:
+      records = json.load(f)
+    (root / '8' / f'local_training_{k}.json').write_text(json.dumps(records[:3 if k == 2 else 6]))
+  name = 'flan_test_200_selected_nstrict_1.jsonl'
+  (root / name).write_text(open(os.path.join(DATA, name)).read())
+  return str(root)
 
 
-def test_bad_config_or_method_lists_the_valid_ones(capsys):
-  with pytest.raises(SystemExit):
-    exp.main(['--data', DATA, '--config', 'gpu'])
-  assert "unknown config 'gpu'; valid configs: paper, cpu, smoke" in capsys.readouterr().err
-  with pytest.raises(SystemExit):
-    exp.main(['--data', DATA, '--methods', 'fedprox'])
-  assert 'unknown method(s) fedprox; valid methods: centralized, fedit, local, feddpa_t, feddpa_f' in \
-      capsys.readouterr().err
+def _args(data, out):
+  return ['--data', data, '--config', 'smoke', '--out', str(out), '--bootstrap-samples', '200', '--quiet']
+
+
+@pytest.fixture(scope='module')
+def smoke(tmp_path_factory, uneven_data):
+  out = tmp_path_factory.mktemp('feddpa') / 'run'
+  peft = out.parent / 'peft'
+  result = exp.main(_args(uneven_data, out) + ['--export-peft', str(peft)])
+  return out, peft, result
+
+
+def _strict(text):
+  return json.loads(text, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
+
+
+def test_smoke_run_writes_scores_intervals_and_a_report(smoke):
+  out, _, result = smoke
+  doc = _strict((out / 'results.json').read_text())
+  assert doc['status'] == 'done' and doc['runner'] == 'feddpa' and doc['metric'] == 'rouge1'
+  assert doc['methods'].keys() == set(METHODS) and doc['settings']['num_refs'] == 2
+  assert set(doc['test_categories']) == CATEGORIES and len(doc['test_categories']) == 8
+  for m in METHODS:
+    r = doc['methods'][m]
+    assert set(r['personalization']) == set(r['test_time']) == CATEGORIES | {'avg'}
+    per_prompt = np.asarray(r['per_seed']['0']['per_prompt'])
+    assert per_prompt.shape == (8, 8)
+    # The stored averages are those of the stored per-prompt scores, so a report can be rebuilt from the file.
+    strata = [np.flatnonzero(np.asarray(doc['test_categories']) == c) for c in dict.fromkeys(doc['client_categories'])]
+    owners = rouge.owner_weights(doc['client_categories'], list(dict.fromkeys(doc['client_categories'])))
+    means = bootstrap.stratum_means(per_prompt, strata)
+    assert rouge.personalization_table(means, owners).mean() == pytest.approx(r['personalization']['avg'])
+    assert rouge.test_time_table(means, owners).mean() == pytest.approx(r['test_time']['avg'])
+    answers = _strict((out / 'predictions' / f'{m}-seed0.json').read_text())['answers']
+    assert len(answers) == 8 and all(len(a) == 8 for a in answers)
+  again = rouge.personalization_intervals({m: np.asarray(doc['methods'][m]['per_seed']['0']['per_prompt'])
+                                           for m in METHODS}, doc['test_categories'], doc['client_categories'],
+                                          num_samples=200, seed=0)
+  assert again == doc['intervals']['0']
+  claims = [(d['method'], d['baseline'], d['block']) for d in doc['intervals']['0']['differences']]
+  assert claims == list(rouge.PAPER_COMPARISONS)
+  lines = [_strict(x) for x in (out / 'metrics.jsonl').read_text().splitlines()]
+  assert [(r['method'], r['round']) for r in lines] == [(m, r) for m in METHODS for r in (1, 2)]
+  assert all('eval' in r for r in lines if r['round'] == 2)
+  assert result['methods'].keys() == set(METHODS)
+  made = report.main([str(out), '--out', str(out / 'report')])
+  png = [f for f in made['files'] if f.endswith('.png')]
+  assert png and all(os.path.getsize(f) > 1000 for f in png)
+  assert 'feddpa_f - fedit | TTP' in made['table']
+
+
+def test_peft_export_writes_every_method(smoke):
+  _, peft, _ = smoke
+  for m in METHODS:
+    manifest = json.loads((peft / m / 'manifest.json').read_text())
+    assert manifest
+  assert (peft / 'fedit' / 'global' / 'adapter_config.json').exists()
+  assert (peft / 'local' / 'local' / 'client_2' / 'adapter_model.safetensors').exists()
+
+
+def _start(data, out):
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  return subprocess.Popen([sys.executable, '-m', 'experiments.feddpa', *_args(data, out)], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_round(proc, out, method, round_, timeout=900):
+  path, t0 = out / 'metrics.jsonl', time.time()
+  while time.time() - t0 < timeout:
+    assert proc.poll() is None, proc.communicate()
+    if path.exists():
+      for line in path.read_text().splitlines():
+        try:
+          r = json.loads(line)
+        except ValueError:
+          continue
+        if r['method'] == method and r['round'] >= round_:
+          return
+    time.sleep(0.02)
+  raise AssertionError(f'{method} did not reach round {round_} in {timeout} s')
+
+
+def _strip(doc):
+  """The document without wall-clock fields and paths (the only things an interruption or a new folder changes)."""
+  if isinstance(doc, dict):
+    return {k: _strip(v) for k, v in doc.items() if k not in ('seconds', 'wall_s', 'peft')}
+  if isinstance(doc, list):
+    return [_strip(v) for v in doc]
+  return doc
+
+
+def test_sigkill_mid_method_then_resume_is_bit_identical(tmp_path, smoke, uneven_data):
+  reference = smoke[0]
+  out = tmp_path / 'run'
+  proc = _start(uneven_data, out)
+  _wait_for_round(proc, out, 'feddpa_t', 1)
+  proc.kill()
+  proc.wait()
+  saved = json.loads((out / 'results.json').read_text())
+  assert saved['units']['local']['0']['status'] == 'done' and saved['units']['feddpa_t']['0']['status'] == 'running'
+  exp.main(['--resume', str(out), '--quiet'])
+  got, want = (_strict((d / 'results.json').read_text()) for d in (out, reference))
+  assert got['status'] == 'done' and _strip(got) == _strip(want)
+  lines = [_strip(json.loads(x)) for x in (out / 'metrics.jsonl').read_text().splitlines()]
+  assert lines == [_strip(json.loads(x)) for x in (reference / 'metrics.jsonl').read_text().splitlines()]
+  from experiments import feddpa_run
+  from experiments.configs.feddpa import CONFIGS
+  base, _ = feddpa_run.load_base(CONFIGS['smoke'])
+  for m in METHODS:
+    assert (out / 'predictions' / f'{m}-seed0.json').read_text() == \
+        (reference / 'predictions' / f'{m}-seed0.json').read_text()
+    like = feddpa_run.build_algorithm(m, CONFIGS['smoke'], base).init(jax.random.key(0), 8)._replace(frozen=())
+    with checkpoint.Manager(out / 'checkpoints' / m / 'seed0') as a, \
+         checkpoint.Manager(reference / 'checkpoints' / m / 'seed0') as b:
+      assert a.latest_step() == b.latest_step() == 2
+      for x, y in zip(jax.tree.leaves(a.restore(2, like)), jax.tree.leaves(b.restore(2, like))):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+          x, y = jax.random.key_data(x), jax.random.key_data(y)
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _one_line_error(capsys, argv):
+  with pytest.raises(SystemExit) as e:
+    exp.main(argv)
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith('error: ') and '\n' not in err, err
+  return err
+
+
+@pytest.mark.parametrize('argv, words', [
+    (['--seed', '-1'], '--seed: must be >= 0'),
+    (['--rounds', '-1'], '--rounds: must be >= 0'),
+    (['--lr', '0'], '--lr: must be finite and > 0'),
+    (['--lr', 'nan'], '--lr: must be finite and > 0'),
+    (['--mix-weight', '2'], 'mix_weight must lie in [0, 1]'),
+    (['--set', 'num_refs=9'], 'num_refs=9 references cannot be drawn from train_per_client=4'),
+    (['--set', 'bogus=1'], 'unknown setting(s) bogus'),
+    (['--weight-target', 'both'], "--weight-target: invalid choice: 'both'"),
+    (['--config', 'gpux'], 'unknown config'),
+    (['--methods', 'fedprox'], 'unknown method(s) fedprox; valid methods: centralized, fedit, local, feddpa_t'),
+    (['--seed', '1', '--seeds', '2'], 'pass --seed or --seeds, not both'),
+    (['--model', '/nonexistent/model.gguf'], "--model /nonexistent/model.gguf: expected a Hugging Face folder"),
+])
+def test_bad_arguments_stop_before_any_training(capsys, tmp_path, argv, words):
+  out = tmp_path / 'run'
+  err = _one_line_error(capsys, ['--data', DATA, '--config', 'smoke', '--out', str(out)] + argv)
+  assert words in err
+  assert not out.exists()
+
+
+def test_bad_data_model_and_paths_stop_before_any_training(capsys, tmp_path, uneven_data):
+  out = tmp_path / 'run'
+  err = _one_line_error(capsys, ['--data', uneven_data, '--config', 'smoke', '--num-refs', '4', '--out', str(out)])
+  assert 'client 2 has 3 training examples, fewer than num_refs=4' in err
+  err = _one_line_error(capsys, ['--data', str(tmp_path / 'none'), '--config', 'smoke', '--out', str(out)])
+  assert f'--data {tmp_path / "none"}: FedDPA folder' in err and 'does not exist' in err
+  bad = tmp_path / 'bad'
+  os.makedirs(bad / '8')
+  (bad / '8' / 'local_training_0.json').write_text('{not json')
+  err = _one_line_error(capsys, ['--data', str(bad), '--config', 'smoke', '--out', str(out)])
+  assert 'local_training_0.json is not valid JSON' in err
+  fake = tmp_path / 'model.gguf'
+  fake.write_text('hello')
+  err = _one_line_error(capsys, ['--data', DATA, '--model', str(fake), '--out', str(out)])
+  assert 'not a GGUF file' in err
+  blocker = tmp_path / 'file'
+  blocker.write_text('x')
+  err = _one_line_error(capsys, ['--data', DATA, '--config', 'smoke', '--out', str(blocker / 'run')])
+  assert '--out' in err and 'not writable' in err
+  err = _one_line_error(capsys, ['--data', DATA, '--config', 'smoke', '--out', str(out), '--json',
+                                 str(blocker / 'x.json')])
+  assert '--json' in err
+  err = _one_line_error(capsys, ['--data', DATA, '--config', 'smoke', '--out', str(out), '--export-peft',
+                                 str(blocker / 'peft')])
+  assert '--export-peft' in err and 'not writable' in err
+  assert not out.exists()
+  err = _one_line_error(capsys, ['--resume', str(tmp_path)])
+  assert 'not a run directory' in err
+  err = _one_line_error(capsys, ['--resume', str(tmp_path), '--rounds', '3'])
+  assert '--resume continues a run with its own settings; drop --rounds' in err
+
+
+def test_every_setting_has_a_flag_or_set_and_print_config(capsys):
+  exp.main(['--config', 'cpu', '--lr', '3e-4', '--epochs', '2', '--lambda', '0.3', '--S', '3', '--set',
+            'max_new_tokens=4', '--print-config'])
+  cfg = json.loads(capsys.readouterr().out)
+  assert (cfg['lr'], cfg['num_epochs'], cfg['lam'], cfg['num_refs'], cfg['max_new_tokens']) == (3e-4, 2, 0.3, 3, 4)
+  assert cfg['rounds'] == 5 and cfg['name'] == 'cpu'
+  help_text = exp.build_parser().format_help()
+  for flag in ('--lr', '--epochs', '--batch-size', '--rank', '--alpha', '--dropout', '--lambda', '--S',
+               '--weight-target', '--max-new-tokens', '--num-beams', '--test-per-task', '--export-peft', '--resume'):
+    assert flag in help_text
+  assert "cpu 0.001" in " ".join(help_text.split())  # defaults are listed per config
+
+
+def test_help_imports_no_jax():
+  code = ('import sys; from experiments import feddpa; feddpa.build_parser().format_help(); '
+          'heavy = [m for m in ("jax", "transformers", "fedjax_adapters") if m in sys.modules]; '
+          'assert not heavy, heavy')
+  subprocess.run([sys.executable, '-c', code], cwd=ROOT, check=True)

@@ -291,19 +291,27 @@ def personalization_intervals(per_prompt: Mapping[str, np.ndarray], prompt_categ
   strata = [np.flatnonzero(prompt_categories == c) for c in categories]
   owners = owner_weights(client_categories, categories)
   draws = bootstrap.stratified_draws(strata, num_samples, seed=seed)
+  # Each method's stratum means, on the full pool and on every resample, computed once and shared by all statistics.
+  means = {m: (bootstrap.stratum_means(s, strata), bootstrap.stratum_means(s, draws)) for m, s in per_prompt.items()}
   tables = {'personalization': personalization_table, 'test_time': test_time_table}
 
-  def interval(scores, block, column=None, baseline=None):
-    stat = lambda m: tables[block](m, owners)[..., column] if column is not None else tables[block](m, owners).mean(-1)
-    return bootstrap.paired_interval(stat, scores, strata, draws, baseline=baseline, level=level).as_dict()
+  def interval(method, block, column=None, baseline=None):
+    def stat(m):
+      t = tables[block](m, owners)
+      return t[..., column] if column is not None else t.mean(-1)
+    full, drawn = means[method]
+    estimate, samples = stat(full), stat(drawn)
+    if baseline is not None:
+      estimate, samples = estimate - stat(means[baseline][0]), samples - stat(means[baseline][1])
+    return bootstrap.percentile_interval(float(estimate), samples, level=level).as_dict()
 
-  methods = {name: {b: {**{c: interval(s, b, i) for i, c in enumerate(categories)}, 'avg': interval(s, b)}
-                    for b in BLOCKS} for name, s in per_prompt.items()}
+  methods = {name: {b: {**{c: interval(name, b, i) for i, c in enumerate(categories)}, 'avg': interval(name, b)}
+                    for b in BLOCKS} for name in per_prompt}
   differences = []
   for method, base, block in comparisons:
     if block not in BLOCKS:
       raise ValueError(f'comparison block must be one of {BLOCKS}; got {block!r}.')
     if method in per_prompt and base in per_prompt:
       differences.append({'method': method, 'baseline': base, 'block': block,
-                          **interval(per_prompt[method], block, baseline=per_prompt[base])})
+                          **interval(method, block, baseline=base)})
   return {'methods': methods, 'differences': differences, 'num_samples': num_samples, 'level': level, 'seed': seed}

@@ -1,0 +1,116 @@
+"""FedDPA's part of ``python -m experiments.report``: markdown tables and per-task P / TTP bar plots.
+
+``table(docs)`` renders each FedDPA results document (a run's results.json, or an older ``--json`` file): per-task
+and average ROUGE-1 x 100 for personalization (P) and test-time personalization (TTP), each average with its 95 %
+paired bootstrap interval when the document has per-prompt scores, and the paper's claimed differences with their
+intervals. ``plots(sources, out_dir)`` draws one PNG per run: grouped bars per task, P and TTP, with interval whiskers.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+BLOCKS = (('personalization', 'P'), ('test_time', 'TTP'))
+
+
+def _categories(doc: dict[str, Any]) -> list[str]:
+  if 'client_categories' in doc:
+    return list(dict.fromkeys(doc['client_categories']))
+  first = next(iter(doc['methods'].values()))
+  return [c for c in first['personalization'] if c != 'avg']
+
+
+def _seed_intervals(doc: dict[str, Any]) -> dict[str, Any] | None:
+  seeds = doc.get('seeds') or [doc.get('seed', 0)]
+  return doc.get('intervals', {}).get(str(seeds[0])) if len(seeds) == 1 else None
+
+
+def _cell(value: float, interval: dict | None = None, sign: str = '') -> str:
+  text = f'{100 * value:{sign}.1f}'
+  if interval:
+    text += f' [{100 * interval["low"]:{sign}.1f}, {100 * interval["high"]:{sign}.1f}]'
+  return text
+
+
+def _title(doc: dict[str, Any]) -> str:
+  seeds = doc.get('seeds') or [doc.get('seed', 0)]
+  tests = len(doc.get('test_categories', [])) or None
+  what = f'{tests} test prompts, ' if tests else ''
+  seed_text = f'seed {seeds[0]}' if len(seeds) == 1 else f'mean over seeds {seeds}'
+  return f'FedDPA, config {doc.get("config")} ({what}{seed_text}; ROUGE-1 x 100)'
+
+
+def table(docs: Sequence[dict[str, Any]]) -> str:
+  """Markdown: for each document, a P and a TTP table (per task, average [95 % interval]) and the differences."""
+  out = []
+  for doc in docs:
+    cats = _categories(doc)
+    intervals = _seed_intervals(doc)
+    lines = [f'### {_title(doc)}']
+    for block, short in BLOCKS:
+      lines += ['', f'{short} ({block})', '', '| method | ' + ' | '.join(cats) + f' | {short} avg |',
+                '|---' * (len(cats) + 2) + '|']
+      for m, r in doc['methods'].items():
+        if block not in r:
+          continue
+        iv = intervals['methods'].get(m, {}).get(block, {}).get('avg') if intervals else None
+        cells = [_cell(r[block][c]) for c in cats] + [_cell(r[block]['avg'], iv)]
+        lines.append(f'| {m} | ' + ' | '.join(cells) + ' |')
+    if intervals and intervals['differences']:
+      level = 100 * intervals['level']
+      lines += ['', f'Paired differences of the averages ({level:.0f} % bootstrap interval, '
+                    f'{intervals["num_samples"]} resamples of the test prompts)', '',
+                '| method - baseline | block | difference |', '|---|---|---|']
+      for d in intervals['differences']:
+        lines.append(f'| {d["method"]} - {d["baseline"]} | {dict(BLOCKS)[d["block"]]} | '
+                     f'{_cell(d["estimate"], d, "+")} |')
+    out.append('\n'.join(lines))
+  return '\n\n'.join(out)
+
+
+def bar_data(doc: dict[str, Any], block: str) -> tuple[list[str], list[str], np.ndarray, np.ndarray | None]:
+  """``(methods, columns, values [M, C + 1], errors [2, M, C + 1] or None)`` of one block, x 100, columns = tasks +
+  'avg'; errors are the distances to the interval's bounds (one seed with intervals only)."""
+  cats = _categories(doc) + ['avg']
+  methods = [m for m, r in doc['methods'].items() if block in r]
+  values = np.array([[100 * doc['methods'][m][block][c] for c in cats] for m in methods])
+  intervals = _seed_intervals(doc)
+  if not intervals:
+    return methods, cats, values, None
+  lo = np.array([[100 * intervals['methods'][m][block][c]['low'] for c in cats] for m in methods])
+  hi = np.array([[100 * intervals['methods'][m][block][c]['high'] for c in cats] for m in methods])
+  return methods, cats, values, np.stack([np.maximum(values - lo, 0), np.maximum(hi - values, 0)])
+
+
+def plot_bars(doc: dict[str, Any], path: str) -> str:
+  """Grouped bars per task (and the average) for P and TTP, one bar per method, 95 % interval whiskers."""
+  import matplotlib  # pylint: disable=g-import-not-at-top  (only when plotting)
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(2, 1, figsize=(12, 7), sharex=True)
+  for ax, (block, short) in zip(axes, BLOCKS):
+    methods, cats, values, errors = bar_data(doc, block)
+    width = 0.8 / max(len(methods), 1)
+    x = np.arange(len(cats))
+    for i, m in enumerate(methods):
+      ax.bar(x + (i - (len(methods) - 1) / 2) * width, values[i], width, label=m,
+             yerr=None if errors is None else errors[:, i], capsize=2)
+    ax.set_ylabel(f'{short} ROUGE-1')
+    ax.set_xticks(x, [c.replace('_', '\n') for c in cats], fontsize=8)
+  axes[0].legend(ncol=len(doc['methods']), fontsize=8)
+  axes[0].set_title(_title(doc))
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+def plots(sources: Sequence[Any], out_dir: str) -> list[str]:
+  """One P / TTP bar plot per source (``experiments.report.Source``) into ``out_dir``; returns the files."""
+  written = []
+  for i, source in enumerate(sources):
+    tag = source.results.get('config', 'feddpa') if len(sources) == 1 else f'{source.results.get("config")}_{i}'
+    written.append(plot_bars(source.results, os.path.join(out_dir, f'feddpa_{tag}.png')))
+  return written

@@ -1,0 +1,443 @@
+"""The training half of ``python -m experiments.feddpa``: every (method, seed) unit, run in a run directory.
+
+``experiments/feddpa.py`` parses and checks the command line without importing JAX, then calls :func:`run` with the
+plan. A unit trains with the shared loop (``experiments.runlib.loop``: checkpoints, resume, progress, divergence
+checks); its evaluation after the last round personalizes (FedDPA-F), lets every client's model answer the whole
+test pool, and scores each answer with ROUGE-1. The checkpoints hold the adapters and client states only: the frozen
+base is reloaded from the model source.
+
+The results document keeps the keys earlier runs wrote (``config``, ``settings``, ``seed``, ``metric``, ``methods:
+{name: {personalization, test_time, seconds}}``, scores as fractions in [0, 1]) and adds ``per_prompt`` ([K][T]
+ROUGE-1 of every client's answer to every test prompt), ``client_categories`` / ``test_categories`` (what the
+bootstrap needs to rerun from the file), ``intervals`` (paired bootstrap per seed), each unit's status, and the run's
+status.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from experiments.configs import feddpa as configs
+from experiments.runlib import loop, strict_json
+from experiments.runlib.cli import UserError
+from experiments.runlib.environment import environment
+from experiments.runlib.progress import Progress
+from experiments.runlib.rundir import RunDir
+from fedjax_adapters import checkpoint
+from fedjax_adapters.algorithms import feddpa as F
+from fedjax_adapters.data import feddpa as fdata
+from fedjax_adapters.federated import client_data, make_round, sequential_clients
+from fedjax_adapters.metrics import rouge
+from fedjax_adapters.models import llama
+from fedjax_adapters.models.llama_loaders import load_gguf, load_hf_checkpoint, load_tokenizer, smollm2_gguf_path
+
+RUNNER = 'feddpa'
+FINISHED = ('done', 'failed')
+_PLAN_KEYS = ('methods', 'seeds', 'checkpoint_every', 'keep', 'bootstrap_samples', 'data')
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model, data, algorithm
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def load_base(cfg: configs.FedDPAConfig):
+  """(pretrained LLaMA model, tokenizer); the model's weights become the frozen base. Loader errors -> UserError."""
+  source = cfg.model
+  try:
+    if source in configs.MODELS:
+      path = smollm2_gguf_path()
+      tokenizer = load_tokenizer(path)
+      if source == 'tiny':  # a random LLaMA with SmolLM2's tokenizer, for smoke runs and tests
+        config = llama.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   tie_word_embeddings=True)
+        return llama.Llama(config, rngs=nnx.Rngs(0)), tokenizer
+      return load_gguf(path)[0], tokenizer
+    model = load_gguf(source)[0] if str(source).endswith('.gguf') else load_hf_checkpoint(source)[0]
+    return model, load_tokenizer(source)
+  except (ValueError, OSError) as e:
+    raise UserError(f'--model {source}: {" ".join(str(e).split())}') from None
+
+
+def train_sets(method: str, data: fdata.FedDPAData, cfg) -> list[list]:
+  """Each client's first ``train_per_client`` examples; Centralized pools them into one client."""
+  sets = [list(ex[:cfg.train_per_client]) for ex in data.train]
+  return [[e for ex in sets for e in ex]] if method == 'centralized' else sets
+
+
+def build_algorithm(method: str, cfg, base) -> F.FedDPA:
+  """FedDPA's ``variant`` for ``method`` (Centralized is FedIT on one pooled client), on the pretrained ``base``."""
+  graphdef, base_state = nnx.split(base)
+
+  def model_fn(rngs):
+    del rngs  # the pretrained weights are the base; adapters are initialized by adapt() from the algorithm's key
+    return nnx.merge(graphdef, base_state)
+
+  spec = F.lm_spec(target=cfg.target, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout)
+  return F.feddpa(model_fn, variant='fedit' if method == 'centralized' else method, spec=spec, lr=cfg.lr,
+                  batch_size=cfg.batch_size, num_epochs=cfg.num_epochs, mix_weight=cfg.mix_weight, lam=cfg.lam,
+                  weight_target=cfg.weight_target, embed_adapter=cfg.embed_adapter)
+
+
+class PromptBatches(NamedTuple):
+  """Prompts tokenized once, grouped by length into fixed-size batches (few shapes, so few compiles).
+
+  Attributes:
+    indices: per batch, ``[eval_batch]`` indices into the prompt list; the last batch repeats its last prompt to
+      fill up (those rows are decoded and dropped).
+    real: per batch, how many leading rows are real.
+    inputs: per batch, ``{'input_ids', 'attention_mask'}`` ``[eval_batch, L_b]``, left-padded; ``L_b`` is the
+      batch's longest prompt rounded up to a multiple of 16 and at most ``prompt_length`` (a longer prompt keeps its
+      last tokens, so the response cue stays).
+  """
+  indices: list
+  real: list
+  inputs: list
+
+
+def prompt_batches(tokenizer, prompts: list[str], cfg, short_answer=None) -> PromptBatches:
+  """Sorts ``prompts`` into short-answer ones first (``short_answer: [P]`` bool, optional), each group by token
+  length, and cuts them into batches of ``cfg.eval_batch``: a batch of short answers stops decoding as soon as
+  every row has ended, and prompts of similar length share a padded width."""
+  lengths = np.minimum([len(t) for t in tokenizer(prompts)['input_ids']], cfg.prompt_length)
+  order = np.lexsort((lengths, np.zeros(len(prompts)) if short_answer is None else ~np.asarray(short_answer)))
+  out = PromptBatches([], [], [])
+  for start in range(0, len(order), cfg.eval_batch):
+    idx = order[start:start + cfg.eval_batch]
+    width = min(cfg.prompt_length, -(-int(lengths[idx].max()) // 16) * 16)
+    padded = np.concatenate([idx, np.full(cfg.eval_batch - len(idx), idx[-1])])
+    b = fdata.tokenize_prompts(tokenizer, [prompts[i] for i in padded], max_length=width, truncation='left',
+                               length=width)
+    out.indices.append(padded)
+    out.real.append(len(idx))
+    out.inputs.append({'input_ids': jnp.asarray(b.input_ids), 'attention_mask': jnp.asarray(b.attention_mask)})
+  return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Answers: every client's model on the whole test pool
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Context:
+  """What every unit of a run shares: the config, data, tokenizer, base model, test prompts and compiled pieces."""
+  cfg: Any
+  data: fdata.FedDPAData
+  tokenizer: Any
+  base: Any
+  batches: PromptBatches
+  run_dir: RunDir
+  progress: Progress
+  compiled: dict = dataclasses.field(default_factory=dict)
+
+  def jitted(self, alg: F.FedDPA) -> tuple:
+    """``(embed, weights)`` of ``alg`` compiled once per algorithm: embeddings ``[B, D]`` and decoding weights."""
+    if alg not in self.compiled:
+      embed = jax.jit(lambda frozen, g, local, x: F.embed_examples(alg, frozen, g, local, x))
+      weights = jax.jit(lambda frozen, g, local, x, ref: F.prediction_weights(alg, frozen, g, local, x, ref))
+      self.compiled[alg] = embed, weights
+    return self.compiled[alg]
+
+
+def reference_embeddings(ctx: Context, alg, frozen, g, local, client: int, seed: int) -> jax.Array:
+  """``[T, S, D]``: each test prompt's S references, drawn (seeded) from the client's own training prompts.
+
+  Each distinct reference is embedded once: its embedding depends only on the prompt and the client's model.
+  """
+  cfg = ctx.cfg
+  pool = [fdata.build_prompt(e.instruction) for e in ctx.data.train[client][:cfg.train_per_client]]
+  ref_idx = fdata.sample_references(np.random.default_rng([seed, client]), len(pool), cfg.num_refs, len(ctx.data.test))
+  used, inverse = np.unique(ref_idx, return_inverse=True)
+  batches = prompt_batches(ctx.tokenizer, [pool[j] for j in used], cfg)
+  embed, _ = ctx.jitted(alg)
+  rows = [embed(frozen, g, local, x)[:r] for x, r in zip(batches.inputs, batches.real)]
+  order = np.concatenate([idx[:r] for idx, r in zip(batches.indices, batches.real)])
+  emb = jnp.zeros((len(used), rows[0].shape[-1]), rows[0].dtype).at[order].set(jnp.concatenate(rows))
+  return emb[inverse.reshape(ref_idx.shape)]
+
+
+def decode(ctx: Context, alg, frozen, g, local, x: dict, gw, lw) -> list[str]:
+  """Answers to one batch of prompts with per-row adapter weights ``gw, lw: [B]`` (greedy or beam search)."""
+  cfg, tok = ctx.cfg, ctx.tokenizer
+  eos = tok.eos_token_id
+  pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+  reps = cfg.num_beams
+  model = F.bind(alg.model, frozen, g, local, (jnp.repeat(gw, reps), jnp.repeat(lw, reps)))
+  if cfg.num_beams > 1:
+    out = llama.beam_search(model, x['input_ids'], x['attention_mask'], num_beams=cfg.num_beams,
+                            max_new_tokens=cfg.max_new_tokens, eos_id=eos, pad_id=pad)
+  else:
+    out = llama.greedy_decode(model, x['input_ids'], x['attention_mask'], max_new_tokens=cfg.max_new_tokens,
+                              eos_id=eos, pad_id=pad)
+  return [t.strip() for t in tok.batch_decode(np.asarray(out), skip_special_tokens=True)]
+
+
+def client_answers(ctx: Context, alg, state, client: int, seed: int) -> list[str]:
+  """Client ``client``'s answers to the whole test pool (aligned with ``data.test``), weighted by the method's row
+  of the weight table: FedDPA's instance-wise weights, Local's local adapter, FedIT's global one."""
+  frozen, g = state.frozen, state.global_params
+  local = jax.tree.map(lambda a: a[client], state.clients['local'])
+  ref_emb = None
+  if alg.weights.predict == F.INSTANCE:
+    ref_emb = reference_embeddings(ctx, alg, frozen, g, local, client, seed)
+  _, weights = ctx.jitted(alg)
+  answers = [''] * len(ctx.data.test)
+  for idx, real, x in zip(ctx.batches.indices, ctx.batches.real, ctx.batches.inputs):
+    gw, lw = weights(frozen, g, local, x, None if ref_emb is None else ref_emb[idx])
+    for i, text in zip(idx[:real], decode(ctx, alg, frozen, g, local, x, gw, lw)[:real]):
+      answers[i] = text
+  return answers
+
+
+def all_answers(ctx: Context, method: str, alg, state, seed: int) -> list[list[str]]:
+  """Every client's answers; one model serves every client for FedIT and Centralized, so it answers once."""
+  k = ctx.data.num_clients
+  if alg.weights.predict == F.GLOBAL:
+    return [client_answers(ctx, alg, state, 0, seed)] * k
+  out = []
+  for c in range(k):
+    t0 = time.perf_counter()
+    out.append(client_answers(ctx, alg, state, c, seed))
+    ctx.progress.print(f'    {method} seed {seed} client {c}: {len(ctx.data.test)} answers in '
+                       f'{time.perf_counter() - t0:.1f} s')
+  return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Units
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def predictions_path(run_dir: RunDir, method: str, seed: int) -> str:
+  return run_dir.file(os.path.join('predictions', f'{method}-seed{seed}.json'))
+
+
+def evaluate_state(ctx: Context, method: str, alg, state, train, mapping, seed: int) -> dict:
+  """The evaluation record of a trained (full) state; writes every answer and per-prompt score to predictions/."""
+  state = F.personalize(alg, state, train, mapping=mapping)
+  answers = all_answers(ctx, method, alg, state, seed)
+  per_prompt = rouge.per_prompt_scores(answers, ctx.data)
+  report = rouge.personalization_report(answers, ctx.data)
+  path = predictions_path(ctx.run_dir, method, seed)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  strict_json.write(path, {'method': method, 'seed': seed, 'answers': answers, 'per_prompt': per_prompt.tolist()})
+  blocks = {b: {c: float(v) for c, v in report[b].items()} for b in rouge.BLOCKS}
+  return {'test': {'personalization_avg': blocks['personalization']['avg'],
+                   'test_time_avg': blocks['test_time']['avg']}, **blocks}
+
+
+def make_unit(ctx: Context, method: str, seed: int) -> tuple[loop.Unit, Any]:
+  """The :class:`loop.Unit` of ``method`` and ``seed``, and ``finish(state) -> full personalized state``.
+
+  The unit's state is the :class:`ServerState` without its frozen base (so checkpoints hold adapters, client states
+  and the server optimizer only); the base is put back for every round and evaluation.
+  """
+  cfg = ctx.cfg
+  alg = build_algorithm(method, cfg, ctx.base)
+  train = client_data(fdata.client_training_arrays(ctx.tokenizer, train_sets(method, ctx.data, cfg),
+                                                   max_length=cfg.max_length))
+  k = int(train.count.shape[0])
+  # On a CPU the clients' activations and 49k-vocabulary logits do not fit side by side, and one client already
+  # fills the cores: the sequential mapping runs the same client update one client at a time.
+  mapping = sequential_clients() if cfg.backend == 'sequential' else None
+  round_fn = make_round(alg, clients_per_round=k, mapping=mapping)
+  frozen = {}
+  loss_key = 'global' if alg.weights.global_phase is not None else 'local'
+
+  def init():
+    state = alg.init(jax.random.key(seed), k)
+    frozen['base'] = state.frozen
+    return state._replace(frozen=())
+
+  def full(state):
+    if not frozen:
+      init()
+    return state._replace(frozen=frozen['base'])
+
+  def step(state, n):
+    summaries = []
+    for _ in range(n):
+      state, metrics = round_fn(full(state), train)
+      state = state._replace(frozen=())
+      summaries += loop.round_summaries(metrics, 1, loss_key=f'{loss_key}_loss', count_key=f'{loss_key}_tokens')
+    return state, summaries
+
+  def headline(record):
+    if record is None:
+      return {}
+    return {'P': f'{100 * record["test"]["personalization_avg"]:.1f}',
+            'TTP': f'{100 * record["test"]["test_time_avg"]:.1f}'}
+
+  unit = loop.Unit(method, seed, init=init, step=step, headline=headline,
+                   evaluate=lambda state: evaluate_state(ctx, method, alg, full(state), train, mapping, seed))
+  return unit, (alg, lambda state: F.personalize(alg, full(state), train, mapping=mapping))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The results document
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def new_results(ctx: Context, plan: dict) -> dict:
+  cfg = ctx.cfg
+  return {'runner': RUNNER, 'config': cfg.name, 'settings': dataclasses.asdict(cfg), 'seeds': plan['seeds'],
+          'seed': plan['seeds'][0], 'rounds': cfg.rounds, 'metric': 'rouge1',
+          'client_categories': list(ctx.data.client_categories),
+          'test_categories': [e.category for e in ctx.data.test], 'status': 'running', 'methods': {}, 'units': {},
+          'intervals': {}}
+
+
+def method_summary(run_dir: RunDir, method: str, units: dict, seeds: list[int]) -> dict:
+  """``{personalization, test_time (means over seeds), per_seed: {seed: {..., per_prompt}}, status, seconds}``."""
+  per_seed = {}
+  for s in seeds:
+    u = units.get(str(s), {})
+    if u.get('status') == 'done':
+      pred = strict_json.read(predictions_path(run_dir, method, s))
+      per_seed[str(s)] = {b: u['evaluation'][b] for b in rouge.BLOCKS}
+      per_seed[str(s)]['per_prompt'] = pred['per_prompt']
+  out = {'per_seed': per_seed, 'seconds': round(sum(u.get('seconds', 0.0) for u in units.values()), 1)}
+  if per_seed:
+    for b in rouge.BLOCKS:
+      cols = next(iter(per_seed.values()))[b]
+      out[b] = {c: float(np.mean([r[b][c] for r in per_seed.values()])) for c in cols}
+  failed = {s: u['error'] for s, u in units.items() if u.get('status') == 'failed'}
+  out['status'] = 'failed' if failed else ('done' if len(per_seed) == len(seeds) else 'running')
+  if failed:
+    out['errors'] = failed
+  return out
+
+
+def add_intervals(results: dict, *, num_samples: int) -> dict:
+  """Paired bootstrap intervals per seed over every method finished for it (``rouge.personalization_intervals``)."""
+  for s in results['seeds']:
+    per_prompt = {m: np.asarray(r['per_seed'][str(s)]['per_prompt']) for m, r in results['methods'].items()
+                  if str(s) in r.get('per_seed', {})}
+    if per_prompt:
+      results['intervals'][str(s)] = rouge.personalization_intervals(
+          per_prompt, results['test_categories'], results['client_categories'], num_samples=num_samples, seed=s)
+  return results
+
+
+def unit_record(outcome: loop.Outcome, state_path: str) -> dict:
+  record = {'status': outcome.status, 'round': outcome.round, 'seconds': round(outcome.seconds, 1)}
+  if outcome.status == 'done':
+    record.update(evaluation=outcome.evaluation, state=state_path)
+  if outcome.error:
+    record['error'] = outcome.error
+  return record
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _open_run(plan: dict, cfg, argv: list[str]) -> tuple[RunDir, dict | None]:
+  if plan.get('resuming'):
+    run = RunDir.open(plan['out'])
+    return run, run.read_results()
+  config = {'runner': RUNNER, 'config': cfg.name, 'settings': dataclasses.asdict(cfg),
+            'plan': {k: plan[k] for k in _PLAN_KEYS}, 'argv': argv, 'environment': environment()}
+  return RunDir.create(plan['out'], config), None
+
+
+def load_context(plan: dict, run_dir: RunDir, progress: Progress) -> Context:
+  """Data (test pool cut to ``test_per_task`` per task), tokenizer, base model and the tokenized test prompts."""
+  cfg = plan['cfg']
+  data = fdata.load_feddpa(plan['data'])
+  if cfg.test_per_task < max(len(i) for i in data.test_indices.values()):
+    data = data.subset_test(cfg.test_per_task)
+  t0 = time.perf_counter()
+  base, tokenizer = load_base(cfg)
+  # A short-answer task: the median of its owner's training answers is under 8 tokens (labels such as "yes").
+  answers = [tokenizer([e.output for e in ex[:cfg.train_per_client]])['input_ids'] for ex in data.train]
+  short = {c: np.median([len(ids) for ids in answers[k]]) < 8 for k, c in enumerate(data.client_categories)}
+  batches = prompt_batches(tokenizer, [fdata.build_prompt(e.instruction) for e in data.test], cfg,
+                           [short[e.category] for e in data.test])
+  progress.print(f'config {cfg.name}: base {cfg.model} loaded in {time.perf_counter() - t0:.0f} s; '
+                 f'{data.num_clients} clients, {len(data.test)} test prompts in batches of widths '
+                 f'{[int(x["input_ids"].shape[1]) for x in batches.inputs]}; devices {jax.devices()}')
+  return Context(cfg, data, tokenizer, base, batches, run_dir, progress)
+
+
+def export_unit(plan: dict, ctx: Context, method: str, seed: int, finish, like) -> str:
+  """Writes the unit's adapters (personalized for FedDPA-F) as PEFT folders; returns the folder."""
+  from fedjax_adapters.interop.feddpa import export_feddpa  # pylint: disable=g-import-not-at-top
+  alg, personalized = finish
+  with checkpoint.Manager(ctx.run_dir.checkpoint_dir(method, seed)) as ckpts:
+    state = ckpts.restore(ckpts.latest_step(), like=like)
+  name = method if len(plan['seeds']) == 1 else f'{method}-seed{seed}'
+  folder = os.path.join(plan['export_peft'], name)
+  export_feddpa(folder, alg, personalized(state))
+  return folder
+
+
+def _train_all(plan: dict, ctx: Context, results: dict, save, stop) -> int | None:
+  """Every unfinished unit; returns ``128 + signal`` when a signal stopped the run, else None."""
+  schedule = loop.Schedule(ctx.cfg.rounds, max(ctx.cfg.rounds, 1), plan['checkpoint_every'], plan['keep'])
+  for method in plan['methods']:
+    units = results['units'].setdefault(method, {})
+    for seed in plan['seeds']:
+      if units.get(str(seed), {}).get('status') not in FINISHED:
+        units[str(seed)] = {'status': 'running'}
+        save()
+        unit, finish = make_unit(ctx, method, seed)
+        outcome = loop.train_unit(unit, ctx.run_dir, schedule, progress=ctx.progress, stop=stop)
+        state_dir = os.path.join(ctx.run_dir.checkpoint_dir(method, seed), str(outcome.round))
+        units[str(seed)] = unit_record(outcome, os.path.relpath(state_dir, ctx.run_dir.path))
+        if outcome.status == 'failed':
+          ctx.progress.error(outcome.error)
+        if outcome.status == 'interrupted':
+          results['status'] = 'interrupted'
+          save()
+          ctx.progress.always(f'interrupted at {method} seed {seed} round {outcome.round}; checkpoint saved. '
+                              f'Continue with: python -m experiments.feddpa --resume {ctx.run_dir.path}')
+          return 128 + int(stop.signum)
+        if outcome.status == 'done' and plan.get('export_peft'):
+          units[str(seed)]['peft'] = export_unit(plan, ctx, method, seed, finish, unit.init())
+      results['methods'][method] = method_summary(ctx.run_dir, method, units, plan['seeds'])
+      add_intervals(results, num_samples=plan['bootstrap_samples'])
+      save()
+  return None
+
+
+def run(plan: dict, argv: list[str]) -> tuple[dict, int]:
+  """Trains and evaluates every unfinished (method, seed) of ``plan``; returns the results and the exit status.
+
+  Exit status: 0 when every unit is done, 1 when one failed (the others still ran), ``128 + signal`` when a
+  SIGINT / SIGTERM stopped the run (after checkpointing the unit in progress).
+  """
+  # As in the FLoRAL runner: synchronous dispatch avoids a rare wedge of XLA:CPU's worker threads in long runs.
+  jax.config.update('jax_cpu_enable_async_dispatch', False)
+  cfg, progress = plan['cfg'], Progress(quiet=plan['quiet'])
+  run_dir, results = _open_run(plan, cfg, argv)
+  ctx = load_context(plan, run_dir, progress)
+  results = results or new_results(ctx, plan)
+  progress.print(f'run directory {run_dir.path}; methods {" ".join(plan["methods"])}; seeds {plan["seeds"]}')
+
+  def save():
+    run_dir.write_results(results)
+    if plan['json']:
+      strict_json.write(plan['json'], results)
+
+  with loop.StopRequest() as stop:
+    status = _train_all(plan, ctx, results, save, stop)
+  if status is None:
+    failed = [m for m, r in results['methods'].items() if r['status'] == 'failed']
+    status = 1 if failed else 0
+    results['status'] = 'failed' if failed else 'done'
+    save()
+    from experiments import feddpa_report  # pylint: disable=g-import-not-at-top
+    progress.always('\n' + feddpa_report.table([results]))
+  run_dir.close()
+  return results, status
