@@ -209,10 +209,12 @@ def test_lora_fedavg_trains_only_the_adapters_starting_from_the_base_model():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), new.global_params, hand)
 
 
-@pytest.mark.parametrize('name', ['fedavg', 'floral'])
+@pytest.mark.parametrize('name', ['fedavg', 'floral', 'floral_oracle'])
 def test_bad_labels_are_refused_with_the_client_named(name):
   alg = {'fedavg': lambda: algorithms.fedavg(mlp, loss='xent', lr=0.1, batch_size=2),  # 2 classes
-         'floral': lambda: algorithms.floral(mlp, num_adaptors=2, loss='xent', lr=0.1, batch_size=2, rank=1)}[name]()
+         'floral': lambda: algorithms.floral(mlp, num_adaptors=2, loss='xent', lr=0.1, batch_size=2, rank=1),
+         'floral_oracle': lambda: algorithms.floral(mlp, num_adaptors=2, loss='xent', lr=0.1, batch_size=2, rank=1,
+                                                    oracle_clusters=np.array([0, 1, 0]))}[name]()
   round_fn = make_round(alg, clients_per_round=2)
   state = alg.init(jax.random.key(0), 3)
   for bad, value, row in (([0, 1, -1], -1, 2), ([0, 2, 1], 2, 1)):

@@ -177,7 +177,8 @@ def label_check(kind: str, predict, init_params):
     return None
 
   def check(data: ClientData):
-    frozen, g, clients = jax.eval_shape(lambda key: init_params(key, 1), jax.random.key(0))
+    k = int(data.count.shape[0])  # the real population: an oracle router checks its clusters against it
+    frozen, g, clients = jax.eval_shape(lambda key: init_params(key, k), jax.random.key(0))
     x1 = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), data.x)
     out = jax.eval_shape(predict, frozen, g, jax.tree.map(lambda c: jax.ShapeDtypeStruct(c.shape[1:], c.dtype),
                                                           clients), x1)

@@ -6,6 +6,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -111,7 +112,8 @@ def client_optimizer_or(client_optimizer: optax.GradientTransformation | None, l
 
 
 def check_clusters(clusters, num_clients: int, num_adaptors: int):
-  c = jnp.asarray(clusters)
+  """The oracle's true cluster per client, checked on the host (numpy, so it also works while ``init`` is traced)."""
+  c = np.asarray(clusters)
   if c.shape != (num_clients,):
     raise ValueError(f'oracle clusters have shape {tuple(c.shape)} but there are {num_clients} clients.')
   if int(c.min()) < 0 or int(c.max()) >= num_adaptors:
