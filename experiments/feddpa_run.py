@@ -103,17 +103,18 @@ class PromptBatches(NamedTuple):
   inputs: list
 
 
-def prompt_batches(tokenizer, prompts: list[str], cfg, short_answer=None) -> PromptBatches:
+def prompt_batches(tokenizer, prompts: list[str], cfg, short_answer=None, batch: int | None = None) -> PromptBatches:
   """Sorts ``prompts`` into short-answer ones first (``short_answer: [P]`` bool, optional), each group by token
   length, and cuts them into batches of ``cfg.eval_batch``: a batch of short answers stops decoding as soon as
   every row has ended, and prompts of similar length share a padded width."""
   lengths = np.minimum([len(t) for t in tokenizer(prompts)['input_ids']], cfg.prompt_length)
   order = np.lexsort((lengths, np.zeros(len(prompts)) if short_answer is None else ~np.asarray(short_answer)))
+  batch = batch or cfg.eval_batch
   out = PromptBatches([], [], [])
-  for start in range(0, len(order), cfg.eval_batch):
-    idx = order[start:start + cfg.eval_batch]
+  for start in range(0, len(order), batch):
+    idx = order[start:start + batch]
     width = min(cfg.prompt_length, -(-int(lengths[idx].max()) // 16) * 16)
-    padded = np.concatenate([idx, np.full(cfg.eval_batch - len(idx), idx[-1])])
+    padded = np.concatenate([idx, np.full(batch - len(idx), idx[-1])])
     b = fdata.tokenize_prompts(tokenizer, [prompts[i] for i in padded], max_length=width, truncation='left',
                                length=width)
     out.indices.append(padded)
@@ -135,7 +136,7 @@ class Context:
   tokenizer: Any
   base: Any
   batches: PromptBatches
-  run_dir: RunDir
+  run_dir: RunDir | None
   progress: Progress
   compiled: dict = dataclasses.field(default_factory=dict)
 
@@ -157,7 +158,9 @@ def reference_embeddings(ctx: Context, alg, frozen, g, local, client: int, seed:
   pool = [fdata.build_prompt(e.instruction) for e in ctx.data.train[client][:cfg.train_per_client]]
   ref_idx = fdata.sample_references(np.random.default_rng([seed, client]), len(pool), cfg.num_refs, len(ctx.data.test))
   used, inverse = np.unique(ref_idx, return_inverse=True)
-  batches = prompt_batches(ctx.tokenizer, [pool[j] for j in used], cfg)
+  # A client's references are few (at most train_per_client): a batch of them rounded up to 8 rows, not eval_batch.
+  size = min(cfg.eval_batch, -(-len(used) // 8) * 8)
+  batches = prompt_batches(ctx.tokenizer, [pool[j] for j in used], cfg, batch=size)
   embed, _ = ctx.jitted(alg)
   rows = [embed(frozen, g, local, x)[:r] for x, r in zip(batches.inputs, batches.real)]
   order = np.concatenate([idx[:r] for idx, r in zip(batches.indices, batches.real)])
@@ -351,7 +354,7 @@ def _open_run(plan: dict, cfg, argv: list[str]) -> tuple[RunDir, dict | None]:
   return RunDir.create(plan['out'], config), None
 
 
-def load_context(plan: dict, run_dir: RunDir, progress: Progress) -> Context:
+def load_context(plan: dict, progress: Progress) -> Context:
   """Data (test pool cut to ``test_per_task`` per task), tokenizer, base model and the tokenized test prompts."""
   cfg = plan['cfg']
   data = fdata.load_feddpa(plan['data'])
@@ -367,7 +370,7 @@ def load_context(plan: dict, run_dir: RunDir, progress: Progress) -> Context:
   progress.print(f'config {cfg.name}: base {cfg.model} loaded in {time.perf_counter() - t0:.0f} s; '
                  f'{data.num_clients} clients, {len(data.test)} test prompts in batches of widths '
                  f'{[int(x["input_ids"].shape[1]) for x in batches.inputs]}; devices {jax.devices()}')
-  return Context(cfg, data, tokenizer, base, batches, run_dir, progress)
+  return Context(cfg, data, tokenizer, base, batches, None, progress)
 
 
 def export_unit(plan: dict, ctx: Context, method: str, seed: int, finish, like) -> str:
@@ -420,8 +423,9 @@ def run(plan: dict, argv: list[str]) -> tuple[dict, int]:
   # As in the FLoRAL runner: synchronous dispatch avoids a rare wedge of XLA:CPU's worker threads in long runs.
   jax.config.update('jax_cpu_enable_async_dispatch', False)
   cfg, progress = plan['cfg'], Progress(quiet=plan['quiet'])
+  ctx = load_context(plan, progress)  # before the run directory: a model that fails to load leaves no run behind
   run_dir, results = _open_run(plan, cfg, argv)
-  ctx = load_context(plan, run_dir, progress)
+  ctx.run_dir = run_dir
   results = results or new_results(ctx, plan)
   progress.print(f'run directory {run_dir.path}; methods {" ".join(plan["methods"])}; seeds {plan["seeds"]}')
 

@@ -203,6 +203,11 @@ def test_bad_data_model_and_paths_stop_before_any_training(capsys, tmp_path, une
   fake.write_text('hello')
   err = _one_line_error(capsys, ['--data', DATA, '--model', str(fake), '--out', str(out)])
   assert 'not a GGUF file' in err
+  fake.write_bytes(b'GGUF\x03\x00\x00\x00garbage')  # a GGUF header, then nothing the loader can read
+  probed = tmp_path / 'probed'
+  err = _one_line_error(capsys, ['--data', DATA, '--model', str(fake), '--out', str(probed), '--quiet'])
+  assert err.startswith(f'error: --model {fake}: ')
+  assert not (probed / 'config.json').exists()  # the model loads before the run is created: --out stays reusable
   blocker = tmp_path / 'file'
   blocker.write_text('x')
   err = _one_line_error(capsys, ['--data', DATA, '--config', 'smoke', '--out', str(blocker / 'run')])
