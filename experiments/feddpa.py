@@ -179,27 +179,11 @@ def _seeds(args) -> list[int]:
   return [0 if args.seed is None else args.seed]
 
 
-def _methods(methods: list[str]) -> list[str]:
-  bad = [m for m in methods if m not in METHODS]
-  if bad:
-    raise UserError(f'unknown method(s) {", ".join(bad)}; valid methods: {", ".join(METHODS)}')
-  if len(set(methods)) != len(methods):
-    raise UserError(f'--methods lists a method twice: {" ".join(methods)}')
-  return methods
-
-
 def _resume_plan(args) -> dict:
-  from experiments.runlib.rundir import RunDir  # pylint: disable=g-import-not-at-top  (no JAX)
-  parser = build_parser()
-  given = [f'--{k.replace("_", "-")}' for k, v in vars(args).items()
-           if k not in ('resume', 'quiet', 'json', 'export_peft') and v != parser.get_default(k)]
-  if given:
-    raise UserError(f'--resume continues a run with its own settings; drop {", ".join(given)}')
-  run = RunDir.open(args.resume)
-  config = run.config
-  if config.get('runner') != RUNNER:
-    raise UserError(f'{args.resume} holds a {config.get("runner")!r} run, not a FedDPA run')
-  plan = dict(config['plan'], out=run.path, json=args.json, quiet=args.quiet, resuming=True,
+  """The plan stored in the run directory ``args.resume``; other settings may not be given with --resume."""
+  path, config = cli.resumed_run(args, build_parser(), RUNNER, 'FedDPA', allowed=('resume', 'quiet', 'json',
+                                                                                  'export_peft'))
+  plan = dict(config['plan'], out=path, json=args.json, quiet=args.quiet, resuming=True,
               export_peft=args.export_peft and cli.probe_writable_dir(args.export_peft, '--export-peft'))
   plan['cfg'] = configs.FedDPAConfig(**config['settings'])
   check_data(plan['data'], plan['cfg'])
@@ -212,8 +196,9 @@ def make_plan(args) -> dict:
   if args.resume:
     return _resume_plan(args)
   cfg = resolve_config(args)
-  plan = dict(cfg=cfg, methods=_methods(args.methods), seeds=_seeds(args), checkpoint_every=args.checkpoint_every,
-              keep=args.keep_checkpoints, bootstrap_samples=args.bootstrap_samples, json=args.json,
+  plan = dict(cfg=cfg, methods=cli.check_methods(args.methods, METHODS), seeds=_seeds(args),
+              checkpoint_every=args.checkpoint_every, keep=args.keep_checkpoints,
+              bootstrap_samples=args.bootstrap_samples, json=args.json,
               quiet=args.quiet, out=args.out, data=args.data, export_peft=args.export_peft)
   if args.print_config:
     return plan
@@ -229,25 +214,13 @@ def make_plan(args) -> dict:
 
 
 def main(argv: typing.Sequence[str] | None = None) -> dict:
-  """Parses ``argv``, trains and evaluates every (method, seed), and returns the results document.
+  """Parses ``argv``, trains and evaluates every (method, seed) and returns the results document.
 
-  A user error exits with status 2 (one line ``error: ...``), a failed method with 1 after the others ran, an
-  interrupted run with 128 + the signal number.
+  Exit statuses as in ``cli.runner_main``: 2 for a user error, 1 when a method failed, 128 + signal when stopped.
   """
-  return cli.run_cli(_main, argv)
-
-
-def _main(argv: typing.Sequence[str] | None) -> dict:
-  args = build_parser().parse_args(argv)
-  plan = make_plan(args)
-  if args.print_config:
-    print(json.dumps(dataclasses.asdict(plan['cfg']), indent=1))
-    return {}
-  from experiments import feddpa_run  # pylint: disable=g-import-not-at-top  (JAX and the library load here)
-  results, status = feddpa_run.run(plan, argv=list(sys.argv[1:] if argv is None else argv))
-  if status:
-    raise SystemExit(status)
-  return results
+  return cli.run_cli(lambda a: cli.runner_main(a, parser=build_parser(), make_plan=make_plan,
+                                               settings=lambda plan: plan['cfg'],
+                                               run_module='experiments.feddpa_run'), argv)
 
 
 if __name__ == '__main__':

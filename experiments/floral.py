@@ -167,28 +167,13 @@ def resolve_config(args: argparse.Namespace) -> configs.FloralTask:
 
 
 def _methods(args, task) -> list[str]:
-  methods = args.methods or list(configs.default_methods(task))
-  bad = [m for m in methods if m not in configs.METHODS]
-  if bad:
-    raise UserError(f'unknown method(s) {", ".join(bad)}; valid methods: {", ".join(configs.METHODS)}')
-  if len(set(methods)) != len(methods):
-    raise UserError(f'--methods lists a method twice: {" ".join(methods)}')
-  return methods
+  return cli.check_methods(args.methods or list(configs.default_methods(task)), configs.METHODS)
 
 
 def _resume_plan(args) -> dict:
   """The plan stored in the run directory ``args.resume``; other settings may not be given with --resume."""
-  from experiments.runlib.rundir import RunDir  # pylint: disable=g-import-not-at-top
-  parser = build_parser()
-  given = [f'--{k.replace("_", "-")}' for k, v in vars(args).items()
-           if k not in ('resume', 'quiet', 'json') and v != parser.get_default(k)]
-  if given:
-    raise UserError(f'--resume continues a run with its own settings; drop {", ".join(given)}')
-  run = RunDir.open(args.resume)
-  config = run.config
-  if config.get('runner') != RUNNER:
-    raise UserError(f'{args.resume} holds a {config.get("runner")!r} run, not a FLoRAL run')
-  plan = dict(config['plan'], out=run.path, json=args.json, quiet=args.quiet, resuming=True)
+  path, config = cli.resumed_run(args, build_parser(), RUNNER, 'FLoRAL')
+  plan = dict(config['plan'], out=path, json=args.json, quiet=args.quiet, resuming=True)
   plan['task'] = configs.FloralTask(**config['settings'])
   return plan
 
@@ -227,24 +212,11 @@ def make_plan(args) -> dict:
 def main(argv: typing.Sequence[str] | None = None) -> dict:
   """Parses ``argv``, runs every (method, seed) and returns the results document.
 
-  A user error exits with status 2 (one line ``error: ...``), a failed method with 1 after the others ran, an
-  interrupted run with 128 + the signal number.
+  Exit statuses as in ``cli.runner_main``: 2 for a user error, 1 when a method failed, 128 + signal when stopped.
   """
-  return cli.run_cli(_main, argv)
-
-
-def _main(argv: typing.Sequence[str] | None) -> dict:
-  args = build_parser().parse_args(argv)
-  plan = make_plan(args)
-  if args.print_config:
-    from experiments.runlib import strict_json  # pylint: disable=g-import-not-at-top
-    print(strict_json.dumps(dataclasses.asdict(plan['task']), indent=1))
-    return {}
-  from experiments import floral_run  # pylint: disable=g-import-not-at-top  (JAX and the library load here)
-  results, status = floral_run.run(plan, argv=list(sys.argv[1:] if argv is None else argv))
-  if status:
-    raise SystemExit(status)
-  return results
+  return cli.run_cli(lambda a: cli.runner_main(a, parser=build_parser(), make_plan=make_plan,
+                                               settings=lambda plan: plan['task'],
+                                               run_module='experiments.floral_run'), argv)
 
 
 def build_algorithm(method: str, task: configs.FloralTask, data):

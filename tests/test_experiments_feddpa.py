@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -14,6 +13,7 @@ from experiments import feddpa as exp
 from experiments import report
 from fedjax_adapters import checkpoint
 from fedjax_adapters.metrics import bootstrap, rouge
+from run_helpers import strip_wall_clock, wait_for_round
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # FedDPA's Dataset 1 sits in ../shared beside the repository (as in CI).
@@ -103,36 +103,16 @@ def _start(data, out):
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for_round(proc, out, method, round_, timeout=900):
-  path, t0 = out / 'metrics.jsonl', time.time()
-  while time.time() - t0 < timeout:
-    assert proc.poll() is None, proc.communicate()
-    if path.exists():
-      for line in path.read_text().splitlines():
-        try:
-          r = json.loads(line)
-        except ValueError:
-          continue
-        if r['method'] == method and r['round'] >= round_:
-          return
-    time.sleep(0.02)
-  raise AssertionError(f'{method} did not reach round {round_} in {timeout} s')
-
-
 def _strip(doc):
-  """The document without wall-clock fields and paths (the only things an interruption or a new folder changes)."""
-  if isinstance(doc, dict):
-    return {k: _strip(v) for k, v in doc.items() if k not in ('seconds', 'wall_s', 'peft')}
-  if isinstance(doc, list):
-    return [_strip(v) for v in doc]
-  return doc
+  """The document without wall-clock fields and the export path (all an interruption or a new folder changes)."""
+  return strip_wall_clock(doc, drop=('seconds', 'wall_s', 'peft'))
 
 
 def test_sigkill_mid_method_then_resume_is_bit_identical(tmp_path, smoke, uneven_data):
   reference = smoke[0]
   out = tmp_path / 'run'
   proc = _start(uneven_data, out)
-  _wait_for_round(proc, out, 'feddpa_t', 1)
+  wait_for_round(proc, out, 'feddpa_t', 1)
   proc.kill()
   proc.wait()
   saved = json.loads((out / 'results.json').read_text())

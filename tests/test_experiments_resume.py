@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -14,6 +13,7 @@ import pytest
 from experiments import floral, floral_tasks
 from experiments.configs import floral as configs
 from fedjax_adapters import checkpoint
+from run_helpers import strip_wall_clock, wait_for_round
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ('fedavg', 'floral')
@@ -34,32 +34,6 @@ def _start(out):
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for_round(proc, out, method, round_, timeout=300):
-  """Polls metrics.jsonl until ``method`` has logged ``round_``."""
-  path, t0 = out / 'metrics.jsonl', time.time()
-  while time.time() - t0 < timeout:
-    assert proc.poll() is None, proc.communicate()
-    if path.exists():
-      for line in path.read_text().splitlines():
-        try:
-          r = json.loads(line)
-        except ValueError:
-          continue
-        if r['method'] == method and r['round'] >= round_:
-          return
-    time.sleep(0.02)
-  raise AssertionError(f'{method} did not reach round {round_} in {timeout} s')
-
-
-def _strip(doc):
-  """The document without wall-clock fields (the only ones an interruption may change)."""
-  if isinstance(doc, dict):
-    return {k: _strip(v) for k, v in doc.items() if k not in ('seconds', 'wall_s')}
-  if isinstance(doc, list):
-    return [_strip(v) for v in doc]
-  return doc
-
-
 def _final_state(out, method):
   task = configs.TASKS['synthetic_linear']
   data = floral_tasks.load_data(task, 0)
@@ -71,9 +45,9 @@ def _final_state(out, method):
 
 def _assert_same_run(out, reference):
   got, want = (json.loads((d / 'results.json').read_text()) for d in (out, reference))
-  assert got['status'] == 'done' and _strip(got) == _strip(want)
-  lines = [_strip(json.loads(x)) for x in (out / 'metrics.jsonl').read_text().splitlines()]
-  assert lines == [_strip(json.loads(x)) for x in (reference / 'metrics.jsonl').read_text().splitlines()]
+  assert got['status'] == 'done' and strip_wall_clock(got) == strip_wall_clock(want)
+  lines = [strip_wall_clock(json.loads(x)) for x in (out / 'metrics.jsonl').read_text().splitlines()]
+  assert lines == [strip_wall_clock(json.loads(x)) for x in (reference / 'metrics.jsonl').read_text().splitlines()]
   assert len(lines) == 60 * len(METHODS)
   for method in METHODS:
     a, b = _final_state(out, method), _final_state(reference, method)
@@ -87,7 +61,7 @@ def _assert_same_run(out, reference):
 def test_sigkill_mid_method_then_resume_is_bit_identical(tmp_path, reference):
   out = tmp_path / 'run'
   proc = _start(out)
-  _wait_for_round(proc, out, 'floral', 25)
+  wait_for_round(proc, out, 'floral', 25)
   proc.kill()
   proc.wait()
   saved = json.loads((out / 'results.json').read_text())
@@ -99,7 +73,7 @@ def test_sigkill_mid_method_then_resume_is_bit_identical(tmp_path, reference):
 def test_sigterm_checkpoints_then_resume_is_bit_identical(tmp_path, reference):
   out = tmp_path / 'run'
   proc = _start(out)
-  _wait_for_round(proc, out, 'fedavg', 30)
+  wait_for_round(proc, out, 'fedavg', 30)
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=300)
   assert proc.returncode == 128 + signal.SIGTERM, err

@@ -93,6 +93,26 @@ def test_path_probes(tmp_path):
     cli.existing_dir(str(tmp_path / 'missing'), '--data-dir')
 
 
+
+def test_runner_command_line_helpers(tmp_path):
+  assert cli.check_methods(('a', 'c'), ('a', 'b', 'c')) == ['a', 'c']
+  with pytest.raises(cli.UserError, match='unknown method.s. x; valid methods: a, b'):
+    cli.check_methods(['x'], ('a', 'b'))
+  with pytest.raises(cli.UserError, match='lists a method twice: a a'):
+    cli.check_methods(['a', 'a'], ('a', 'b'))
+  parser = cli.Parser()
+  parser.add_argument('--resume')
+  parser.add_argument('--quiet', action='store_true')
+  parser.add_argument('--rounds', type=int, default=None)
+  RunDir.create(str(tmp_path / 'run'), {'runner': 'one', 'plan': {}, 'settings': {}})
+  path, config = cli.resumed_run(parser.parse_args(['--resume', str(tmp_path / 'run'), '--quiet']), parser, 'one',
+                                 'One')
+  assert path == str(tmp_path / 'run') and config['runner'] == 'one'
+  with pytest.raises(cli.UserError, match='drop --rounds'):
+    cli.resumed_run(parser.parse_args(['--resume', str(tmp_path / 'run'), '--rounds', '3']), parser, 'one', 'One')
+  with pytest.raises(cli.UserError, match="holds a 'one' run, not a Two run"):
+    cli.resumed_run(parser.parse_args(['--resume', str(tmp_path / 'run')]), parser, 'two', 'Two')
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Strict JSON and the run directory
 # ----------------------------------------------------------------------------------------------------------------------

@@ -9,11 +9,14 @@
 * :func:`probe_writable_dir` / :func:`probe_writable_file`: create the parent, write and remove a probe file.
 * :func:`run_cli`: runs ``main(argv)``, turning a :class:`UserError` into ``error: ...`` and exit status 2;
   anything else (a bug) keeps its traceback.
+* What both runners' command lines share: :func:`check_methods`, :func:`resumed_run` (``--resume DIR``) and
+  :func:`runner_main` (parse, plan, ``--print-config``, then the JAX half).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -254,3 +257,59 @@ def existing_dir(path: str, what: str) -> str:
   if not os.path.isdir(full):
     raise UserError(f'{what} {path}: no such directory')
   return full
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What the runners' command lines share
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def check_methods(methods: Sequence[str], valid: Sequence[str]) -> list[str]:
+  """``methods`` as a list, each one of ``valid`` and none twice (a UserError lists the valid ones)."""
+  bad = [m for m in methods if m not in valid]
+  if bad:
+    raise UserError(f'unknown method(s) {", ".join(bad)}; valid methods: {", ".join(valid)}')
+  if len(set(methods)) != len(methods):
+    raise UserError(f'--methods lists a method twice: {" ".join(methods)}')
+  return list(methods)
+
+
+def resumed_run(args: argparse.Namespace, parser: argparse.ArgumentParser, runner: str, label: str,
+                allowed: Sequence[str] = ('resume', 'quiet', 'json')) -> tuple[str, dict[str, Any]]:
+  """``(run directory, its config.json)`` for ``--resume DIR``, which continues a run with its own settings.
+
+  Raises:
+    UserError: a flag outside ``allowed`` was given, ``DIR`` is not a run directory, or it holds another runner's run
+      (``label`` names this runner's runs in the message).
+  """
+  from experiments.runlib.rundir import RunDir  # pylint: disable=g-import-not-at-top  (rundir imports this module)
+  given = [f'--{k.replace("_", "-")}' for k, v in vars(args).items()
+           if k not in allowed and v != parser.get_default(k)]
+  if given:
+    raise UserError(f'--resume continues a run with its own settings; drop {", ".join(given)}')
+  run = RunDir.open(args.resume)
+  config = run.config
+  if config.get('runner') != runner:
+    raise UserError(f'{args.resume} holds a {config.get("runner")!r} run, not a {label} run')
+  return run.path, config
+
+
+def runner_main(argv: Sequence[str] | None, *, parser: argparse.ArgumentParser,
+                make_plan: Callable[[argparse.Namespace], dict], settings: Callable[[dict], Any],
+                run_module: str) -> dict:
+  """A runner's main: parse ``argv``, check everything into a plan (no JAX yet), print the resolved ``settings(plan)``
+  for ``--print-config``, else import ``run_module`` and call its ``run(plan, argv) -> (results, status)``.
+
+  Wrapped in :func:`run_cli`, a user error exits with status 2 (one line ``error: ...``); a run with a failed method
+  exits with 1 after the other methods ran, an interrupted one with 128 + the signal number.
+  """
+  args = parser.parse_args(argv)
+  plan = make_plan(args)
+  if getattr(args, 'print_config', False):
+    from experiments.runlib import strict_json  # pylint: disable=g-import-not-at-top
+    print(strict_json.dumps(dataclasses.asdict(settings(plan)), indent=1))
+    return {}
+  results, status = importlib.import_module(run_module).run(plan, argv=list(sys.argv[1:] if argv is None else argv))
+  if status:
+    raise SystemExit(status)
+  return results
