@@ -11,9 +11,24 @@ _GROUPS = ('global', 'local')
 
 
 def _small_inverse(m):
-  """``inv(m)`` of small ``[..., r, r]`` matrices (an LU solve against the identity)."""
-  eye = jnp.broadcast_to(jnp.eye(m.shape[-1], dtype=m.dtype), m.shape)
-  return jnp.linalg.solve(m, eye)
+  """``inv(m)`` of small symmetric positive definite ``[..., r, r]`` matrices (Gauss-Jordan elimination).
+
+  Plain XLA ops, not LAPACK: on jax 0.10.2 a batched LAPACK factorization splits its batch over XLA:CPU's intra-op
+  threads and blocks until the pieces finish, so independent factorizations running at once on every thread
+  deadlock the process (docs/compiled_loop.md). No pivoting: the matrices here (``B^T B + eps I``) are SPD.
+  Unrolled up to 16 steps per loop iteration: XLA:CPU's per-iteration loop overhead would otherwise dominate;
+  unrolled, it is faster than the LAPACK call (a [30, 4] batch of 15 x 15: 0.6 ms against 1.1 ms).
+  """
+  r = m.shape[-1]
+  aug = jnp.concatenate([m, jnp.broadcast_to(jnp.eye(r, dtype=m.dtype), m.shape)], axis=-1)  # [..., r, 2r]
+
+  def eliminate(k, aug):
+    row = jax.lax.dynamic_index_in_dim(aug, k, axis=-2, keepdims=False)
+    row = row / jax.lax.dynamic_index_in_dim(row, k, axis=-1)
+    col = jax.lax.dynamic_index_in_dim(aug, k, axis=-1)  # [..., r, 1]
+    return jax.lax.dynamic_update_index_in_dim(aug - col * row[..., None, :], row, k, axis=-2)
+
+  return jax.lax.fori_loop(0, r, eliminate, aug, unroll=min(r, 16))[..., r:]
 
 
 def _matmul_small(x, y):

@@ -593,3 +593,17 @@ def test_preconditioner_under_multi_transform_with_split_model_parts():
     np.testing.assert_allclose(up_loc[layer]['local_b'], exp_b, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(up_loc[layer]['local_bias'], np.float32(g_loc[layer]['local_bias']))
   jax.tree.map(lambda u, g: np.testing.assert_allclose(u, -0.5 * g, rtol=1e-6), up_router, g_router)
+
+
+def test_preconditioner_has_no_lapack_call():
+  # jax 0.10.2's batched LAPACK calls can deadlock XLA:CPU's thread pool (docs/compiled_loop.md).
+  rng = np.random.default_rng(2)
+  p = {'global_a': rng.normal(size=(4, 20, 15)), 'global_b': rng.normal(size=(4, 15, 40))}
+  g = {k: rng.normal(size=v.shape) for k, v in p.items()}
+  f32 = lambda t: jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), t)  # noqa: E731
+  hlo = _precondition.lower(f32(g), f32(p), jnp.float32(0.3)).compile().as_text()
+  assert 'custom_call_target="lapack' not in hlo
+  out = _precondition(f32(g), f32(p), jnp.float32(0.3))
+  exp_a, exp_b = _np_dense_precond(g['global_a'], g['global_b'], p['global_a'], p['global_b'], 0.3)
+  np.testing.assert_allclose(out['global_a'], exp_a, rtol=1e-5, atol=1e-5 * np.abs(exp_a).max())
+  np.testing.assert_allclose(out['global_b'], exp_b, rtol=1e-5, atol=1e-5 * np.abs(exp_b).max())
