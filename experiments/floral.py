@@ -116,9 +116,10 @@ def build_parser() -> cli.Parser:
   g.add_argument('--max-rejected-rounds', type=cli.int_at_least(1), default=5,
                  help='fail a method after this many consecutive rounds with every sampled client rejected '
                       '(default: 5)')
-  g.add_argument('--compiled-loop', action='store_true',
-                 help='run the rounds between evaluations / checkpoints in one compiled loop (about 2x faster for the '
-                      'MNIST MLP on a CPU)')
+  g.add_argument('--compiled-loop', action=argparse.BooleanOptionalAction, default=True,
+                 help='run the rounds between evaluations / checkpoints in one compiled loop: the same results, '
+                      '1.75-2.4x faster on the MNIST MLP on a CPU (default: on; --no-compiled-loop dispatches every '
+                      'round from Python)')
   g.add_argument('--quiet', action='store_true', help='no progress output; only errors and the final table')
   c = p.add_argument_group('configuration')
   c.add_argument('--config', metavar='FILE', default=None,

@@ -171,11 +171,6 @@ def run(plan: dict, argv: list[str]) -> tuple[dict, int]:
   Exit status: 0 when every unit is done, 1 when one failed (the others still ran), ``128 + signal`` when a
   SIGINT / SIGTERM stopped the run (after checkpointing the unit in progress).
   """
-  # Long CPU runs wedged with every XLA worker thread idle in a futex wait, mid-execution: once after a few hundred
-  # rounds dispatched one by one (asynchronously), and in the compiled loop of the rotation tasks (with and without
-  # multi-threaded Eigen). Synchronous dispatch costs nothing at this scale. It only takes effect before JAX's CPU
-  # backend starts, i.e. when this is the process's first JAX work.
-  jax.config.update('jax_cpu_enable_async_dispatch', False)
   task, progress = plan['task'], Progress(quiet=plan['quiet'])
   run_dir, results = _open_run(plan, argv)
   schedule = loop.Schedule(task.rounds, plan['eval_every'], plan['checkpoint_every'], plan['keep'],
