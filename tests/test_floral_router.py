@@ -86,3 +86,50 @@ def test_aggregation_temperature_reweighs_only_the_adaptors_by_hand_p_k_given_c(
 def test_aggregation_temperature_must_be_positive(bad):
   with pytest.raises(ValueError, match=f'aggregation_temperature must be > 0.*got {bad}'):
     floral(aggregation_temperature=bad)
+
+
+def test_balance_rate_zero_adds_no_offsets_and_changes_nothing():
+  alg = floral(balance_rate=0.0)
+  assert 'router_offset' not in alg.init(jax.random.key(0), K).global_params
+  a, _ = run(alg, start(alg))
+  b, _ = run(floral(), start(floral()))
+  assert_same(a, b)
+
+
+def test_balance_offsets_route_like_shifted_logits_and_move_toward_equal_use_by_hand():
+  rate = 0.5
+  alg = floral(balance_rate=rate, aggregation_temperature=0.3)
+  state = start(alg)
+  offset = jnp.array([0.4, -0.2, 0.1])
+  state = state._replace(global_params=dict(state.global_params, router_offset=offset))
+  new, metrics = run(alg, state)
+  # The same round without offsets, from logits already shifted by them: same model, same aggregation.
+  plain = floral(aggregation_temperature=0.3)
+  shifted = state._replace(global_params={k: v for k, v in state.global_params.items() if k != 'router_offset'},
+                           clients=dict(state.clients, logits=state.clients['logits'] + offset))
+  ref, _ = run(plain, shifted)
+  close = lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+  jax.tree.map(close, {k: v for k, v in new.global_params.items() if k != 'router_offset'}, ref.global_params)
+  close(new.clients['logits'] + offset, ref.clients['logits'])
+  # offset_c += rate * (1/C - u_c), u_c: the example-weighted mean of softmax((w_k + offset) / T_agg).
+  ids = np.asarray(metrics['client_ids'])
+  w = (np.asarray(ref.clients['logits'], np.float64)[ids]) / 0.3
+  p = np.exp(w - w.max(1, keepdims=True))
+  p /= p.sum(1, keepdims=True)
+  n = np.asarray(data().count, np.float64)[ids]
+  usage = (n[:, None] * p).sum(0) / n.sum()
+  close(new.global_params['router_offset'], np.asarray(offset) + rate * (1 / 3 - usage))
+
+
+def test_balance_offsets_get_no_client_gradient():
+  alg = floral(balance_rate=1.0)
+  state = start(alg)
+  state = state._replace(global_params=dict(state.global_params, router_offset=jnp.array([0.4, -0.2, 0.1])))
+  out, _, _ = jax.jit(alg.client_update)(state.frozen, state.global_params, jax.tree.map(lambda x: x[0], state.clients),
+                                         jax.tree.map(lambda x: x[0], data()), jax.random.key(3))
+  np.testing.assert_array_equal(out.params['router_offset'], state.global_params['router_offset'])
+
+
+def test_balance_rate_must_not_be_negative():
+  with pytest.raises(ValueError, match='balance_rate must be >= 0.*got -0.5'):
+    floral(balance_rate=-0.5)
