@@ -27,7 +27,6 @@ folders. See docs/feddpa.md.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -94,12 +93,7 @@ def build_parser() -> cli.Parser:
   g.add_argument('--bootstrap-samples', type=cli.int_at_least(1), default=10_000,
                  help='paired bootstrap resamples of the test prompts (default: 10000)')
   g.add_argument('--quiet', action='store_true', help='no progress output; only errors and the final tables')
-  c = p.add_argument_group('configuration')
-  c.add_argument('--config-file', metavar='FILE', default=None,
-                 help="JSON settings: an object {setting: value} or a run's config.json")
-  c.add_argument('--set', nargs='+', metavar='KEY=VALUE', default=[], dest='overrides',
-                 help=f'override any setting: {", ".join(f.name for f in dataclasses.fields(configs.FedDPAConfig))}')
-  c.add_argument('--print-config', action='store_true', help='print the resolved settings as JSON and exit')
+  cli.add_settings_arguments(p, configs.FedDPAConfig, file_flag='--config-file')
   t = p.add_argument_group("FedDPA settings (default: the config's)")
   for name, (flags, kind, text) in _FLAGS.items():
     extra = {'choices': kind} if isinstance(kind, tuple) else {'type': kind}
@@ -214,10 +208,7 @@ def make_plan(args) -> dict:
 
 
 def main(argv: typing.Sequence[str] | None = None) -> dict:
-  """Parses ``argv``, trains and evaluates every (method, seed) and returns the results document.
-
-  Exit statuses as in ``cli.runner_main``: 2 for a user error, 1 when a method failed, 128 + signal when stopped.
-  """
+  """Parses ``argv``, trains and evaluates every (method, seed), returns the results (exit statuses: ``cli.runner_main``)."""
   return cli.run_cli(lambda a: cli.runner_main(a, parser=build_parser(), make_plan=make_plan,
                                                settings=lambda plan: plan['cfg'],
                                                run_module='experiments.feddpa_run'), argv)

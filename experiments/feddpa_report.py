@@ -12,6 +12,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from experiments import report
+
 BLOCKS = (('personalization', 'P'), ('test_time', 'TTP'))
 
 
@@ -86,10 +88,7 @@ def bar_data(doc: dict[str, Any], block: str) -> tuple[list[str], list[str], np.
 
 def plot_bars(doc: dict[str, Any], path: str) -> str:
   """Grouped bars per task (and the average) for P and TTP, one bar per method, 95 % interval whiskers."""
-  import matplotlib  # pylint: disable=g-import-not-at-top  (only when plotting)
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, axes = plt.subplots(2, 1, figsize=(12, 7), sharex=True)
+  fig, axes = report.pyplot().subplots(2, 1, figsize=(12, 7), sharex=True)
   for ax, (block, short) in zip(axes, BLOCKS):
     methods, cats, values, errors = bar_data(doc, block)
     width = 0.8 / max(len(methods), 1)
@@ -101,16 +100,12 @@ def plot_bars(doc: dict[str, Any], path: str) -> str:
     ax.set_xticks(x, [c.replace('_', '\n') for c in cats], fontsize=8)
   axes[0].legend(ncol=len(doc['methods']), fontsize=8)
   axes[0].set_title(_title(doc))
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return report.save_figure(fig, path, dpi=100)
 
 
 def plots(sources: Sequence[Any], out_dir: str) -> list[str]:
   """One P / TTP bar plot per source (``experiments.report.Source``) into ``out_dir``; returns the files."""
   written = []
-  for i, source in enumerate(sources):
-    tag = source.results.get('config', 'feddpa') if len(sources) == 1 else f'{source.results.get("config")}_{i}'
+  for tag, source in report.tagged(sources, 'config', 'feddpa'):
     written.append(plot_bars(source.results, os.path.join(out_dir, f'feddpa_{tag}.png')))
   return written

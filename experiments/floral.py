@@ -51,6 +51,10 @@ _FLAG_HELP = {
     'noise_std': 'scale of the uniform U[0, 1) noise on the router logits in training (0: off)',
     'temperature': 'router softmax temperature',
     'floor': 'lower bound of each router probability (none: no floor)',
+    'aggregation_temperature': 'FLoRAL: the server weighs adaptors by softmax(logits / T) with this T (none: '
+                               '--temperature, the paper; 0.1 sharpens, see experiments/router_study)',
+    'balance_rate': 'FLoRAL: server-held router offsets pushed toward equal adaptor use at this rate (0: off, the '
+                    'paper)',
     'precondition': 'LoRA gradient preconditioning',
     'bias_init': 'bias-adaptor init',
     'server_optimizer': 'server optimizer on the pseudo-gradient',
@@ -86,7 +90,8 @@ def _optional(parse):
 _FLAG_TYPES = {'rounds': cli.int_at_least(0), 'batch_size': cli.int_at_least(1), 'num_epochs': cli.int_at_least(1),
                'fraction': cli.fraction, 'rank': _number, 'noise_std': cli.nonnegative_float,
                'floor': _optional(cli.nonnegative_float), 'lora_lr': _optional(cli.positive_float),
-               'server_adaptor_lr': _optional(cli.positive_float)}
+               'server_adaptor_lr': _optional(cli.positive_float),
+               'aggregation_temperature': _optional(cli.positive_float), 'balance_rate': cli.nonnegative_float}
 
 
 def build_parser() -> cli.Parser:
@@ -121,12 +126,7 @@ def build_parser() -> cli.Parser:
                       '1.75-2.4x faster on the MNIST MLP on a CPU (default: on; --no-compiled-loop dispatches every '
                       'round from Python)')
   g.add_argument('--quiet', action='store_true', help='no progress output; only errors and the final table')
-  c = p.add_argument_group('configuration')
-  c.add_argument('--config', metavar='FILE', default=None,
-                 help='JSON settings: an object {setting: value} or a run\'s config.json')
-  c.add_argument('--set', nargs='+', metavar='KEY=VALUE', default=[], dest='overrides',
-                 help=f'override any task setting: {", ".join(f.name for f in dataclasses.fields(configs.FloralTask))}')
-  c.add_argument('--print-config', action='store_true', help='print the resolved settings as JSON and exit')
+  cli.add_settings_arguments(p, configs.FloralTask, file_flag='--config', what='task setting')
   hints = typing.get_type_hints(configs.FloralTask)
   t = p.add_argument_group('training settings (default: the task\'s, i.e. the public code\'s settings)')
   for name, text in _FLAG_HELP.items():
@@ -211,10 +211,7 @@ def make_plan(args) -> dict:
 
 
 def main(argv: typing.Sequence[str] | None = None) -> dict:
-  """Parses ``argv``, runs every (method, seed) and returns the results document.
-
-  Exit statuses as in ``cli.runner_main``: 2 for a user error, 1 when a method failed, 128 + signal when stopped.
-  """
+  """Parses ``argv``, runs every (method, seed), returns the results (exit statuses: ``cli.runner_main``)."""
   return cli.run_cli(lambda a: cli.runner_main(a, parser=build_parser(), make_plan=make_plan,
                                                settings=lambda plan: plan['task'],
                                                run_module='experiments.floral_run'), argv)

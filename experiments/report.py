@@ -236,11 +236,26 @@ def router_heatmap_data(source: Source, method: str, seed: int) -> tuple[np.ndar
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _pyplot():
+def pyplot():
+  """matplotlib's pyplot on the file-only Agg backend (imported only when plotting)."""
   import matplotlib  # pylint: disable=g-import-not-at-top  (only when plotting)
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   return plt
+
+
+def save_figure(fig, path: str, dpi: int = 110) -> str:
+  """Lays out, writes and closes ``fig``; returns ``path``."""
+  fig.tight_layout()
+  fig.savefig(path, dpi=dpi)
+  pyplot().close(fig)
+  return path
+
+
+def tagged(sources: Sequence[Any], name: str, default: str = 'run') -> list[tuple[str, Any]]:
+  """``(tag, source)`` pairs: each source's ``results[name]``, numbered when there are several."""
+  tags = [str(s.results.get(name, default)) for s in sources]
+  return [(t if len(sources) == 1 else f'{t}_{i}', s) for i, (t, s) in enumerate(zip(tags, sources))]
 
 
 def _band(ax, curves: dict[int, list], label: str, scale: float) -> None:
@@ -261,7 +276,7 @@ def plot_curves(source: Source, path: str) -> str | None:
   curves, losses = eval_curves(source, metric), train_loss(source)
   if not curves:
     return None
-  plt = _pyplot()
+  plt = pyplot()
   fig, axes = plt.subplots(1, 2 if losses else 1, figsize=(12 if losses else 6, 4), squeeze=False)
   scale = 100.0 if metric == 'test_accuracy' else 1.0
   for method, per_seed in curves.items():
@@ -276,10 +291,7 @@ def plot_curves(source: Source, path: str) -> str | None:
                 for s, x in per_seed.items()}
       _band(axes[0, 1], smooth, method, 1.0)
     axes[0, 1].set(xlabel='round', ylabel='training loss (moving mean)', yscale='log', title='train')
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return save_figure(fig, path)
 
 
 def plot_clients(source: Source, path: str) -> str | None:
@@ -290,23 +302,20 @@ def plot_clients(source: Source, path: str) -> str | None:
   key = 'accuracy' if source.results['metric'] == 'test_accuracy' else 'loss'
   methods = list(finals)
   data = [np.concatenate([np.asarray(e['per_client'][key], np.float64) for e in finals[m].values()]) for m in methods]
-  plt = _pyplot()
+  plt = pyplot()
   fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(methods)), 4))
   ax.boxplot([100 * d if key == 'accuracy' else d for d in data], showmeans=True)
   ax.set_xticks(range(1, len(methods) + 1), [configs.METHODS[m].label if m in configs.METHODS else m
                                              for m in methods], rotation=30, ha='right', fontsize=8)
   ax.set(ylabel='per-client test accuracy %' if key == 'accuracy' else 'per-client test MSE',
          yscale='linear' if key == 'accuracy' else 'log', title=f'{source.results["task"]}: clients after training')
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return save_figure(fig, path)
 
 
 def plot_router(source: Source, method: str, seed: int, path: str) -> str:
   """Heatmap of the router probabilities, clients (sorted by true cluster) x adaptors."""
   probs, clusters = router_heatmap_data(source, method, seed)
-  plt = _pyplot()
+  plt = pyplot()
   fig, ax = plt.subplots(figsize=(1.2 + 0.6 * probs.shape[1], min(10, 2 + 0.05 * probs.shape[0])))
   im = ax.imshow(probs, aspect='auto', interpolation='nearest', vmin=0, vmax=1, cmap='viridis')
   edges = np.flatnonzero(np.diff(clusters)) + 0.5
@@ -314,18 +323,13 @@ def plot_router(source: Source, method: str, seed: int, path: str) -> str:
     ax.axhline(e, color='white', lw=0.8)
   ax.set(xlabel='adaptor', ylabel='client (sorted by true cluster)', title=f'{method} seed {seed}')
   fig.colorbar(im, ax=ax, label='p(adaptor | client)')
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return save_figure(fig, path)
 
 
 def plots(sources: Sequence[Source], out_dir: str) -> list[str]:
   """Every FLoRAL plot of ``sources`` into ``out_dir``; returns the files written."""
   written = []
-  for i, source in enumerate(sources):
-    task = source.results['task']
-    tag = task if len(sources) == 1 else f'{task}_{i}'
+  for tag, source in tagged(sources, 'task'):
     written += [p for p in (plot_curves(source, os.path.join(out_dir, f'curves_{tag}.png')),
                             plot_clients(source, os.path.join(out_dir, f'clients_{tag}.png'))) if p]
     for method, per_seed in final_evaluations(source).items():

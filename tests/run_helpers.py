@@ -1,4 +1,5 @@
-"""Helpers of the runners' resume tests (tests/test_experiments_resume.py, tests/test_experiments_feddpa.py)."""
+"""Helpers shared by test files: the runners' resume tests (waiting for a round, wall-clock-free comparison) and
+the compile-count tests (a client update that counts its traces)."""
 import json
 import time
 
@@ -27,3 +28,14 @@ def strip_wall_clock(doc, drop=('seconds', 'wall_s')):
   if isinstance(doc, list):
     return [strip_wall_clock(v, drop) for v in doc]
   return doc
+
+
+def count_traces(alg):
+  """``alg`` with a client_update that records each trace in the returned list: ``(alg, traces)``."""
+  traces = []
+
+  def counted(*args):
+    traces.append(1)
+    return alg.client_update(*args)
+
+  return alg.replace(client_update=counted), traces

@@ -27,6 +27,7 @@ from fedjax_adapters.data.synthetic import synthetic_task  # noqa: E402
 from fedjax_adapters.federated import host_store, sharding  # noqa: E402
 from fedjax_adapters.federated.client_update import ClientOutput  # noqa: E402
 from fedjax_adapters.federated import client_data, evaluate, make_round, sharded_clients  # noqa: E402
+from run_helpers import count_traces  # noqa: E402  (this file's directory is on sys.path when run as a script)
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 NUM_DEVICES = 8
@@ -87,14 +88,14 @@ def reference(k):
   return _CACHE[k]
 
 
-def count_traces(alg):
-  traces = []
-
-  def counted(*args):
-    traces.append(1)
-    return alg.client_update(*args)
-
-  return alg.replace(client_update=counted), traces
+def run_like_reference(round_fn, state, data, ref_states, ref_metrics):
+  """``ROUNDS`` rounds of ``round_fn``, each round's metrics and the final state equal to the 1-device reference."""
+  for t in range(ROUNDS):
+    state, metrics = round_fn(state, data)
+    np.testing.assert_array_equal(metrics['client_ids'], ref_metrics[t]['client_ids'])
+    assert_close(metrics, ref_metrics[t])
+  assert_close(state, ref_states[-1])
+  return state, metrics
 
 
 def case_replicated_store():
@@ -104,11 +105,7 @@ def case_replicated_store():
   alg, traces = count_traces(alg)
   round_fn = make_round(alg, clients_per_round=M, mapping=sharded_clients(mesh, shard_store=False))
   state = alg.init(jax.random.key(0), 10)
-  for t in range(ROUNDS):
-    state, metrics = round_fn(state, data)
-    np.testing.assert_array_equal(metrics['client_ids'], ref_metrics[t]['client_ids'])
-    assert_close(metrics, ref_metrics[t])
-  assert_close(state, ref_states[-1])
+  state, metrics = run_like_reference(round_fn, state, data, ref_states, ref_metrics)
   assert len(traces) == 1, traces
   assert_sharded(metrics['loss'], mesh, 1)
   for x in jax.tree.leaves((state.global_params, state.clients, state.agg_state)):
@@ -121,11 +118,7 @@ def case_sharded_store():
   mesh = sharding.client_mesh()
   round_fn = make_round(alg, clients_per_round=M, mapping=sharded_clients(mesh))
   state = alg.init(jax.random.key(0), 16)
-  for t in range(ROUNDS):
-    state, metrics = round_fn(state, data)
-    np.testing.assert_array_equal(metrics['client_ids'], ref_metrics[t]['client_ids'])
-    assert_close(metrics, ref_metrics[t])
-  assert_close(state, ref_states[-1])
+  state, metrics = run_like_reference(round_fn, state, data, ref_states, ref_metrics)
   assert_sharded(state.clients['logits'], mesh, 2)
   assert_sharded(metrics['loss'], mesh, 1)
   for x in jax.tree.leaves(state.global_params):

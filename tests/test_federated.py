@@ -7,13 +7,14 @@ import pytest
 from flax import nnx
 
 from fedjax_adapters import algorithms, checkpoint
-from fedjax_adapters.data.federated import FederatedData, stack_clients
+from fedjax_adapters.data.federated import stack_clients
 from fedjax_adapters.data.synthetic import synthetic_task
 from fedjax_adapters.federated import aggregators, client_store
 from fedjax_adapters.federated.client_update import ClientData, ClientOutput, make_client_update
-from fedjax_adapters.federated import (Algorithm, chunked_clients, client_data, evaluate, make_round, run_rounds,
+from fedjax_adapters.federated import (chunked_clients, client_data, evaluate, make_round, run_rounds,
                                       sequential_clients, vmap_clients)
 from fedjax_adapters.federated.sampling import clients_per_round, sample_clients
+from run_helpers import count_traces
 
 TOL = dict(rtol=1e-5, atol=1e-6)
 
@@ -69,11 +70,15 @@ def test_vmap_round_equals_sequential_loop(name):
   assert int(s_v.round) == 3
 
 
-def test_chunked_client_map_equals_full_vmap():
+def floral_setup(seed):
+  """FLoRAL on the uneven linear task: ``(dataset, algorithm, training ClientData, initial state from seed)``."""
   ds = uneven_linear_task()
   alg = ALGS['floral'](ds)
-  data = client_data(ds.train)
-  state = alg.init(jax.random.key(0), ds.train.num_clients)
+  return ds, alg, client_data(ds.train), alg.init(jax.random.key(seed), ds.train.num_clients)
+
+
+def test_chunked_client_map_equals_full_vmap():
+  ds, alg, data, state = floral_setup(0)
   full = make_round(alg, clients_per_round=6)
   want, m_want = full(state, data)
   for chunk in (1, 4):  # 4 does not divide 6: lax.map runs the remainder as its own chunk
@@ -88,10 +93,7 @@ def test_chunked_client_map_equals_full_vmap():
 
 def test_padded_clients_change_nothing():
   """Padding slots (mask False) repeat a real id, train, but neither weigh in nor write back."""
-  ds = uneven_linear_task()
-  alg = ALGS['floral'](ds)
-  data = client_data(ds.train)
-  state = alg.init(jax.random.key(1), ds.train.num_clients)
+  ds, alg, data, state = floral_setup(1)
   plain = make_round(alg, clients_per_round=3)
   padded = make_round(alg, clients_per_round=5)
   ids = jnp.array([1, 4, 7])
@@ -205,20 +207,9 @@ def test_server_optimizer_matches_hand_applied_optax():
   assert_trees_close(params, hand_p)
 
 
-def _trace_counting(base: Algorithm):
-  """``base`` with a client_update that records each trace in the returned list."""
-  traces = []
-
-  def counted(*args):
-    traces.append(1)
-    return base.client_update(*args)
-
-  return base.replace(client_update=counted), traces
-
-
 def test_three_rounds_compile_once():
   ds = uneven_linear_task()
-  alg, traces = _trace_counting(ALGS['floral'](ds))
+  alg, traces = count_traces(ALGS['floral'](ds))
   round_fn = make_round(alg, clients_per_round=4)
   state = alg.init(jax.random.key(0), ds.train.num_clients)
   data = client_data(ds.train)
@@ -230,7 +221,7 @@ def test_three_rounds_compile_once():
 
 def test_run_rounds_equals_round_by_round_and_compiles_once():
   ds = uneven_linear_task()
-  alg, traces = _trace_counting(ALGS['floral'](ds))
+  alg, traces = count_traces(ALGS['floral'](ds))
   data = client_data(ds.train)
   round_fn = make_round(alg, clients_per_round=4)
   state = alg.init(jax.random.key(0), ds.train.num_clients)

@@ -9,7 +9,6 @@ import functools
 import importlib.util
 import itertools
 import json
-import re
 
 import gguf
 import jax
@@ -20,8 +19,9 @@ import safetensors.numpy
 from flax import nnx
 
 from fedjax_adapters.models import llama_loaders
-from fedjax_adapters.models.llama import (KVCache, Llama, LlamaConfig, abstract_llama, apply_rotary, beam_search,
+from fedjax_adapters.models.llama import (KVCache, Llama, LlamaConfig, apply_rotary, beam_search,
                                           greedy_decode, init_cache, layers_are_uniform, rotary_cos_sin)
+from llama_testing import llama_cpp_permute, random_llama, write_gguf
 
 TINY = dict(vocab_size=48, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
             rms_norm_eps=1e-5)
@@ -32,24 +32,8 @@ MASK = np.array([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 1, 1
 
 
 def _model(seed=0, **overrides) -> Llama:
-  """A tiny model with random weights, norm scales included (so a mixed-up norm would show).
-
-  The weights come from numpy into an abstract model: initialising eagerly would compile a random kernel per
-  parameter shape, which on a small CPU costs more than the tests themselves.
-  """
-  config = LlamaConfig(**{**TINY, **overrides})
-  model = abstract_llama(config)
-  rng = np.random.default_rng(seed)
-  for path, var in nnx.iter_graph(model):
-    if isinstance(var, nnx.Param):
-      shape = var.get_value().shape
-      if path[-1] == 'scale':
-        value = 1 + 0.3 * rng.standard_normal(shape)
-      elif path[-1] == 'kernel':
-        value = rng.standard_normal(shape) / np.sqrt(shape[0])
-      else:
-        value = rng.standard_normal(shape)
-      var.set_value(jnp.asarray(value, jnp.float32))
+  """A tiny model with random weights, norm scales included (so a mixed-up norm would show)."""
+  model = random_llama(LlamaConfig(**{**TINY, **overrides}), seed)
   assert Llama in type(model).__mro__
   return model
 
@@ -341,71 +325,20 @@ def test_hf_checkpoint_bad_tensors_name_the_tensor(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _llama_cpp_permute(weight, num_heads):
-  """What llama.cpp's convert_hf_to_gguf.py does to q/k rows: each head's [2, Dh/2] halves become [Dh/2, 2] pairs."""
-  dh = weight.shape[0] // num_heads
-  return weight.reshape(num_heads, 2, dh // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
-
-
 def test_gguf_qk_unpermute_inverts_llama_cpp_permute():
   for heads, dh in [(1, 2), (3, 8), (4, 64)]:
     w = np.random.default_rng(heads).standard_normal((heads * dh, 5)).astype(np.float32)
-    permuted = _llama_cpp_permute(w, heads)
+    permuted = llama_cpp_permute(w, heads)
     np.testing.assert_array_equal(llama_loaders.unpermute_gguf_qk(permuted, heads), w)
     for h, s, j in [(heads - 1, 1, dh // 2 - 1), (0, 0, 0), (heads // 2, 1, 0)]:
       # HF row (half s, index j) of head h sits at GGUF row 2j + s of that head.
       np.testing.assert_array_equal(permuted[h * dh + 2 * j + s], w[h * dh + s * dh // 2 + j])
 
 
-_HF_TO_GGUF = {'self_attn.q_proj': 'attn_q', 'self_attn.k_proj': 'attn_k', 'self_attn.v_proj': 'attn_v',
-               'self_attn.o_proj': 'attn_output', 'mlp.gate_proj': 'ffn_gate', 'mlp.up_proj': 'ffn_up',
-               'mlp.down_proj': 'ffn_down', 'input_layernorm': 'attn_norm', 'post_attention_layernorm': 'ffn_norm'}
-
-
-def _write_gguf(path, model, quant=None):
-  """Writes ``model`` as llama.cpp's converter would: GGUF names, llama.* metadata, q/k rows permuted."""
-  config = model.config
-  writer = gguf.GGUFWriter(str(path), 'llama')
-  writer.add_block_count(config.num_hidden_layers)
-  writer.add_context_length(config.max_position_embeddings)
-  writer.add_embedding_length(config.hidden_size)
-  writer.add_feed_forward_length(config.intermediate_size)
-  writer.add_head_count(config.num_attention_heads)
-  writer.add_head_count_kv(config.num_key_value_heads)
-  writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-  writer.add_rope_freq_base(config.rope_theta)
-  writer.add_rope_dimension_count(config.head_dim)
-  writer.add_vocab_size(config.vocab_size)
-  written = {}
-  for name, w in llama_loaders.to_hf_state_dict(model).items():
-    match = re.fullmatch(r'model\.layers\.(\d+)\.(.+)\.weight', name)
-    if match:
-      gname = f'blk.{match.group(1)}.{_HF_TO_GGUF[match.group(2)]}.weight'
-    else:
-      gname = {'model.embed_tokens.weight': 'token_embd.weight', 'model.norm.weight': 'output_norm.weight',
-               'lm_head.weight': 'output.weight'}[name]
-    if name.endswith('q_proj.weight'):
-      w = _llama_cpp_permute(w, config.num_attention_heads)
-    elif name.endswith('k_proj.weight'):
-      w = _llama_cpp_permute(w, config.num_key_value_heads)
-    if quant is not None and w.ndim == 2:
-      data = gguf.quants.quantize(w, quant)
-      writer.add_tensor(gname, data, raw_dtype=quant)  # The writer derives the element shape from the bytes.
-      w = gguf.quants.dequantize(data, quant).reshape(w.shape)
-    else:
-      writer.add_tensor(gname, w)
-    written[gname] = w
-  writer.write_header_to_file()
-  writer.write_kv_data_to_file()
-  writer.write_tensors_to_file()
-  writer.close()
-  return written
-
-
 @pytest.mark.parametrize('tied', [False, True])
 def test_gguf_round_trip_reproduces_the_model(tmp_path, tied):
   model = _model(num_key_value_heads=2, tie_word_embeddings=tied)
-  _write_gguf(tmp_path / 'tiny.gguf', model)
+  write_gguf(tmp_path / 'tiny.gguf', model)
   loaded, config = llama_loaders.load_gguf(tmp_path / 'tiny.gguf')
   expected = model.config
   assert dataclasses.replace(config, rms_norm_eps=expected.rms_norm_eps) == expected
@@ -418,7 +351,7 @@ def test_gguf_round_trip_reproduces_the_model(tmp_path, tied):
 
 def test_gguf_quantized_tensors_are_dequantized_and_unpermuted(tmp_path):
   model = _model(num_key_value_heads=2, hidden_size=64, intermediate_size=64)  # Q8_0 blocks are 32 wide
-  written = _write_gguf(tmp_path / 'q8.gguf', model, quant=gguf.GGMLQuantizationType.Q8_0)
+  written = write_gguf(tmp_path / 'q8.gguf', model, quant=gguf.GGMLQuantizationType.Q8_0)
   loaded, _ = llama_loaders.load_gguf(tmp_path / 'q8.gguf')
   got = llama_loaders.to_hf_state_dict(loaded)
   np.testing.assert_array_equal(got['model.layers.1.self_attn.k_proj.weight'],

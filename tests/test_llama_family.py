@@ -5,9 +5,7 @@ where llama.cpp has the architecture, written as GGUF and loaded back.
 """
 import functools
 import math
-import re
 
-import gguf
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,8 +15,8 @@ from flax import nnx
 from transformers import AutoModelForCausalLM
 
 from fedjax_adapters.models import llama_loaders
-from fedjax_adapters.models.llama import (Llama, LlamaConfig, RopeScaling, abstract_llama, greedy_decode,
-                                          rope_inv_freq)
+from fedjax_adapters.models.llama import (Llama, LlamaConfig, RopeScaling, greedy_decode, rope_inv_freq)
+from llama_testing import llama_cpp_rope_freqs, random_llama, write_gguf
 
 TINY = dict(vocab_size=48, hidden_size=64, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, rms_norm_eps=1e-5)
@@ -44,18 +42,7 @@ FAMILIES = {
 
 def random_model(seed=0, **overrides) -> Llama:
   """A tiny model with random weights everywhere (biases and norm scales included)."""
-  model = abstract_llama(LlamaConfig(**{**TINY, **overrides}))
-  rng = np.random.default_rng(seed)
-  for path, var in nnx.iter_graph(model):
-    if isinstance(var, nnx.Param):
-      shape = var.get_value().shape
-      if path[-1] == 'scale':
-        value = 1 + 0.3 * rng.standard_normal(shape)
-      elif path[-1] == 'kernel':
-        value = rng.standard_normal(shape) / np.sqrt(shape[0])
-      else:
-        value = 0.5 * rng.standard_normal(shape)
-      var.set_value(jnp.asarray(value, jnp.float32))
+  model = random_llama(LlamaConfig(**{**TINY, **overrides}), seed, other_scale=0.5)
   return model
 
 
@@ -181,72 +168,6 @@ def test_config_parsing_and_clear_refusals():
 # GGUF: what llama.cpp's converter writes for these families.
 # ---------------------------------------------------------------------------------------------------------------
 
-_HF_TO_GGUF = {'self_attn.q_proj': 'attn_q', 'self_attn.k_proj': 'attn_k', 'self_attn.v_proj': 'attn_v',
-               'self_attn.o_proj': 'attn_output', 'mlp.gate_proj': 'ffn_gate', 'mlp.up_proj': 'ffn_up',
-               'mlp.down_proj': 'ffn_down', 'input_layernorm': 'attn_norm', 'post_attention_layernorm': 'ffn_norm'}
-
-
-def _llama_cpp_permute(weight, num_heads):
-  dh = weight.shape[0] // num_heads
-  return weight.reshape(num_heads, 2, dh // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
-
-
-def _llama_cpp_rope_freqs(config):
-  """The ``rope_freqs`` tensor llama.cpp's converter writes for Llama 3 rope scaling (its own formula, float32)."""
-  s = config.rope_scaling
-  freqs = 1.0 / (config.rope_theta ** (np.arange(0, config.head_dim, 2, dtype=np.float32) / config.head_dim))
-  low_w, high_w = s.original_max_position_embeddings / s.low_freq_factor, s.original_max_position_embeddings / \
-      s.high_freq_factor
-  out = []
-  for f in freqs:
-    w = 2 * math.pi / f
-    if w < high_w:
-      out.append(1.0)
-    elif w > low_w:
-      out.append(s.factor)
-    else:
-      smooth = (s.original_max_position_embeddings / w - s.low_freq_factor) / (s.high_freq_factor -
-                                                                               s.low_freq_factor)
-      out.append(1 / ((1 - smooth) / s.factor + smooth))
-  return np.array(out, np.float32)
-
-
-def write_gguf(path, model, arch):
-  config = model.config
-  writer = gguf.GGUFWriter(str(path), arch)
-  writer.add_block_count(config.num_hidden_layers)
-  writer.add_context_length(config.max_position_embeddings)
-  writer.add_embedding_length(config.hidden_size)
-  writer.add_feed_forward_length(config.intermediate_size)
-  writer.add_head_count(config.num_attention_heads)
-  writer.add_head_count_kv(config.num_key_value_heads)
-  writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-  writer.add_rope_freq_base(config.rope_theta)
-  writer.add_rope_dimension_count(config.head_dim)
-  writer.add_vocab_size(config.vocab_size)
-  if config.rope_scaling is not None and config.rope_scaling.rope_type == 'linear':
-    writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-    writer.add_rope_scaling_factor(config.rope_scaling.factor)
-  elif config.rope_scaling is not None:
-    writer.add_tensor('rope_freqs.weight', _llama_cpp_rope_freqs(config))
-  for name, w in llama_loaders.to_hf_state_dict(model).items():
-    match = re.fullmatch(r'model\.layers\.(\d+)\.(.+)\.(weight|bias)', name)
-    if match:
-      gname = f'blk.{match.group(1)}.{_HF_TO_GGUF[match.group(2)]}.{match.group(3)}'
-    else:
-      gname = {'model.embed_tokens.weight': 'token_embd.weight', 'model.norm.weight': 'output_norm.weight',
-               'lm_head.weight': 'output.weight'}[name]
-    if arch == 'llama' and re.search(r'q_proj\.(weight|bias)$', name):
-      w = _llama_cpp_permute(w, config.num_attention_heads)
-    elif arch == 'llama' and re.search(r'k_proj\.(weight|bias)$', name):
-      w = _llama_cpp_permute(w, config.num_key_value_heads)
-    writer.add_tensor(gname, w)
-  writer.write_header_to_file()
-  writer.write_kv_data_to_file()
-  writer.write_tensors_to_file()
-  writer.close()
-
-
 @pytest.mark.parametrize('family,arch', [('llama3_rope_tied', 'llama'), ('linear_rope_untied', 'llama'),
                                          ('llama_attention_and_mlp_bias', 'llama'), ('qwen2_bias', 'qwen2')])
 def test_gguf_families_load_as_the_model(tmp_path, family, arch):
@@ -264,7 +185,7 @@ def test_gguf_families_load_as_the_model(tmp_path, family, arch):
 
 def test_llama3_scaling_from_freq_factors_refuses_other_rules():
   config = LlamaConfig(**TINY, rope_scaling=LLAMA3)
-  factors = _llama_cpp_rope_freqs(config)
+  factors = llama_cpp_rope_freqs(config)
   assert llama_loaders.llama3_scaling_from_freq_factors(factors, 16, 1e4) == config.rope_scaling
   assert llama_loaders.llama3_scaling_from_freq_factors(np.ones(8), 16, 1e4) is None
   with pytest.raises(ValueError, match='do not follow Llama 3'):

@@ -264,6 +264,18 @@ def existing_dir(path: str, what: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def add_settings_arguments(parser: argparse.ArgumentParser, settings: type, *, file_flag: str,
+                           what: str = 'setting') -> None:
+  """The configuration group both runners share: ``file_flag FILE`` (JSON settings or a run's config.json),
+  ``--set KEY=VALUE ...`` over the fields of the dataclass ``settings``, and ``--print-config``."""
+  c = parser.add_argument_group('configuration')
+  c.add_argument(file_flag, metavar='FILE', default=None,
+                 help="JSON settings: an object {setting: value} or a run's config.json")
+  c.add_argument('--set', nargs='+', metavar='KEY=VALUE', default=[], dest='overrides',
+                 help=f'override any {what}: {", ".join(f.name for f in dataclasses.fields(settings))}')
+  c.add_argument('--print-config', action='store_true', help='print the resolved settings as JSON and exit')
+
+
 def check_methods(methods: Sequence[str], valid: Sequence[str]) -> list[str]:
   """``methods`` as a list, each one of ``valid`` and none twice (a UserError lists the valid ones)."""
   bad = [m for m in methods if m not in valid]
