@@ -164,4 +164,6 @@ def build_algorithm(method: str, task: FloralTask, data: FederatedDataset):
     return algorithms.ensemble(fn, num_members=c, server_optimizer=server, **router, **common)
   server = server_optimizer(task.server_optimizer, task.server_lr, task.server_adaptor_lr)
   return algorithms.floral(fn, num_adaptors=c, rank=spec.rank, lora_lr=task.lora_lr, precondition=task.precondition,
-                           bias_init=task.bias_init, server_optimizer=server, **router, **common)
+                           bias_init=task.bias_init, server_optimizer=server,
+                           aggregation_temperature=task.aggregation_temperature, balance_rate=task.balance_rate,
+                           **router, **common)

@@ -112,6 +112,21 @@ def test_switches_override_the_task_config():
   assert (adam.server_optimizer, adam.server_lr) == ('adam', 1e-3)
 
 
+def test_router_option_switches_reach_floral():
+  cfg = _resolve('--task', 'synthetic_linear', '--aggregation-temperature', '0.1', '--balance-rate', '1')
+  assert (cfg.aggregation_temperature, cfg.balance_rate) == (0.1, 1.0)
+  default = _resolve('--task', 'synthetic_linear')
+  assert (default.aggregation_temperature, default.balance_rate) == (None, 0.0)
+  data = floral_tasks.load_data(cfg, 0)
+  balanced = floral_tasks.build_algorithm('floral', cfg, data).init(jax.random.key(0), data.train.num_clients)
+  assert balanced.global_params['router_offset'].shape == (data.num_clusters,)
+  paper = floral_tasks.build_algorithm('floral', default, data).init(jax.random.key(0), data.train.num_clients)
+  assert 'router_offset' not in paper.global_params
+  for bad in (['--aggregation-temperature', '0'], ['--balance-rate', '-1']):
+    with pytest.raises(SystemExit):
+      floral.build_parser().parse_args(['--task', 'synthetic_linear'] + bad)
+
+
 def test_config_file_then_set_then_flags(tmp_path):
   path = tmp_path / 'settings.json'
   path.write_text(json.dumps({'lr': 0.5, 'router_lr': 0.2, 'rounds': 9, 'floor': None}))

@@ -167,6 +167,10 @@ class FloralTask:
     noise_std: scale of the uniform ``U[0, 1)`` noise on the router logits in training (0 disables it).
     temperature: router softmax temperature.
     floor: lower bound on each router probability (None: no floor).
+    aggregation_temperature: FLoRAL's server weighs adaptors by ``softmax(w / T_agg)`` (None: ``temperature``, the
+      paper); lower sharpens them toward each client's top adaptor (``experiments/router_study/README.md``).
+    balance_rate: FLoRAL's server-held router offsets, moved toward equal adaptor use at this rate per round (0:
+      off, the paper).
     precondition: FLoRAL's LoRA gradient preconditioning (also used by the Local Adaptor).
     bias_init: bias-adaptor init, ``'uniform'`` (public code, nonzero) or ``'zeros'``.
     server_optimizer: ``'sgd'`` or ``'adam'`` on the pseudo-gradient ``prev - average``.
@@ -200,6 +204,8 @@ class FloralTask:
   noise_std: float = 1.0
   temperature: float = 1.0
   floor: float | None = 0.01
+  aggregation_temperature: float | None = None
+  balance_rate: float = 0.0
   precondition: bool = True
   bias_init: str = 'uniform'
   server_optimizer: str = 'sgd'
@@ -265,11 +271,12 @@ def _positive(task: FloralTask) -> None:
   for name in ('batch_size', 'num_epochs'):
     if values[name] < 1:
       raise ValueError(f'{name} must be >= 1; got {values[name]}.')
-  for name in ('lr', 'router_lr', 'server_lr', 'temperature', 'lora_lr', 'server_adaptor_lr', 'rank'):
+  for name in ('lr', 'router_lr', 'server_lr', 'temperature', 'lora_lr', 'server_adaptor_lr', 'rank',
+               'aggregation_temperature'):
     v = values[name]
     if v is not None and not (math.isfinite(v) and v > 0):
       raise ValueError(f'{name} must be finite and > 0; got {v}.')
-  for name in ('noise_std', 'floor'):
+  for name in ('noise_std', 'floor', 'balance_rate'):
     v = values[name]
     if v is not None and not (math.isfinite(v) and v >= 0):
       raise ValueError(f'{name} must be finite and >= 0; got {v}.')
