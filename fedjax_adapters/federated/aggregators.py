@@ -89,6 +89,7 @@ def coordinate_median(stacked: Any, weights: Array, fallback: Any) -> Any:
 
 
 # reducer(stacked [M, ...] pytree, weights [M], fallback pytree) -> pytree: how client values become one value.
+# Rows with weight 0 are finite but arbitrary (padding, rejected clients); a reducer must ignore them.
 Reducer = Callable[[Any, Array, Any], Any]
 
 

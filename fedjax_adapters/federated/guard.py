@@ -76,39 +76,50 @@ def screen(guard: UpdateGuard, global_params: Any, outs: ClientOutput, client_st
            client_mask: Array) -> tuple[ClientOutput, Array, dict]:
   """Screens the stacked client outputs ``[M, ...]`` of one round.
 
+  One pass over the stacked params computes every client's update norm; a NaN or infinity anywhere in the update
+  makes it non-finite, and so does an update too large for float32 (a diverged client either way).
+
   Returns:
-    ``(outs, keep, info)``: ``outs`` with the params of every client outside ``keep`` replaced by ``global_params``
-    and its aux by zeros (so it adds exactly nothing, even to sums that ignore weights), norm-clipped where asked;
-    ``keep``
-    ``[M]`` bool = ``client_mask`` and not rejected; ``info`` the per-client metrics ``rejected``, ``reject_reason``,
-    ``update_norm``.
+    ``(outs, keep, info)``: ``keep [M]`` = ``client_mask`` and not rejected; ``outs`` with the params of every
+    client outside ``keep`` whose update is not finite replaced by ``global_params`` (so ``0 * NaN`` never reaches
+    a weighted sum; done only in rounds that have one, since finite values with weight 0 add exactly nothing), the
+    aux of every client outside ``keep`` zeroed, and norm-clipped updates where asked; ``info`` the per-client
+    metrics ``rejected``, ``reject_reason``, ``update_norm``.
   """
   m = client_mask.shape[0]
   norms = jnp.broadcast_to(update_norms(outs.params, global_params), (m,))
-  reason = jnp.zeros((m,), jnp.int32)
+  finite_update = jnp.isfinite(norms)
   checks = []
   if guard.reject_nonfinite:
-    checks = [(all_finite(outs.params), 1), (all_finite(metrics), 2), (all_finite(client_state), 3)]
+    checks = [(finite_update, 1), (all_finite(metrics), 2), (all_finite(client_state), 3)]
   if guard.max_update_norm is not None and guard.norm_action == 'reject':
     checks.append((norms <= guard.max_update_norm, 4))
+  reason = jnp.zeros((m,), jnp.int32)
   for ok, code in reversed(checks):  # the first failing check names the reason
     reason = jnp.where(jnp.broadcast_to(ok, (m,)), reason, code)
   rejected = client_mask & (reason > 0)
-  reason = jnp.where(rejected, reason, 0)
   keep = client_mask & ~rejected
   params = outs.params
   if guard.max_update_norm is not None and guard.norm_action == 'clip':
-    # Only updates over the bound change: g + (p - g) is not always p in floating point.
-    over = norms > guard.max_update_norm
-    factor = guard.max_update_norm / jnp.maximum(norms, 1e-30)
-    params = jax.tree.map(lambda p, g: jnp.where(_rows(over, p), (g + (p - g) * _rows(factor, p)).astype(p.dtype), p),
-                          params, global_params)
-  # Every client that carries no weight (rejected, or a padding slot, which may hold anything) sends the global
-  # params and zero aux, so 0 * NaN can never reach a sum; for finite values this changes no bit of the result.
-  params = jax.tree.map(lambda p, g: jnp.where(_rows(keep, p), p, g), params, global_params)
+    params = _clip(params, global_params, norms, guard.max_update_norm)
+  dirty = ~keep & ~finite_update
+  params = jax.lax.cond(jnp.any(dirty), lambda p: _replace_rows(dirty, p, global_params), lambda p: p, params)
   aux = jax.tree.map(lambda a: jnp.where(_rows(keep, a), a, jnp.zeros_like(a)), outs.aux)
-  info = {'rejected': rejected, 'reject_reason': reason, 'update_norm': norms.astype(jnp.float32)}
+  info = {'rejected': rejected, 'reject_reason': jnp.where(rejected, reason, 0),
+          'update_norm': norms.astype(jnp.float32)}
   return outs._replace(params=params, aux=aux), keep, info
+
+
+def _clip(params, global_params, norms, bound):
+  # Only updates over the bound change: g + (p - g) is not always p in floating point.
+  over = norms > bound
+  factor = bound / jnp.maximum(norms, 1e-30)
+  return jax.tree.map(lambda p, g: jnp.where(_rows(over, p), (g + (p - g) * _rows(factor, p)).astype(p.dtype), p),
+                      params, global_params)
+
+
+def _replace_rows(rows: Array, stacked: Any, value: Any) -> Any:
+  return jax.tree.map(lambda p, g: jnp.where(_rows(rows, p), g, p), stacked, value)
 
 
 def _rows(flag: Array, x: Array) -> Array:
