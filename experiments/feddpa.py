@@ -4,7 +4,7 @@ intervals.
 
 Usage::
 
-  python -m experiments.feddpa --data ../shared/data/feddpa/dataset1 --config smoke     # first contact, ~1 min
+  python -m experiments.feddpa --data DATASET1 --config smoke     # first contact, ~1 min
   python -m experiments.feddpa --data DIR --config cpu --out runs/feddpa_cpu             # about an hour, 2 cores
   python -m experiments.feddpa --resume runs/feddpa_cpu                                  # continue after a stop
   python -m experiments.feddpa --data DIR --config gpu                                   # one GPU, the paper's schedule
