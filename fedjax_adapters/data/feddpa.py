@@ -217,70 +217,81 @@ def load_feddpa(folder: str, *, num_clients: int = 8, test_file: str | None = No
   if not os.path.isdir(folder):
     raise _layout_error(folder, num_clients, [f'folder {folder} does not exist or is not a directory'])
   problems: list[str] = []
-
-  train: list[tuple[Example, ...]] = []
-  client_tasks: list[str] = []
-  client_categories: list[str] = []
-  for k in range(num_clients):
-    path = os.path.join(folder, str(num_clients), f'local_training_{k}.json')
-    if not os.path.isfile(path):
-      problems.append(f'missing client file {path}')
-      continue
-    try:
-      with open(path, encoding='utf-8') as f:
-        records = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      problems.append(f'{path} is not valid JSON ({e})')
-      continue
-    if not isinstance(records, list) or not records:
-      problems.append(f'{path} must hold a non-empty JSON list of records, found {type(records).__name__}'
-                      f'{" (empty)" if isinstance(records, list) else ""}')
-      continue
-    record_problems: list[str] = []
-    examples = [_parse_record(r, f'{path} record {i}', record_problems) for i, r in enumerate(records)]
-    if record_problems:
-      problems.extend(_first_few(record_problems))
-      continue
-    pairs = sorted({(ex.task, ex.category) for ex in examples})
-    if len(pairs) != 1:
-      problems.append(f'client {k} ({path}) mixes tasks: (task, category) pairs {pairs}; each client must hold '
-                      f'exactly one task')
-      continue
-    train.append(tuple(examples))
-    client_tasks.append(pairs[0][0])
-    client_categories.append(pairs[0][1])
-
-  test: list[Example] = []
+  clients = [_read_client(os.path.join(folder, str(num_clients), f'local_training_{k}.json'), k, problems)
+             for k in range(num_clients)]
+  clients = [c for c in clients if c is not None]
   test_path = _find_test_file(folder, test_file, problems)
-  if test_path is not None:
-    line_problems: list[str] = []
-    try:
-      with open(test_path, encoding='utf-8') as f:
-        lines = f.readlines()
-    except UnicodeDecodeError as e:
-      lines = []
-      line_problems.append(f'{test_path} is not UTF-8 text ({e})')
-    for line_no, line in enumerate(lines, start=1):
-      if not line.strip():
-        continue
-      where = f'{test_path} line {line_no}'
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        line_problems.append(f'{where} is not valid JSON ({e})')
-        continue
-      ex = _parse_record(record, where, line_problems)
-      if ex is not None:
-        test.append(ex)
-    problems.extend(_first_few(line_problems))
-    if not test and not line_problems:
-      problems.append(f'test file {test_path} holds no records')
-
+  test = _read_test_pool(test_path, problems) if test_path is not None else []
   if problems:
     raise _layout_error(folder, num_clients, problems)
+  train = [examples for examples, _, _ in clients]
+  client_tasks = [task for _, task, _ in clients]
+  client_categories = [category for _, _, category in clients]
+  _check_task_groups(train, test, client_categories, test_path, problems)
+  if problems:
+    raise _layout_error(folder, num_clients, problems)
+  return _assemble(train, test, client_tasks, client_categories)
 
-  # `task` and `category` must name the same groups, so that grouping by category (as `metric.py` does) is also
-  # grouping by Flan task.
+
+def _read_client(path: str, k: int, problems: list[str]):
+  """Client ``k``'s records as ``(examples, task, category)``, or None with the reasons added to ``problems``."""
+  if not os.path.isfile(path):
+    problems.append(f'missing client file {path}')
+    return None
+  try:
+    with open(path, encoding='utf-8') as f:
+      records = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    problems.append(f'{path} is not valid JSON ({e})')
+    return None
+  if not isinstance(records, list) or not records:
+    problems.append(f'{path} must hold a non-empty JSON list of records, found {type(records).__name__}'
+                    f'{" (empty)" if isinstance(records, list) else ""}')
+    return None
+  record_problems: list[str] = []
+  examples = [_parse_record(r, f'{path} record {i}', record_problems) for i, r in enumerate(records)]
+  if record_problems:
+    problems.extend(_first_few(record_problems))
+    return None
+  pairs = sorted({(ex.task, ex.category) for ex in examples})
+  if len(pairs) != 1:
+    problems.append(f'client {k} ({path}) mixes tasks: (task, category) pairs {pairs}; each client must hold '
+                    f'exactly one task')
+    return None
+  return tuple(examples), pairs[0][0], pairs[0][1]
+
+
+def _read_test_pool(test_path: str, problems: list[str]) -> list[Example]:
+  """The test pool's records (one JSON object per line), with any problems added to ``problems``."""
+  test: list[Example] = []
+  line_problems: list[str] = []
+  try:
+    with open(test_path, encoding='utf-8') as f:
+      lines = f.readlines()
+  except UnicodeDecodeError as e:
+    lines = []
+    line_problems.append(f'{test_path} is not UTF-8 text ({e})')
+  for line_no, line in enumerate(lines, start=1):
+    if not line.strip():
+      continue
+    where = f'{test_path} line {line_no}'
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      line_problems.append(f'{where} is not valid JSON ({e})')
+      continue
+    ex = _parse_record(record, where, line_problems)
+    if ex is not None:
+      test.append(ex)
+  problems.extend(_first_few(line_problems))
+  if not test and not line_problems:
+    problems.append(f'test file {test_path} holds no records')
+  return test
+
+
+def _check_task_groups(train, test, client_categories, test_path, problems: list[str]) -> None:
+  """``task`` and ``category`` must name the same groups (so grouping by category, as ``metric.py`` does, is grouping
+  by Flan task), every test category must have a client and every client test examples."""
   task_to_cats: dict[str, set[str]] = {}
   cat_to_tasks: dict[str, set[str]] = {}
   for ex in (*[ex for client in train for ex in client], *test):
@@ -300,9 +311,6 @@ def load_feddpa(folder: str, *, num_clients: int = 8, test_file: str | None = No
   for k, cat in enumerate(client_categories):
     if cat not in test_categories:
       problems.append(f'client {k} category {cat!r} has no test examples in {test_path}')
-  if problems:
-    raise _layout_error(folder, num_clients, problems)
-  return _assemble(train, test, client_tasks, client_categories)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
