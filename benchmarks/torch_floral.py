@@ -1,8 +1,7 @@
 """A PyTorch per-client FLoRAL loop, the baseline the vmapped JAX round is timed against.
 
 It does what the public FLoRAL code's client loop does (``floral/floral/{base,linear,conv}.py``,
-``floral/training/precondlora_trainer.py``; see ``shared/reference/floral.md`` §1–§2), written from that
-description:
+``floral/training/precondlora_trainer.py``), written from a description of it, not from its code:
 
 * C LoRA adaptors are attached to every ``nn.Linear`` / ``nn.Conv2d`` of an ordinary PyTorch model by **forward
   hooks**: ``y = m(x) + alpha * sum_c max(pi_c, floor) * lora_c(x)`` (alpha = 1, no 1/r scaling). A linear adaptor is
