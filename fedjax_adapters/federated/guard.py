@@ -72,12 +72,23 @@ def update_norms(params: Any, global_params: Any) -> Array:
   return jnp.sqrt(sum(sq))
 
 
+def _finite_and_norms(params: Any, global_params: Any) -> tuple[Array, Array]:
+  """``([M] bool, [M])``: whether each client's params are all finite (as :func:`all_finite`), and its update norm.
+
+  A finite norm means finite params, so only in a round where some norm is not finite (a NaN or infinity, or a huge
+  but finite update whose square overflows float32) is :func:`all_finite` run to tell the two apart.
+  """
+  norms = update_norms(params, global_params)
+  finite = jax.lax.cond(jnp.all(jnp.isfinite(norms)), lambda: jnp.isfinite(norms),
+                        lambda: jnp.broadcast_to(all_finite(params), norms.shape))
+  return finite, norms
+
+
 def screen(guard: UpdateGuard, global_params: Any, outs: ClientOutput, client_state: Any, metrics: dict,
            client_mask: Array) -> tuple[ClientOutput, Array, dict]:
   """Screens the stacked client outputs ``[M, ...]`` of one round.
 
-  One pass over the stacked params computes every client's update norm; a NaN or infinity anywhere in the update
-  makes it non-finite, and so does an update too large for float32 (a diverged client either way).
+  One pass over the stacked params finds every client's update norm and whether its params are all finite.
 
   Returns:
     ``(outs, keep, info)``: ``keep [M]`` = ``client_mask`` and not rejected; ``outs`` with the params of every
@@ -87,8 +98,8 @@ def screen(guard: UpdateGuard, global_params: Any, outs: ClientOutput, client_st
     metrics ``rejected``, ``reject_reason``, ``update_norm``.
   """
   m = client_mask.shape[0]
-  norms = jnp.broadcast_to(update_norms(outs.params, global_params), (m,))
-  finite_update = jnp.isfinite(norms)
+  finite_update, norms = _finite_and_norms(outs.params, global_params)
+  finite_update, norms = jnp.broadcast_to(finite_update, (m,)), jnp.broadcast_to(norms, (m,))
   checks = []
   if guard.reject_nonfinite:
     checks = [(finite_update, 1), (all_finite(metrics), 2), (all_finite(client_state), 3)]
