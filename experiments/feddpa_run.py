@@ -420,8 +420,6 @@ def run(plan: dict, argv: list[str]) -> tuple[dict, int]:
   Exit status: 0 when every unit is done, 1 when one failed (the others still ran), ``128 + signal`` when a
   SIGINT / SIGTERM stopped the run (after checkpointing the unit in progress).
   """
-  # As in the FLoRAL runner: synchronous dispatch avoids a rare wedge of XLA:CPU's worker threads in long runs.
-  jax.config.update('jax_cpu_enable_async_dispatch', False)
   cfg, progress = plan['cfg'], Progress(quiet=plan['quiet'])
   ctx = load_context(plan, progress)  # before the run directory: a model that fails to load leaves no run behind
   run_dir, results = _open_run(plan, cfg, argv)

@@ -145,8 +145,6 @@ def main(argv=None):
   p.add_argument('--json', required=True)
   p.add_argument('--code-version', default=None, help='recorded in the JSON (e.g. the git commit of the library)')
   args = p.parse_args(argv)
-  # Long asynchronous CPU runs wedged once (experiments/floral.py); dispatch synchronously.
-  jax.config.update('jax_cpu_enable_async_dispatch', False)
   if args.variant not in variants.VARIANTS:
     p.error(f'unknown variant {args.variant!r}; valid: {", ".join(variants.VARIANTS)}')
   rounds = args.rounds if args.rounds is not None else variants.task_config(args.task).rounds
