@@ -21,6 +21,14 @@ def wait_for_round(proc, out, method: str, round_: int, timeout: float = 900) ->
   raise AssertionError(f'{method} did not reach round {round_} in {timeout} s')
 
 
+def kill_after_round(proc, out, method: str, round_: int) -> dict:
+  """SIGKILLs ``proc`` once ``method`` has logged round ``round_``; returns the run's ``results.json`` as it was left."""
+  wait_for_round(proc, out, method, round_)
+  proc.kill()
+  proc.wait()
+  return json.loads((out / 'results.json').read_text())
+
+
 def strip_wall_clock(doc, drop=('seconds', 'wall_s')):
   """``doc`` without the keys in ``drop`` at any depth (wall-clock fields, the only ones an interruption changes)."""
   if isinstance(doc, dict):

@@ -13,7 +13,7 @@ from experiments import feddpa as exp
 from experiments import report
 from fedjax_adapters import checkpoint
 from fedjax_adapters.metrics import bootstrap, rouge
-from run_helpers import strip_wall_clock, wait_for_round
+from run_helpers import kill_after_round, strip_wall_clock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # FedDPA's Dataset 1 sits in ../shared beside the repository (as in CI).
@@ -112,10 +112,7 @@ def test_sigkill_mid_method_then_resume_is_bit_identical(tmp_path, smoke, uneven
   reference = smoke[0]
   out = tmp_path / 'run'
   proc = _start(uneven_data, out)
-  wait_for_round(proc, out, 'feddpa_t', 1)
-  proc.kill()
-  proc.wait()
-  saved = json.loads((out / 'results.json').read_text())
+  saved = kill_after_round(proc, out, 'feddpa_t', 1)
   assert saved['units']['local']['0']['status'] == 'done' and saved['units']['feddpa_t']['0']['status'] == 'running'
   exp.main(['--resume', str(out), '--quiet'])
   got, want = (_strict((d / 'results.json').read_text()) for d in (out, reference))

@@ -13,7 +13,7 @@ import pytest
 from experiments import floral, floral_tasks
 from experiments.configs import floral as configs
 from fedjax_adapters import checkpoint
-from run_helpers import strip_wall_clock, wait_for_round
+from run_helpers import kill_after_round, strip_wall_clock, wait_for_round
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ('fedavg', 'floral')
@@ -61,10 +61,7 @@ def _assert_same_run(out, reference):
 def test_sigkill_mid_method_then_resume_is_bit_identical(tmp_path, reference):
   out = tmp_path / 'run'
   proc = _start(out)
-  wait_for_round(proc, out, 'floral', 25)
-  proc.kill()
-  proc.wait()
-  saved = json.loads((out / 'results.json').read_text())
+  saved = kill_after_round(proc, out, 'floral', 25)
   assert saved['units']['fedavg']['0']['status'] == 'done' and saved['units']['floral']['0']['status'] == 'running'
   floral.main(['--resume', str(out), '--quiet'])
   _assert_same_run(out, reference)
