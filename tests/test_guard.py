@@ -9,6 +9,7 @@ from flax import nnx
 from fedjax_adapters import algorithms
 from fedjax_adapters.data.federated import stack_clients
 from fedjax_adapters.nn import AdapterSpec
+from fedjax_adapters.federated.guard import update_norms
 from fedjax_adapters.federated import (REJECT_REASONS, UpdateGuard, chunked_clients, client_data, host_store,
                                        make_round, sequential_clients, vmap_clients)
 
@@ -143,12 +144,27 @@ def test_opting_out_lets_the_nan_through():
   assert not finite(new.global_params)
 
 
+def test_update_norms_equal_the_dense_formula_leaf_shapes_and_dtypes_mixed():
+  rng = np.random.default_rng(1)
+  g = {'w': rng.normal(size=(3, 2, 4)), 'b': rng.normal(size=()), 'h': rng.normal(size=(5,)), 'step': np.int32(3)}
+  stacked = {'w': g['w'] + rng.normal(size=(4, 3, 2, 4)), 'b': g['b'] + rng.normal(size=(4,)),
+             'h': g['h'] + rng.normal(size=(4, 5)), 'step': np.full((4,), 7, np.int32)}
+  as32 = lambda t: jax.tree.map(lambda x: jnp.asarray(x, jnp.float32) if x.dtype == np.float64 else jnp.asarray(x), t)
+  got = np.asarray(jax.jit(update_norms)(as32(stacked), as32(g)))
+  want = np.sqrt(sum(((stacked[k] - g[k]) ** 2).reshape(4, -1).sum(1) for k in ('w', 'b', 'h')))  # ints skipped
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
 def test_norm_bound_clips_or_rejects_long_updates():
   alg = alg_of('fedavg')
   state = alg.init(jax.random.key(0), K)
   data = population(None)
   free, m_free = make_round(alg, clients_per_round=M)(state, data, client_ids=IDS)
   norms = np.asarray(m_free['update_norm'])
+  dense = [np.sqrt(sum(np.sum((np.asarray(p, np.float64) - np.asarray(g, np.float64)) ** 2) for p, g in
+                       zip(jax.tree.leaves(client_params(alg, state, data, i)), jax.tree.leaves(state.global_params))))
+           for i in IDS]
+  np.testing.assert_allclose(norms, dense, rtol=1e-5)  # ||params_i - global_params||_2 over every leaf
   bound = float(np.median(norms))  # one client above, one at, one below
   clip, m_clip = make_round(alg, clients_per_round=M, guard=UpdateGuard(max_update_norm=bound))(
       state, data, client_ids=IDS)
