@@ -81,3 +81,15 @@ def test_torch_loop_computes_what_the_jax_round_computes(quick):
   assert eq['mlp_round']['global_params_max_rel_diff'] < 1e-4, eq['mlp_round']
   assert eq['mlp_round']['routers_rel_diff'] < 1e-4, eq['mlp_round']
   assert quick['checks']['torch_loop_computes_the_same_as_jax']
+
+
+def test_before_after_times_each_checkout_with_its_own_code(tmp_path):
+  """Both checkouts' rounds in one process: each side must run the package of its own checkout."""
+  import shutil
+  from benchmarks import before_after
+  for package in ('fedjax_adapters', 'benchmarks'):
+    shutil.copytree(os.path.join(ROOT, package), tmp_path / package,
+                    ignore=shutil.ignore_patterns('results', '__pycache__', '*.log'))
+  before, after = before_after.measure(tmp_path, ROOT, clients=2, rounds=2)
+  assert before['package'].startswith(str(tmp_path)) and after['package'].startswith(ROOT)
+  assert before['median_s'] > 0 and after['median_s'] > 0
