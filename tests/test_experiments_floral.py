@@ -146,6 +146,15 @@ def test_print_config_shows_the_resolved_settings_without_training(capsys, tmp_p
   assert not (tmp_path / 'r').exists()
 
 
+def test_print_config_into_a_closed_pipe_ends_quietly():
+  """``--print-config | head -1``: the reader is gone before the JSON is written; no traceback, status 0."""
+  proc = subprocess.Popen([sys.executable, '-m', 'experiments.floral', '--task', 'synthetic_linear', '--print-config'],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+  proc.stdout.close()  # no reader left: the runner's write fails with EPIPE
+  err = proc.stderr.read().decode()
+  assert proc.wait(timeout=120) == 0 and 'Error' not in err and 'Traceback' not in err, err
+
+
 def test_server_adaptor_lr_steps_only_the_adaptors_at_their_own_rate():
   params = {'base': jnp.ones(3), 'adapters': jnp.ones(2)}
   grad = {'base': jnp.full(3, 2.0), 'adapters': jnp.full(2, 2.0)}

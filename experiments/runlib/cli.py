@@ -306,6 +306,14 @@ def resumed_run(args: argparse.Namespace, parser: argparse.ArgumentParser, runne
   return run.path, config
 
 
+def print_to_pipe(text: str) -> None:
+  """Prints ``text``; a reader that stopped early (``--print-config | head``) ends the output quietly."""
+  try:
+    print(text, flush=True)
+  except BrokenPipeError:
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit either
+
+
 def runner_main(argv: Sequence[str] | None, *, parser: argparse.ArgumentParser,
                 make_plan: Callable[[argparse.Namespace], dict], settings: Callable[[dict], Any],
                 run_module: str) -> dict:
@@ -319,7 +327,7 @@ def runner_main(argv: Sequence[str] | None, *, parser: argparse.ArgumentParser,
   plan = make_plan(args)
   if getattr(args, 'print_config', False):
     from experiments.runlib import strict_json  # pylint: disable=g-import-not-at-top
-    print(strict_json.dumps(dataclasses.asdict(settings(plan)), indent=1))
+    print_to_pipe(strict_json.dumps(dataclasses.asdict(settings(plan)), indent=1))
     return {}
   results, status = importlib.import_module(run_module).run(plan, argv=list(sys.argv[1:] if argv is None else argv))
   if status:
