@@ -349,6 +349,17 @@ def test_gguf_round_trip_reproduces_the_model(tmp_path, tied):
                                atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize('keep', [100, 0.6, 3])
+def test_a_truncated_or_foreign_gguf_file_is_named_in_a_clear_error(tmp_path, keep):
+  write_gguf(tmp_path / 'tiny.gguf', _model(num_key_value_heads=2))
+  data = (tmp_path / 'tiny.gguf').read_bytes()
+  cut = tmp_path / 'cut.gguf'
+  cut.write_bytes(data[:keep if isinstance(keep, int) else int(len(data) * keep)])
+  with pytest.raises(ValueError, match='truncated|not a GGUF file') as e:
+    llama_loaders.load_gguf(cut)
+  assert str(cut) in str(e.value)
+
+
 def test_gguf_quantized_tensors_are_dequantized_and_unpermuted(tmp_path):
   model = _model(num_key_value_heads=2, hidden_size=64, intermediate_size=64)  # Q8_0 blocks are 32 wide
   written = write_gguf(tmp_path / 'q8.gguf', model, quant=gguf.GGMLQuantizationType.Q8_0)

@@ -327,7 +327,15 @@ def _open_gguf(path_or_reader):
   path = pathlib.Path(path_or_reader)
   if not path.is_file():
     raise FileNotFoundError(f'No GGUF file at {path}.')
-  return gguf.GGUFReader(str(path))
+  with open(path, 'rb') as f:
+    magic = f.read(4)
+  if magic != b'GGUF':
+    raise ValueError(f'{path} is not a GGUF file: it starts with {magic!r}, not b\'GGUF\'.')
+  try:
+    return gguf.GGUFReader(str(path))
+  except (ValueError, IndexError, KeyError, EOFError) as e:  # what gguf raises when the bytes run out
+    raise ValueError(f'{path} ({path.stat().st_size:,} bytes) could not be read as GGUF; it is probably truncated '
+                     f'(an interrupted download or copy) or corrupt. The reader said: {e}') from e
 
 
 _REQUIRED = object()
