@@ -11,6 +11,7 @@ test looks at.
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -85,7 +86,6 @@ def test_torch_loop_computes_what_the_jax_round_computes(quick):
 
 def test_before_after_times_each_checkout_with_its_own_code(tmp_path):
   """Both checkouts' rounds in one process: each side must run the package of its own checkout."""
-  import shutil
   from benchmarks import before_after
   for package in ('fedjax_adapters', 'benchmarks'):
     shutil.copytree(os.path.join(ROOT, package), tmp_path / package,
