@@ -21,7 +21,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from experiments import multihost_demo  # noqa: E402
+from fedjax_adapters.experiments import multihost_demo  # noqa: E402
 from fedjax_adapters.data.federated import FederatedData  # noqa: E402
 from fedjax_adapters.data.synthetic import synthetic_task  # noqa: E402
 from fedjax_adapters.federated import host_store, sharding  # noqa: E402

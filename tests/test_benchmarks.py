@@ -17,8 +17,8 @@ import sys
 
 import pytest
 
-import benchmarks  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads)
-from benchmarks import flops
+import fedjax_adapters.benchmarks  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads)
+from fedjax_adapters.benchmarks import flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,7 +34,7 @@ def quick(tmp_path_factory):
   env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''),
              XLA_FLAGS=(os.environ.get('XLA_FLAGS', '') +
                         ' --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true').strip())
-  proc = subprocess.run([sys.executable, '-m', 'benchmarks.run', '--json', str(out), '--quick'], cwd=ROOT, env=env,
+  proc = subprocess.run([sys.executable, '-m', 'fedjax_adapters.benchmarks.run', '--json', str(out), '--quick'], cwd=ROOT, env=env,
                         capture_output=True, text=True)
   assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
   return json.loads(out.read_text())
@@ -86,7 +86,7 @@ def test_torch_loop_computes_what_the_jax_round_computes(quick):
 
 def test_before_after_times_each_checkout_with_its_own_code(tmp_path):
   """Both checkouts' rounds in one process: each side must run the package of its own checkout."""
-  from benchmarks import before_after
+  from fedjax_adapters.benchmarks import before_after
   for package in ('fedjax_adapters', 'benchmarks'):
     shutil.copytree(os.path.join(ROOT, package), tmp_path / package,
                     ignore=shutil.ignore_patterns('results', '__pycache__', '*.log'))

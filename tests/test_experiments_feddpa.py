@@ -1,4 +1,4 @@
-"""`python -m experiments.feddpa`: the smoke config end to end on uneven clients (run directory, per-prompt scores,
+"""`python -m fedjax_adapters.experiments.feddpa`: the smoke config end to end on uneven clients (run directory, per-prompt scores,
 paired intervals, report, PEFT export), resume after SIGKILL, and bad input stopping before any training."""
 import json
 import os
@@ -9,8 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import feddpa as exp
-from experiments import report
+from fedjax_adapters.experiments import feddpa as exp
+from fedjax_adapters.experiments import report
 from fedjax_adapters import checkpoint
 from fedjax_adapters.metrics import bootstrap, rouge
 from run_helpers import kill_after_round, strip_wall_clock
@@ -99,7 +99,7 @@ def test_peft_export_writes_every_method(smoke):
 
 def _start(data, out):
   env = dict(os.environ, PYTHONPATH=ROOT)
-  return subprocess.Popen([sys.executable, '-m', 'experiments.feddpa', *_args(data, out)], cwd=ROOT, env=env,
+  return subprocess.Popen([sys.executable, '-m', 'fedjax_adapters.experiments.feddpa', *_args(data, out)], cwd=ROOT, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -119,8 +119,8 @@ def test_sigkill_mid_method_then_resume_is_bit_identical(tmp_path, smoke, uneven
   assert got['status'] == 'done' and _strip(got) == _strip(want)
   lines = [_strip(json.loads(x)) for x in (out / 'metrics.jsonl').read_text().splitlines()]
   assert lines == [_strip(json.loads(x)) for x in (reference / 'metrics.jsonl').read_text().splitlines()]
-  from experiments import feddpa_run
-  from experiments.configs.feddpa import CONFIGS
+  from fedjax_adapters.experiments import feddpa_run
+  from fedjax_adapters.experiments.configs.feddpa import CONFIGS
   base, _ = feddpa_run.load_base(CONFIGS['smoke'])
   for m in METHODS:
     assert (out / 'predictions' / f'{m}-seed0.json').read_text() == \
@@ -216,7 +216,8 @@ def test_every_setting_has_a_flag_or_set_and_print_config(capsys):
 
 
 def test_help_imports_no_jax():
-  code = ('import sys; from experiments import feddpa; feddpa.build_parser().format_help(); '
-          'heavy = [m for m in ("jax", "transformers", "fedjax_adapters") if m in sys.modules]; '
+  code = ('import sys; from fedjax_adapters.experiments import feddpa; feddpa.build_parser().format_help(); '
+          'heavy = [m for m in ("jax", "transformers", "fedjax_adapters.federated", "fedjax_adapters.models") '
+          'if m in sys.modules]; '
           'assert not heavy, heavy')
   subprocess.run([sys.executable, '-c', code], cwd=ROOT, check=True)

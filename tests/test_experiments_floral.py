@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from experiments import floral, floral_tasks
-from experiments.configs import floral as configs
-from experiments.vision_input import VisionInput, random_crop, random_flip, rotate_quarter_turns
+from fedjax_adapters.experiments import floral, floral_tasks
+from fedjax_adapters.experiments.configs import floral as configs
+from fedjax_adapters.experiments.vision_input import VisionInput, random_crop, random_flip, rotate_quarter_turns
 from fedjax_adapters import algorithms
 from fedjax_adapters.data import partition, vision
 from fedjax_adapters.federated import client_data
@@ -148,7 +148,7 @@ def test_print_config_shows_the_resolved_settings_without_training(capsys, tmp_p
 
 def test_print_config_into_a_closed_pipe_ends_quietly():
   """``--print-config | head -1``: the reader is gone before the JSON is written; no traceback, status 0."""
-  proc = subprocess.Popen([sys.executable, '-m', 'experiments.floral', '--task', 'synthetic_linear', '--print-config'],
+  proc = subprocess.Popen([sys.executable, '-m', 'fedjax_adapters.experiments.floral', '--task', 'synthetic_linear', '--print-config'],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
   proc.stdout.close()  # no reader left: the runner's write fails with EPIPE
   err = proc.stderr.read().decode()
@@ -246,7 +246,7 @@ def test_a_diverging_method_fails_loudly_and_the_json_stays_strict(capsys, tmp_p
 
 
 def test_help_imports_no_jax():
-  code = ('import sys; from experiments import floral; floral.build_parser().format_help(); '
+  code = ('import sys; from fedjax_adapters.experiments import floral; floral.build_parser().format_help(); '
           'heavy = [m for m in ("jax", "transformers", "nltk", "tensorflow_datasets") if m in sys.modules]; '
           'assert not heavy, heavy')
   subprocess.run([sys.executable, '-c', code], cwd=ROOT, check=True)

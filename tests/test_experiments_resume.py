@@ -1,4 +1,4 @@
-"""Resuming `python -m experiments.floral`: a run killed (SIGKILL) or stopped (SIGTERM) mid-method and resumed
+"""Resuming `python -m fedjax_adapters.experiments.floral`: a run killed (SIGKILL) or stopped (SIGTERM) mid-method and resumed
 ends with the same results, metrics and final states, bit for bit, as a run that was never interrupted."""
 import json
 import os
@@ -10,8 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import floral, floral_tasks
-from experiments.configs import floral as configs
+from fedjax_adapters.experiments import floral, floral_tasks
+from fedjax_adapters.experiments.configs import floral as configs
 from fedjax_adapters import checkpoint
 from run_helpers import kill_after_round, strip_wall_clock, wait_for_round
 
@@ -30,7 +30,7 @@ def reference(tmp_path_factory):
 
 def _start(out):
   env = dict(os.environ, PYTHONPATH=ROOT)
-  return subprocess.Popen([sys.executable, '-m', 'experiments.floral', *ARGS, '--out', str(out)], cwd=ROOT, env=env,
+  return subprocess.Popen([sys.executable, '-m', 'fedjax_adapters.experiments.floral', *ARGS, '--out', str(out)], cwd=ROOT, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

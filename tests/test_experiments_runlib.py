@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.runlib import cli, loop, strict_json
-from experiments.runlib.progress import Progress
-from experiments.runlib.rundir import RunDir
+from fedjax_adapters.experiments.runlib import cli, loop, strict_json
+from fedjax_adapters.experiments.runlib.progress import Progress
+from fedjax_adapters.experiments.runlib.rundir import RunDir
 from fedjax_adapters import checkpoint
 from fedjax_adapters.federated import REJECT_REASONS
 

@@ -1,4 +1,4 @@
-"""`python -m experiments.report`: plots and tables from a real (tiny) FLoRAL run and from the committed JSONs."""
+"""`python -m fedjax_adapters.experiments.report`: plots and tables from a real (tiny) FLoRAL run and from the committed JSONs."""
 import glob
 import json
 import os
@@ -6,8 +6,8 @@ import os
 import numpy as np
 import pytest
 
-from experiments import floral, report
-from experiments.runlib import strict_json
+from fedjax_adapters.experiments import floral, report
+from fedjax_adapters.experiments.runlib import strict_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, 'experiments', 'results')

@@ -41,7 +41,7 @@ def runs(tmp_path_factory):
   """Starts the 8-device worker and the two demo processes at once; waits (bounded); always reaps them."""
   d = tmp_path_factory.mktemp('sharding')
   port = _free_port()
-  demo = [sys.executable, '-m', 'experiments.multihost_demo', '--coordinator', f'127.0.0.1:{port}',
+  demo = [sys.executable, '-m', 'fedjax_adapters.experiments.multihost_demo', '--coordinator', f'127.0.0.1:{port}',
           '--num-processes', '2', '--cpu-devices', '1', '--rounds', '3', '--clients-per-round', '8']
   procs = {
       'worker': subprocess.Popen(

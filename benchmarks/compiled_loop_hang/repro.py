@@ -11,7 +11,7 @@ to ``--out`` and kills the process group; exit status 3. A program that runs ``-
 Any other command can be watched instead (after ``--``), e.g. the experiment runner itself::
 
   python benchmarks/compiled_loop_hang/repro.py --minutes 60 -- \\
-    python -m experiments.floral --task mnist_offline_rotate --methods floral_10 --compiled-loop --eval-every 500
+    python -m fedjax_adapters.experiments.floral --task mnist_offline_rotate --methods floral_10 --compiled-loop --eval-every 500
 
 More examples::
 

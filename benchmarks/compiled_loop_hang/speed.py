@@ -17,7 +17,7 @@ import numpy as np
 
 def measure(method: str, task_name: str, rounds: int, reps: int) -> dict:
   """Seconds for ``rounds`` rounds of ``method`` both ways (medians of ``reps``) and whether they agree."""
-  from experiments import floral, floral_tasks
+  from fedjax_adapters.experiments import floral, floral_tasks
   from fedjax_adapters.federated import client_data, clients_per_round, make_round
   task = floral.TASKS[task_name]
   data = floral_tasks.load_data(task, 0)

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from experiments import floral as runner
+from fedjax_adapters.experiments import floral as runner
 from fedjax_adapters import make_round
 
 # name -> settings: 'desc', and any of 'cfg' (task-config overrides), 'router_pass' (epochs, router lr), 'hedge'
@@ -121,14 +121,15 @@ def adaptor_losses(alg, frozen, global_params, client_state, data, num_adaptors:
 
 def with_prestep(alg, prestep):
   """``alg`` whose clients first map their state through ``prestep(frozen, g, l, data, key) -> l``."""
-  def client_update(frozen, g, l, data, key):
-    return alg.client_update(frozen, g, prestep(frozen, g, l, data, jax.random.fold_in(key, 0x7A11)), data, key)
+  def client_update(frozen, g, l, data, key, client=None):
+    return alg.client_update(frozen, g, prestep(frozen, g, l, data, jax.random.fold_in(key, 0x7A11)), data, key,
+                             client)
   return replace(alg, client_update=client_update)
 
 
 def with_agg_temperature(alg, t_agg: float):
-  def client_update(frozen, g, l, data, key):
-    out, new_l, metrics = alg.client_update(frozen, g, l, data, key)
+  def client_update(frozen, g, l, data, key, client=None):
+    out, new_l, metrics = alg.client_update(frozen, g, l, data, key, client)
     aux = dict(out.aux, router_probs=jax.nn.softmax(new_l['logits'] / t_agg))
     return out._replace(aux=aux), new_l, metrics
   return replace(alg, client_update=client_update)
@@ -148,9 +149,9 @@ def with_balance(alg, num_adaptors: int, rate: float):
     frozen, g, clients = alg.init_params(key, num_clients)
     return frozen, dict(g, router_bias=jnp.zeros((num_adaptors,))), clients
 
-  def client_update(frozen, g, l, data, key):
+  def client_update(frozen, g, l, data, key, client=None):
     inner, beta = split(g)
-    out, new_l, metrics = alg.client_update(frozen, inner, dict(l, logits=l['logits'] + beta), data, key)
+    out, new_l, metrics = alg.client_update(frozen, inner, dict(l, logits=l['logits'] + beta), data, key, client)
     new_l = dict(new_l, logits=new_l['logits'] - beta)
     return out._replace(params=dict(out.params, router_bias=beta)), new_l, metrics
 
@@ -158,10 +159,10 @@ def with_balance(alg, num_adaptors: int, rate: float):
     inner, beta = split(g)
     return alg.evaluate(frozen, inner, dict(l, logits=l['logits'] + beta), data)
 
-  def aggregate(g, outs, weights, agg_state):
+  def aggregate(g, outs, weights, agg_state, info=None):
     inner, beta = split(g)
     inner_outs = outs._replace(params=split(outs.params)[0])
-    new_inner, agg_state = alg.aggregator.aggregate(inner, inner_outs, weights, agg_state)
+    new_inner, agg_state = alg.aggregator.aggregate(inner, inner_outs, weights, agg_state, info)
     usage = jnp.sum(weights[:, None] * outs.aux['router_probs'], 0) / jnp.maximum(jnp.sum(weights), 1e-9)
     return dict(new_inner, router_bias=beta + rate * (1.0 / num_adaptors - usage)), agg_state
 

@@ -104,7 +104,7 @@ def make_data(w: Workload, num_clients: int, seed: int = 0) -> FederatedData:
 
 
 def torch_model(w: Workload):
-  from benchmarks import torch_floral as tf
+  from fedjax_adapters.benchmarks import torch_floral as tf
   if w.model == 'mlp':
     base = tf.TorchMLP(int(np.prod(w.input_shape)), w.hidden, w.num_classes)
   else:
@@ -115,7 +115,7 @@ def torch_model(w: Workload):
 def torch_round(w: Workload, data: FederatedData, global_params: dict | None = None, device: str = 'cpu'):
   """The PyTorch loop on ``data``; with ``global_params`` (the library's), it starts from the same weights."""
   import torch
-  from benchmarks import torch_floral as tf
+  from fedjax_adapters.benchmarks import torch_floral as tf
   model = torch_model(w)
   if global_params is not None:
     sd = tf.global_state_from_jax(model, jax.device_get(global_params))

@@ -23,9 +23,9 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from experiments.runlib import strict_json
-from experiments.runlib.progress import Progress
-from experiments.runlib.rundir import RunDir
+from fedjax_adapters.experiments.runlib import strict_json
+from fedjax_adapters.experiments.runlib.progress import Progress
+from fedjax_adapters.experiments.runlib.rundir import RunDir
 from fedjax_adapters import checkpoint
 from fedjax_adapters.federated import REJECT_REASONS
 

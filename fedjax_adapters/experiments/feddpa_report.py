@@ -1,4 +1,4 @@
-"""FedDPA's part of ``python -m experiments.report``: markdown tables and per-task P / TTP bar plots.
+"""FedDPA's part of ``python -m fedjax_adapters.experiments.report``: markdown tables and per-task P / TTP bar plots.
 
 ``table(docs)`` renders each FedDPA results document (a run's results.json, or an older ``--json`` file): per-task
 and average ROUGE-1 x 100 for personalization (P) and test-time personalization (TTP), each average with its 95 %
@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from experiments import report
+from fedjax_adapters.experiments import report
 
 BLOCKS = (('personalization', 'P'), ('test_time', 'TTP'))
 
@@ -104,7 +104,7 @@ def plot_bars(doc: dict[str, Any], path: str) -> str:
 
 
 def plots(sources: Sequence[Any], out_dir: str) -> list[str]:
-  """One P / TTP bar plot per source (``experiments.report.Source``) into ``out_dir``; returns the files."""
+  """One P / TTP bar plot per source (``fedjax_adapters.experiments.report.Source``) into ``out_dir``; returns the files."""
   written = []
   for tag, source in report.tagged(sources, 'config', 'feddpa'):
     written.append(plot_bars(source.results, os.path.join(out_dir, f'feddpa_{tag}.png')))

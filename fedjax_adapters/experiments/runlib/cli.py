@@ -294,7 +294,7 @@ def resumed_run(args: argparse.Namespace, parser: argparse.ArgumentParser, runne
     UserError: a flag outside ``allowed`` was given, ``DIR`` is not a run directory, or it holds another runner's run
       (``label`` names this runner's runs in the message).
   """
-  from experiments.runlib.rundir import RunDir  # pylint: disable=g-import-not-at-top  (rundir imports this module)
+  from fedjax_adapters.experiments.runlib.rundir import RunDir  # pylint: disable=g-import-not-at-top  (rundir imports this module)
   given = [f'--{k.replace("_", "-")}' for k, v in vars(args).items()
            if k not in allowed and v != parser.get_default(k)]
   if given:
@@ -326,7 +326,7 @@ def runner_main(argv: Sequence[str] | None, *, parser: argparse.ArgumentParser,
   args = parser.parse_args(argv)
   plan = make_plan(args)
   if getattr(args, 'print_config', False):
-    from experiments.runlib import strict_json  # pylint: disable=g-import-not-at-top
+    from fedjax_adapters.experiments.runlib import strict_json  # pylint: disable=g-import-not-at-top
     print_to_pipe(strict_json.dumps(dataclasses.asdict(settings(plan)), indent=1))
     return {}
   results, status = importlib.import_module(run_module).run(plan, argv=list(sys.argv[1:] if argv is None else argv))

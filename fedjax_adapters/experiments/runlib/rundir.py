@@ -16,8 +16,8 @@ import datetime
 import os
 from typing import Any, Callable, Iterator
 
-from experiments.runlib import strict_json
-from experiments.runlib.cli import UserError, probe_writable_dir
+from fedjax_adapters.experiments.runlib import strict_json
+from fedjax_adapters.experiments.runlib.cli import UserError, probe_writable_dir
 
 CONFIG = 'config.json'
 METRICS = 'metrics.jsonl'

@@ -13,7 +13,7 @@
   local adapter trains for several phases, greedy decoding of 8 tokens.
 * ``smoke``: a tiny random LLaMA with SmolLM2's tokenizer, for first contact and tests (numbers are meaningless).
 
-Every field can be overridden from the command line (``python -m experiments.feddpa --help``).
+Every field can be overridden from the command line (``python -m fedjax_adapters.experiments.feddpa --help``).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The training half of ``python -m experiments.floral``: every (method, seed) unit, run in a run directory.
+"""The training half of ``python -m fedjax_adapters.experiments.floral``: every (method, seed) unit, run in a run directory.
 
 ``experiments/floral.py`` parses and checks the command line without importing JAX, then calls :func:`run` with
 the plan. The results document keeps the keys earlier runs wrote (``task``, ``rounds``, ``metric``, ``config``,
@@ -15,12 +15,12 @@ import time
 import jax
 import numpy as np
 
-from experiments import floral_tasks
-from experiments.configs import floral as configs
-from experiments.runlib import loop, strict_json
-from experiments.runlib.environment import environment
-from experiments.runlib.progress import Progress
-from experiments.runlib.rundir import RunDir
+from fedjax_adapters.experiments import floral_tasks
+from fedjax_adapters.experiments.configs import floral as configs
+from fedjax_adapters.experiments.runlib import loop, strict_json
+from fedjax_adapters.experiments.runlib.environment import environment
+from fedjax_adapters.experiments.runlib.progress import Progress
+from fedjax_adapters.experiments.runlib.rundir import RunDir
 from fedjax_adapters import algorithms
 from fedjax_adapters.adapters.mixture import aggregation_probs
 from fedjax_adapters.federated import chunked_clients, client_data, clients_per_round, evaluate, make_round
@@ -209,7 +209,7 @@ def run(plan: dict, argv: list[str]) -> tuple[dict, int]:
           results['status'] = 'interrupted'
           save()
           progress.always(f'interrupted at {method} seed {seed} round {outcome.round}; checkpoint saved. Continue '
-                          f'with: python -m experiments.floral --resume {run_dir.path}')
+                          f'with: python -m fedjax_adapters.experiments.floral --resume {run_dir.path}')
           run_dir.close()
           return results, 128 + int(stop.signum)
       r = results['methods'].get(method)
@@ -222,6 +222,6 @@ def run(plan: dict, argv: list[str]) -> tuple[dict, int]:
   results['status'] = 'failed' if failed else 'done'
   save()
   run_dir.close()
-  from experiments import report  # pylint: disable=g-import-not-at-top
+  from fedjax_adapters.experiments import report  # pylint: disable=g-import-not-at-top
   progress.always('\n' + report.results_table([results]))
   return results, status

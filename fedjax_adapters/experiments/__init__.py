@@ -1,0 +1,1 @@
+"""Experiment runners that reproduce the papers' tables with fedjax_adapters."""
