@@ -130,7 +130,7 @@ def test_client_update_equals_hand_sgd_loop():
   def predict(p, xb):
     return xb @ p['w'] + p['b']
 
-  def loss_fn(trainable, frozen, batch, key, anchor):
+  def loss_fn(trainable, frozen, batch, key, anchor, client):
     g, _ = trainable
     err = jnp.sum(jnp.square(predict(g, batch.x) - batch.y), -1)
     m = batch.mask.astype(jnp.float32)

@@ -24,7 +24,7 @@ import optax
 from fedjax_adapters.data.federated import check_client_data
 from fedjax_adapters.federated.aggregators import Aggregator
 from fedjax_adapters.federated.algorithm import Algorithm
-from fedjax_adapters.federated.client_update import Batch, ClientData, make_client_update, masked_mean
+from fedjax_adapters.federated.client_update import Batch, ClientData, ClientInfo, make_client_update, masked_mean
 
 LOSSES = ('mse', 'xent')
 
@@ -43,6 +43,7 @@ class LossInputs(NamedTuple):
     key: this step's PRNG key.
     anchor: the round's starting ``(global_params, client_state)`` (constant during local training).
     forward: ``forward(params, x) -> outputs`` in training mode, for losses that need another pass.
+    client: the :class:`~fedjax_adapters.federated.ClientInfo` of the client being trained (its id, slot, round).
   """
   outputs: jax.Array
   batch: Batch
@@ -51,6 +52,7 @@ class LossInputs(NamedTuple):
   key: jax.Array
   anchor: tuple
   forward: Callable[[tuple, Any], jax.Array]
+  client: ClientInfo | None = None
 
 
 LossFn = Callable[[LossInputs], Any]
@@ -104,13 +106,13 @@ def make_loss_fn(forward: Forward, loss: str | LossFn, eval_loss: str | None):
   """The client-update loss ``(trainable, frozen, batch, key, anchor) -> (value, (metrics, overrides))``."""
   custom, kind = resolve_loss(loss, eval_loss)
 
-  def loss_fn(trainable, frozen, batch: Batch, key, anchor):
+  def loss_fn(trainable, frozen, batch: Batch, key, anchor, client=None):
     out, overrides = forward(trainable, frozen, batch.x, key, True)
     metrics = batch_metrics(kind, out, batch.y, batch.mask)
     if custom is None:
       return masked_mean(per_example_loss(kind, out, batch.y), batch.mask), (metrics, overrides)
     again = lambda params, x: forward(params, frozen, x, jax.random.fold_in(key, 1), True)[0]
-    value = custom(LossInputs(out, batch, trainable, frozen, key, anchor, again))
+    value = custom(LossInputs(out, batch, trainable, frozen, key, anchor, again, client))
     value, extra = value if isinstance(value, tuple) else (value, {})
     metrics = dict(metrics, **extra, loss=value * metrics['count'])
     return value, (metrics, overrides)

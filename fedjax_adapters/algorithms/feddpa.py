@@ -200,28 +200,28 @@ def bind(mdef: ModelDef, frozen, global_params, local, weights, dropout_key=None
 
 def phase_loss(mdef: ModelDef, forward: Callable, loss: Callable, weights: Weights):
   """The client-update loss of one phase: the model at ``weights``, dropout on, ``loss`` on its outputs."""
-  def loss_fn(trainable, frozen, batch: Batch, key, anchor):
+  def loss_fn(trainable, frozen, batch: Batch, key, anchor, client=None):
     def run(params, x, k):
       g, l = params
       return forward(bind(mdef, frozen, g, l, weights, dropout_key=k), x)
 
     outputs = run(trainable, batch.x, key)
     again = lambda params, x: run(params, x, jax.random.fold_in(key, 1))
-    value, metrics = loss(LossInputs(outputs, batch, trainable, frozen, key, anchor, again))
+    value, metrics = loss(LossInputs(outputs, batch, trainable, frozen, key, anchor, again, client))
     return value, (metrics, {})
   return loss_fn
 
 
 def phase_update(loss_fn: Callable, optimizer: Callable[[int], optax.GradientTransformation], *, train: str,
                  batch_size: int, num_epochs: int, num_rows: int | None = None) -> Callable:
-  """One training phase of one client: ``(frozen, global_params, local, data, key) -> (ClientOutput, local,
-  metrics)``, training the ``train`` half (``'global'`` or ``'client'``) with a fresh optimizer of
+  """One training phase of one client: ``(frozen, global_params, local, data, key, client=None) -> (ClientOutput,
+  local, metrics)``, training the ``train`` half (``'global'`` or ``'client'``) with a fresh optimizer of
   ``optimizer(steps)``; ``steps`` counts this phase's batches over the client's padded rows (or ``num_rows``)."""
-  def update(frozen, global_params, local, data: ClientData, key):
+  def update(frozen, global_params, local, data: ClientData, key, client=None):
     rows = num_rows or jax.tree.leaves(data.x)[0].shape[0]
     opt = optimizer(num_epochs * math.ceil(rows / batch_size))
     run = make_client_update(loss_fn, opt, batch_size=batch_size, num_epochs=num_epochs, shuffle=True, train=train)
-    return run(frozen, global_params, local, data, key)
+    return run(frozen, global_params, local, data, key, client)
   return update
 
 
@@ -231,17 +231,17 @@ def dual_client_update(local_phase: Callable | None, global_phase: Callable | No
   The client state is ``{'local': local adapters, 'seen': participations so far}``; without a global phase the
   client sends back the global params unchanged.
   """
-  def client_update(frozen, global_params, client_state, data: ClientData, key):
+  def client_update(frozen, global_params, client_state, data: ClientData, key, client=None):
     local, seen = client_state['local'], client_state['seen']
     metrics = {}
     if local_phase is not None:
-      _, trained, m = local_phase(frozen, global_params, local, data, jax.random.fold_in(key, 1))
+      _, trained, m = local_phase(frozen, global_params, local, data, jax.random.fold_in(key, 1), client)
       local = jax.tree.map(lambda n, o: jnp.where(seen >= local_start, n, o), trained, local)
       metrics.update({f'local_{k}': v for k, v in m.items()})
     if global_phase is None:
       out = ClientOutput(global_params, data.count, ())
     else:
-      out, _, m = global_phase(frozen, global_params, local, data, jax.random.fold_in(key, 2))
+      out, _, m = global_phase(frozen, global_params, local, data, jax.random.fold_in(key, 2), client)
       metrics.update({f'global_{k}': v for k, v in m.items()})
     return out, {'local': local, 'seen': seen + 1}, metrics
   return client_update
@@ -349,7 +349,8 @@ class FedDPA(Algorithm):
 
 def keep_global() -> Aggregator:
   """An aggregator that leaves the global params as they are (the Local baseline federates nothing)."""
-  return Aggregator(lambda global_params: (), lambda global_params, outs, weights, state: (global_params, state))
+  return Aggregator(lambda global_params: (), lambda global_params, outs, weights, state, info=None: (global_params,
+                                                                                                      state))
 
 
 def feddpa(model_fn: mb.ModelFn, *, variant: str = 'feddpa_t', spec: AdapterSpec | None = None,

@@ -67,9 +67,9 @@ def balanced_aggregator(aggregator: Aggregator, num_adaptors: int, rate: float,
   def inner(tree):
     return {k: v for k, v in tree.items() if k != ROUTER_OFFSET}
 
-  def aggregate(global_params, client_outputs, weights, agg_state):
+  def aggregate(global_params, client_outputs, weights, agg_state, info=None):
     new, agg_state = aggregator.aggregate(inner(global_params), client_outputs._replace(
-        params=inner(client_outputs.params)), weights, agg_state)
+        params=inner(client_outputs.params)), weights, agg_state, info)
     probs = client_outputs.aux[probs_key]
     usage = jnp.sum(weights[:, None] * probs, 0) / jnp.maximum(jnp.sum(weights), jnp.finfo(probs.dtype).tiny)
     offset = global_params[ROUTER_OFFSET] + rate * (1.0 / num_adaptors - usage)

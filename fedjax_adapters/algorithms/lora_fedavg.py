@@ -14,8 +14,8 @@ from fedjax_adapters.nn.adapt import AdapterSpec
 
 def uniform_weights(aggregator: Aggregator) -> Aggregator:
   """``aggregator`` with every participating client weighted equally (FedIT's public code), not by example count."""
-  def aggregate(global_params, client_outputs, weights, agg_state):
-    return aggregator.aggregate(global_params, client_outputs, (weights > 0).astype(weights.dtype), agg_state)
+  def aggregate(global_params, client_outputs, weights, agg_state, info=None):
+    return aggregator.aggregate(global_params, client_outputs, (weights > 0).astype(weights.dtype), agg_state, info)
   return Aggregator(aggregator.init, aggregate)
 
 

@@ -1,8 +1,9 @@
 """Server aggregation: weighted means of the clients' global params, then an optax server optimizer.
 
-``aggregate(global_params, client_outputs, weights, agg_state) -> (global_params, agg_state)`` where
-``client_outputs`` is a :class:`ClientOutput` stacked on a leading client axis ``[M, ...]`` and ``weights: [M]``
-(example counts; zero for padding and rejected clients). An aggregator is built from public pieces: a
+``aggregate(global_params, client_outputs, weights, agg_state, info) -> (global_params, agg_state)`` where
+``client_outputs`` is a :class:`ClientOutput` stacked on a leading client axis ``[M, ...]``, ``weights: [M]``
+(example counts; zero for padding and rejected clients) and ``info`` a :class:`RoundInfo` (the sampled ids, the
+screen's update norms, a server PRNG key; what differential privacy and norm-aware robust aggregators need). An aggregator is built from public pieces: a
 :data:`Reducer` that turns the clients' values into one (``weighted_mean``, :func:`coordinate_median`, or yours) and
 :func:`server_step`, which feeds the pseudo-gradient ``prev - reduced`` to an optax server optimizer (FedOpt;
 ``optax.sgd(1.0)`` makes it plain FedAvg).
@@ -23,10 +24,36 @@ from fedjax_adapters.federated.client_update import ClientOutput
 Array = jax.Array
 
 
+class RoundInfo(NamedTuple):
+  """What the round knows about its clients when it aggregates (all traced; the round compiles once).
+
+  Attributes:
+    client_ids: ``[M]`` int32, the sampled clients' ids.
+    client_mask: ``[M]`` bool, real slots (False: padding).
+    keep: ``[M]`` bool, real and accepted by the update screen (the clients with weight > 0 unless they hold no
+      examples).
+    update_norms: ``[M]`` float32, ``||params - global_params||_2`` of each client's update as the screen measured
+      it (before any norm clipping of the guard), so an aggregator that clips needs no second pass.
+    round: ``[]`` int32, the round being aggregated.
+    key: a PRNG key for the server's own randomness this round (e.g. DP noise): ``fold_in(fold_in(key, round),
+      SERVER_KEY_TAG)`` of the experiment's key, the same on every host of a multi-process run.
+  """
+  client_ids: Array
+  client_mask: Array
+  keep: Array
+  update_norms: Array
+  round: Array
+  key: Array
+
+
 class Aggregator(NamedTuple):
-  """``init(global_params) -> agg_state`` and ``aggregate(global_params, client_outputs, weights, agg_state)``."""
+  """``init(global_params) -> agg_state`` and ``aggregate(global_params, client_outputs, weights, agg_state, info)``.
+
+  ``info`` is the round's :class:`RoundInfo`; an aggregator that does not need it accepts and ignores it (the
+  built-in ones take ``info=None`` so they can also be called by hand).
+  """
   init: Callable[[Any], Any]
-  aggregate: Callable[[Any, ClientOutput, Array, Any], tuple[Any, Any]]
+  aggregate: Callable[[Any, ClientOutput, Array, Any, RoundInfo], tuple[Any, Any]]
 
 
 def weighted_mean(stacked: Any, weights: Array, fallback: Any) -> Any:
@@ -103,7 +130,8 @@ def mean_aggregator(server_optimizer: optax.GradientTransformation | None = None
   """
   opt = server_optimizer or optax.sgd(1.0)
 
-  def aggregate(global_params, client_outputs: ClientOutput, weights, agg_state):
+  def aggregate(global_params, client_outputs: ClientOutput, weights, agg_state, info: RoundInfo | None = None):
+    del info  # unused
     target = reducer(client_outputs.params, weights, global_params)
     return server_step(opt, global_params, target, agg_state)
 
@@ -132,7 +160,8 @@ def router_aggregator(mixture_keys: Sequence[str] = ('adapters',), *,
       return per_adaptor_mean(x, p_kc, old)
     return jax.vmap(reducer, in_axes=(1, 1, 0))(x, p_kc, old)
 
-  def aggregate(global_params, client_outputs: ClientOutput, weights, agg_state):
+  def aggregate(global_params, client_outputs: ClientOutput, weights, agg_state, info: RoundInfo | None = None):
+    del info  # unused
     probs = client_outputs.aux[probs_key]
     if probs.ndim != 2 or probs.shape[0] != weights.shape[0]:
       raise ValueError(f'router probabilities must be [clients, C] = [{weights.shape[0]}, C]; '

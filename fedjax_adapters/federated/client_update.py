@@ -1,7 +1,8 @@
 """Local training on one client: ``lax.scan`` over padded, masked batches.
 
-``client_update(frozen, global_params, client_state, data, key) -> (ClientOutput, client_state, metrics)`` is the
-contract every algorithm's client work follows (design.md). :func:`make_client_update` builds one from a loss and an
+``client_update(frozen, global_params, client_state, data, key, client) -> (ClientOutput, client_state, metrics)`` is
+the contract every algorithm's client work follows (design.md); ``client`` is a :class:`ClientInfo` (the sampled
+client's id, slot and round, traced). :func:`make_client_update` builds one from a loss and an
 optax optimizer; it is a pure function of pytrees, so the round can ``vmap`` it over clients with ``frozen`` and
 ``global_params`` broadcast.
 
@@ -37,6 +38,31 @@ class Batch(NamedTuple):
   mask: Array
 
 
+class ClientInfo(NamedTuple):
+  """Who a client update is for: traced values, so a round that uses them still compiles once.
+
+  The round passes one to every ``client_update`` (and the built-in losses pass it on to a loss callable as
+  ``LossInputs.client``): per-client learning rates, a log line naming the client, or an experiment's attackers
+  chosen by id need no marker smuggled through the data.
+
+  Attributes:
+    id: ``[]`` int32, the client's index in the population (``0 .. K-1``).
+    slot: ``[]`` int32, its position among the round's ``M`` sampled slots.
+    round: ``[]`` int32, the round being trained.
+    real: ``[]`` bool, False for a padding slot (which trains but weighs nothing and writes nothing back).
+  """
+  id: Array
+  slot: Array
+  round: Array
+  real: Array
+
+
+def default_client_info() -> ClientInfo:
+  """The :class:`ClientInfo` of a client update called outside a round: client 0, slot 0, round 0, real."""
+  zero = jnp.zeros((), jnp.int32)
+  return ClientInfo(zero, zero, zero, jnp.ones((), bool))
+
+
 class ClientOutput(NamedTuple):
   """What a client sends to the server.
 
@@ -50,9 +76,10 @@ class ClientOutput(NamedTuple):
   aux: Any = ()
 
 
-# loss_fn(trainable=(global_params, client_state), frozen, batch, key, anchor) -> (loss, (metrics, global_overrides));
-# anchor = the round's starting (global_params, client_state), e.g. for a proximal term (FedProx).
-LossFn = Callable[[tuple, Any, Batch, Array, tuple], tuple[Array, tuple[dict, Any]]]
+# loss_fn(trainable=(global_params, client_state), frozen, batch, key, anchor, client)
+#   -> (loss, (metrics, global_overrides));
+# anchor = the round's starting (global_params, client_state), e.g. for a proximal term (FedProx); client = ClientInfo.
+LossFn = Callable[[tuple, Any, Batch, Array, tuple, ClientInfo], tuple[Array, tuple[dict, Any]]]
 
 
 def client_data(data) -> ClientData:
@@ -116,9 +143,9 @@ def make_client_update(loss_fn: LossFn, optimizer: optax.GradientTransformation,
   """Builds ``client_update`` for one local phase.
 
   Args:
-    loss_fn: ``loss_fn((global_params, client_state), frozen, batch, key, anchor) -> (loss, (metrics,
+    loss_fn: ``loss_fn((global_params, client_state), frozen, batch, key, anchor, client) -> (loss, (metrics,
       overrides))``; ``anchor`` is the round's starting ``(global_params, client_state)`` (constant during the
-      phase; e.g. FedProx's proximal term); ``metrics`` is a dict of sums over the batch's real rows;
+      phase; e.g. FedProx's proximal term); ``client`` the :class:`ClientInfo`; ``metrics`` is a dict of sums over the batch's real rows;
       ``overrides`` a nested dict written into the updated global params after the optimizer step (batch-norm
       running statistics, e.g. ``{'stats': ...}``), or ``{}``.
     optimizer: optax transformation over the trained pytree (``(global, local)``, or one of them; see ``train``).
@@ -131,8 +158,9 @@ def make_client_update(loss_fn: LossFn, optimizer: optax.GradientTransformation,
     output_aux: ``(global_params, client_state) -> aux`` sent to the aggregator (default ``()``).
 
   Returns:
-    ``client_update(frozen, global_params, client_state, data: ClientData, key) -> (ClientOutput, client_state,
-    metrics)``.
+    ``client_update(frozen, global_params, client_state, data: ClientData, key, client=None) -> (ClientOutput,
+    client_state, metrics)``; ``client`` is the round's :class:`ClientInfo` (:func:`default_client_info` when
+    called outside a round).
   """
   if train not in ('both', 'global', 'client'):
     raise ValueError(f"train must be 'both', 'global' or 'client'; got {train!r}.")
@@ -145,7 +173,8 @@ def make_client_update(loss_fn: LossFn, optimizer: optax.GradientTransformation,
   def unpick(t, g, l):
     return t if train == 'both' else ((t, l) if train == 'global' else (g, t))
 
-  def client_update(frozen, global_params, client_state, data: ClientData, key):
+  def client_update(frozen, global_params, client_state, data: ClientData, key, client: ClientInfo | None = None):
+    client = default_client_info() if client is None else client
     x, y, count = data
     num_rows = jax.tree.leaves(x)[0].shape[0]
     idx = batch_indices(key, num_rows, count, batch_size=batch_size, num_epochs=num_epochs, shuffle=shuffle)
@@ -161,7 +190,7 @@ def make_client_update(loss_fn: LossFn, optimizer: optax.GradientTransformation,
 
       def loss_of(p):
         return loss_fn(unpick(p, global_params, client_state), frozen, batch,
-                       jax.random.fold_in(key, 1_000_003 + i), (global_params, client_state))
+                       jax.random.fold_in(key, 1_000_003 + i), (global_params, client_state), client)
 
       (loss, (metrics, overrides)), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
       updates, new_opt = optimizer.update(grads, opt_state, params)

@@ -23,6 +23,7 @@ Example::
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -34,6 +35,7 @@ from fedjax_adapters.federated import evaluation
 from fedjax_adapters.federated import guard as guard_lib
 from fedjax_adapters.federated import mapping as mapping_lib
 from fedjax_adapters.federated import round as round_lib
+from fedjax_adapters.federated import sampling as sampling_lib
 from fedjax_adapters.federated.algorithm import Algorithm, ServerState
 from fedjax_adapters.federated.client_update import ClientData
 
@@ -236,17 +238,19 @@ def host_data(data) -> HostClientStore:
                                     np.asarray(counts, np.int32)))
 
 
-def make_host_round(algorithm: Algorithm, *, clients_per_round: int, mapping: mapping_lib.ClientMapping | None = None,
-                    guard: guard_lib.UpdateGuard | None = None):
+def make_host_round(algorithm: Algorithm, *, clients_per_round: int | None = None, sampling=None,
+                    mapping: mapping_lib.ClientMapping | None = None, guard: guard_lib.UpdateGuard | None = None,
+                    adversary=None):
   """Builds ``round_fn(state, store, data, client_ids=None, client_mask=None) -> (state, metrics)``.
 
   Args:
     algorithm: the algorithm.
-    clients_per_round: ``M``.
+    clients_per_round, sampling: ``M`` with fixed-size sampling, or a ``Sampling`` value, as in ``make_round``.
     mapping: how the sampled clients are mapped, as in ``make_round`` (``sharded_clients(mesh)`` shards the
       ``[M, ...]`` sampled clients over the mesh; the host store itself stays on this host, so ``shard_store`` is
       ignored).
     guard: how client updates are screened, as in ``make_round``.
+    adversary: an experiment's attack on the stacked client outputs, as in ``make_round``.
 
   Returns:
     ``round_fn``: ``state`` is a :class:`ServerState` with ``clients=()``; ``store`` the
@@ -255,21 +259,23 @@ def make_host_round(algorithm: Algorithm, *, clients_per_round: int, mapping: ma
     ``client_ids``/``client_mask`` as in ``make_round``. Same ``state.key`` and round => same sampled clients and
     the same result as the device round.
   """
+  sampling = sampling_lib.resolve(sampling, clients_per_round)
   mapping = mapping_lib.resolve(mapping)
   if isinstance(mapping, mapping_lib.ShardedClients):
     mapping = mapping_lib.ShardedClients(mapping.mesh, mapping.axis_name, shard_store=False)
-  mapping.check_clients_per_round(int(clients_per_round))
+  mapping.check_clients_per_round(sampling.slots)
   guard = (guard or guard_lib.UpdateGuard()).check()
 
-  compiled = round_lib.make_sampled_update(algorithm, mapping, guard)
+  compiled = round_lib.make_sampled_update(algorithm, mapping, guard, adversary)
   # Sampling runs on the host CPU (threefry bits are the same on every backend), so a permutation of K ids never
   # touches accelerator memory.
-  sample = jax.jit(round_lib.round_client_ids, static_argnums=(2, 3))
+  sample = jax.jit(functools.partial(round_lib.round_sample, sampling), static_argnums=(2,))
   sharded = isinstance(mapping, mapping_lib.ShardedClients)
 
   def round_fn(state, store: HostClientStore, data, client_ids=None, client_mask=None):
     data = _check_host_inputs(state, store, data)
-    ids, mask = _host_ids(state, data.num_clients, int(clients_per_round), sample, client_ids, client_mask)
+    sampling.check(data.num_clients)
+    ids, mask = _host_ids(state, data.num_clients, sampling.slots, sample, client_ids, client_mask)
     where = mapping.layout.clients if sharded else None
     client_state, cdata = store.gather(ids, sharding=where), data.gather(ids, sharding=where)
     if sharded:
@@ -301,8 +307,8 @@ def _host_ids(state, num_clients: int, clients_per_round: int, sample, client_id
     if client_mask is not None:
       raise ValueError('client_mask needs client_ids: it marks padding slots among explicitly given ids.')
     key, rnd = jax.device_put((state.key, state.round), jax.devices('cpu')[0])
-    ids = np.asarray(sample(key, rnd, num_clients, clients_per_round))
-    return ids, np.ones(ids.shape, bool)
+    ids, mask, _ = sample(key, rnd, num_clients)
+    return np.asarray(ids), np.asarray(mask)
   ids, mask = round_lib.check_round_ids(client_ids, client_mask, num_clients, clients_per_round)
   return np.asarray(ids), np.asarray(mask)
 
