@@ -142,16 +142,19 @@ class Manager:
     directory: where the steps live (created if missing).
     keep: how many most recent steps to keep (>= 1); older ones are deleted after each save.
     every: ``save`` writes only steps divisible by ``every`` unless ``force=True`` (use it for the final round).
+    read_only: only read: nothing is created or cleaned up in ``directory`` (``save`` raises).
   """
 
-  def __init__(self, directory: str | os.PathLike, *, keep: int = 3, every: int = 1):
+  def __init__(self, directory: str | os.PathLike, *, keep: int = 3, every: int = 1, read_only: bool = False):
     for name, value in (('keep', keep), ('every', every)):
       if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
         raise ValueError(f'{name} must be an integer >= 1, got {value!r}.')
     self.directory = os.path.abspath(os.fspath(directory))
     self.every = int(every)
-    options = ocp.CheckpointManagerOptions(max_to_keep=int(keep), create=True, enable_async_checkpointing=False,
-                                           cleanup_tmp_directories=True)
+    # read_only: neither create the directory nor clean up its unfinished steps (orbax's own read_only option only
+    # adds warnings to the same effect).
+    options = ocp.CheckpointManagerOptions(max_to_keep=int(keep), create=not read_only,
+                                           enable_async_checkpointing=False, cleanup_tmp_directories=not read_only)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
   def save(self, step: int, state: Any, metadata: dict | None = None, *, force: bool = False) -> bool:

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedjax_adapters.experiments.runlib import cli, loop, strict_json
+from fedjax_adapters.experiments.runlib import cli, loop, rundir, strict_json
 from fedjax_adapters.experiments.runlib.progress import Progress
 from fedjax_adapters.experiments.runlib.rundir import RunDir
 from fedjax_adapters import checkpoint
@@ -149,7 +149,7 @@ def test_run_dir_refuses_a_second_run_and_survives_a_cut_last_line(tmp_path):
   assert [r['round'] for r in records] == [1, 2, 3] and records[1]['x'] is None
   run.keep_records(lambda r: r['round'] <= 2)
   assert [r['round'] for r in run.records()] == [1, 2]
-  assert run.config == {'runner': 't'}
+  assert run.config == {'runner': 't', 'fingerprint': rundir.fingerprint({'runner': 't'})}
 
 
 def test_progress_prints_plain_lines_when_not_a_terminal():
