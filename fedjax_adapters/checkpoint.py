@@ -71,6 +71,43 @@ def restore(path: str | os.PathLike, like: Any) -> Any:
   return _restore_dir(source, like)
 
 
+def saved_steps(directory: str | os.PathLike) -> list[int]:
+  """The step folders of a :class:`Manager`'s directory, oldest first, complete or not (names that are integers)."""
+  directory = os.fspath(directory)
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(n) for n in os.listdir(directory) if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
+
+
+def step_metadata(directory: str | os.PathLike, step: int) -> dict:
+  """The metadata dict saved with step ``step`` of a :class:`Manager`'s directory, read from its file alone.
+
+  Raises:
+    ValueError: the file is missing or not a JSON object with the metadata (the message names the step).
+  """
+  path = os.path.join(os.path.abspath(os.fspath(directory)), str(step), '_CHECKPOINT_METADATA')
+  try:
+    with open(path) as f:
+      metadata = json.load(f)['custom_metadata'] or {}
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise ValueError(f'step {step} in {directory}: its metadata cannot be read ({type(e).__name__}: {e})') from None
+  if not isinstance(metadata, dict):
+    raise ValueError(f'step {step} in {directory}: its metadata is not a JSON object')
+  return metadata
+
+
+def read_step(directory: str | os.PathLike, step: int, like: Any) -> Any:
+  """The state of step ``step`` of a :class:`Manager`'s directory, read from the step's own files.
+
+  Unlike :meth:`Manager.restore`, nothing else in the directory is consulted, so one damaged step (files cut short,
+  contents removed) cannot make its intact neighbours unreadable; nothing is written.
+
+  Raises:
+    ValueError: the state cannot be read into ``like`` (the message names the step's folder).
+  """
+  return _restore_dir(os.path.join(os.path.abspath(os.fspath(directory)), str(step), 'default'), like)
+
+
 def _restore_dir(path: str, like: Any) -> Any:
   target = _to_saveable(like)
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)

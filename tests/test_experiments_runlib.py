@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import time
 from typing import NamedTuple
 
 import jax
@@ -317,11 +318,15 @@ def test_round_summaries_count_only_accepted_clients():
   assert np.isnan(loop.round_summaries(everyone, 1)[0]['train_loss'])
 
 
-def test_stop_request_catches_sigterm_and_restores_the_handler():
+def test_stop_request_catches_sigterm_and_restores_the_handler(capsys):
   before = signal.getsignal(signal.SIGTERM)
   with loop.StopRequest() as stop:
     signal.raise_signal(signal.SIGTERM)
     assert stop.requested and stop.signum == signal.SIGTERM
+    deadline = time.monotonic() + 60
+    while 'SIGTERM received' not in capsys.readouterr().err:  # said by the helper thread that reads the signals
+      assert time.monotonic() < deadline
+      time.sleep(0.01)
   assert signal.getsignal(signal.SIGTERM) == before
 
 

@@ -135,6 +135,7 @@ class StopRequest:
     self._sockets = None
     self._old_wakeup = -1
     self._interrupts = 0
+    self._told = False
 
   def _handle(self, signum, frame):
     del frame  # the main thread's view of a signal; the helper thread counts them
@@ -170,6 +171,11 @@ class StopRequest:
       self._interrupts += 1
       if self._interrupts >= 2:
         self.abort()
+    if not self._told:  # the first stop request: say what happens now
+      self._told = True
+      sys.stderr.write(f'\n{signal.Signals(signum).name} received: stopping after the current chunk with a checkpoint'
+                       ' (a second Ctrl-C stops at once)\n')
+      sys.stderr.flush()
     if self.signum is None:
       self.signum = signum
 
@@ -281,8 +287,8 @@ def _fresh_host() -> dict[str, Any]:
   return {'rejected_streak': 0, 'elapsed_s': 0.0, 'curve': []}
 
 
-def _short_reason(e: Exception) -> str:
-  text = ' '.join(str(e).split())
+def _short_reason(e: Exception, directory: str) -> str:
+  text = ' '.join(str(e).replace(os.path.abspath(directory) + os.sep, '').split())
   return f'{type(e).__name__}: {text[:160]}{"..." if len(text) > 160 else ""}'
 
 
@@ -309,13 +315,13 @@ def find_start(unit: Unit, directory: str, fingerprint: str | None = None) -> St
   if not os.path.isdir(directory):
     return Start(state, _fresh_host(), 0, [])
   damaged = []
-  with _quiet_orbax(), checkpoint.Manager(directory, read_only=True) as ckpts:
-    steps = ckpts.all_steps()
-    for step in reversed(steps):
+  with _quiet_orbax():
+    for step in reversed(checkpoint.saved_steps(directory)):
       try:
-        meta = ckpts.metadata(step)
+        meta = checkpoint.step_metadata(directory, step)
+        host = {**_fresh_host(), **meta['host']}
       except Exception as e:  # pylint: disable=broad-except  (a damaged step fails in many ways; each is reported)
-        damaged.append((step, _short_reason(e)))
+        damaged.append((step, _short_reason(e, directory)))
         continue
       written_with = meta.get('fingerprint')
       if fingerprint is not None and written_with is not None and written_with != fingerprint:
@@ -323,12 +329,9 @@ def find_start(unit: Unit, directory: str, fingerprint: str | None = None) -> St
                         'this run\'s config.json (its settings fingerprint differs): config.json was edited, or the '
                         'checkpoints come from another run; nothing was changed')
       try:
-        restored = ckpts.restore(step, like=state)
-        host = {**_fresh_host(), **meta['host']}
+        return Start(checkpoint.read_step(directory, step, state), host, step, damaged)
       except Exception as e:  # pylint: disable=broad-except
-        damaged.append((step, _short_reason(e)))
-        continue
-      return Start(restored, host, step, damaged)
+        damaged.append((step, _short_reason(e, directory)))
   if damaged:
     steps_text = ', '.join(f'{s} ({why})' for s, why in damaged)
     raise UserError(f'no intact checkpoint of {unit.name} in {directory}: every step is damaged: {steps_text}; the '
