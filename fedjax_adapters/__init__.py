@@ -12,7 +12,7 @@ import importlib
 
 __version__ = '0.1.0'
 
-_SUBMODULES = ('adapters', 'algorithms', 'checkpoint', 'federated', 'interop', 'metrics', 'models', 'nn',
+_SUBMODULES = ('adapters', 'algorithms', 'checkpoint', 'experiment', 'federated', 'interop', 'metrics', 'models', 'nn',
                'optim', 'data')
 _NAMES = {
     'fedjax_adapters.adapters': ('conv_delta', 'dense_delta', 'dual_delta', 'embed_delta', 'norm_delta',

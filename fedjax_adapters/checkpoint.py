@@ -71,6 +71,43 @@ def restore(path: str | os.PathLike, like: Any) -> Any:
   return _restore_dir(source, like)
 
 
+def saved_steps(directory: str | os.PathLike) -> list[int]:
+  """The step folders of a :class:`Manager`'s directory, oldest first, complete or not (names that are integers)."""
+  directory = os.fspath(directory)
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(n) for n in os.listdir(directory) if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
+
+
+def step_metadata(directory: str | os.PathLike, step: int) -> dict:
+  """The metadata dict saved with step ``step`` of a :class:`Manager`'s directory, read from its file alone.
+
+  Raises:
+    ValueError: the file is missing or not a JSON object with the metadata (the message names the step).
+  """
+  path = os.path.join(os.path.abspath(os.fspath(directory)), str(step), '_CHECKPOINT_METADATA')
+  try:
+    with open(path) as f:
+      metadata = json.load(f)['custom_metadata'] or {}
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise ValueError(f'step {step} in {directory}: its metadata cannot be read ({type(e).__name__}: {e})') from None
+  if not isinstance(metadata, dict):
+    raise ValueError(f'step {step} in {directory}: its metadata is not a JSON object')
+  return metadata
+
+
+def read_step(directory: str | os.PathLike, step: int, like: Any) -> Any:
+  """The state of step ``step`` of a :class:`Manager`'s directory, read from the step's own files.
+
+  Unlike :meth:`Manager.restore`, nothing else in the directory is consulted, so one damaged step (files cut short,
+  contents removed) cannot make its intact neighbours unreadable; nothing is written.
+
+  Raises:
+    ValueError: the state cannot be read into ``like`` (the message names the step's folder).
+  """
+  return _restore_dir(os.path.join(os.path.abspath(os.fspath(directory)), str(step), 'default'), like)
+
+
 def _restore_dir(path: str, like: Any) -> Any:
   target = _to_saveable(like)
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
@@ -142,16 +179,19 @@ class Manager:
     directory: where the steps live (created if missing).
     keep: how many most recent steps to keep (>= 1); older ones are deleted after each save.
     every: ``save`` writes only steps divisible by ``every`` unless ``force=True`` (use it for the final round).
+    read_only: only read: nothing is created or cleaned up in ``directory`` (``save`` raises).
   """
 
-  def __init__(self, directory: str | os.PathLike, *, keep: int = 3, every: int = 1):
+  def __init__(self, directory: str | os.PathLike, *, keep: int = 3, every: int = 1, read_only: bool = False):
     for name, value in (('keep', keep), ('every', every)):
       if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
         raise ValueError(f'{name} must be an integer >= 1, got {value!r}.')
     self.directory = os.path.abspath(os.fspath(directory))
     self.every = int(every)
-    options = ocp.CheckpointManagerOptions(max_to_keep=int(keep), create=True, enable_async_checkpointing=False,
-                                           cleanup_tmp_directories=True)
+    # read_only: neither create the directory nor clean up its unfinished steps (orbax's own read_only option only
+    # adds warnings to the same effect).
+    options = ocp.CheckpointManagerOptions(max_to_keep=int(keep), create=not read_only,
+                                           enable_async_checkpointing=False, cleanup_tmp_directories=not read_only)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
   def save(self, step: int, state: Any, metadata: dict | None = None, *, force: bool = False) -> bool:

@@ -38,7 +38,7 @@ def uneven_data(tmp_path_factory):
 
 
 def _args(data, out):
-  return ['--data', data, '--config', 'smoke', '--out', str(out), '--bootstrap-samples', '200', '--quiet']
+  return ['--data', data, '--preset', 'smoke', '--out', str(out), '--bootstrap-samples', '200', '--quiet']
 
 
 @pytest.fixture(scope='module')
@@ -145,7 +145,7 @@ def _one_line_error(capsys, argv):
 
 
 @pytest.mark.parametrize('argv, words', [
-    (['--seed', '-1'], '--seed: must be >= 0'),
+    (['--seeds', '-1'], 'seeds must be >= 0'),
     (['--rounds', '-1'], '--rounds: must be >= 0'),
     (['--lr', '0'], '--lr: must be finite and > 0'),
     (['--lr', 'nan'], '--lr: must be finite and > 0'),
@@ -153,28 +153,32 @@ def _one_line_error(capsys, argv):
     (['--set', 'num_refs=9'], 'num_refs=9 references cannot be drawn from train_per_client=4'),
     (['--set', 'bogus=1'], 'unknown setting(s) bogus'),
     (['--weight-target', 'both'], "--weight-target: invalid choice: 'both'"),
-    (['--config', 'gpux'], 'unknown config'),
+    (['--preset', 'gpux'], "unknown preset 'gpux'; valid presets: paper, gpu, cpu, smoke"),
+    (['--config', 'gpux'], '--config gpux: no such settings file, and not a preset'),
+    (['--rank', '33'], "rank 33 is larger than model 'tiny' allows (hidden size 32"),
+    (['--num-epochs', '100000000'], 'num_epochs must be <= 1000'),
+    (['--rounds', '3000000000'], 'rounds must be <= 2147483647'),
     (['--methods', 'fedprox'], 'unknown method(s) fedprox; valid methods: centralized, fedit, local, feddpa_t'),
-    (['--seed', '1', '--seeds', '2'], 'pass --seed or --seeds, not both'),
+    (['--seeds', '1', '2', '2'], 'lists a seed twice'),
     (['--model', '/nonexistent/model.gguf'], "--model /nonexistent/model.gguf: expected a Hugging Face folder"),
 ])
 def test_bad_arguments_stop_before_any_training(capsys, tmp_path, argv, words):
   out = tmp_path / 'run'
-  err = _one_line_error(capsys, ['--data', DATA, '--config', 'smoke', '--out', str(out)] + argv)
+  err = _one_line_error(capsys, ['--data', DATA, '--preset', 'smoke', '--out', str(out)] + argv)
   assert words in err
   assert not out.exists()
 
 
 def test_bad_data_model_and_paths_stop_before_any_training(capsys, tmp_path, uneven_data):
   out = tmp_path / 'run'
-  err = _one_line_error(capsys, ['--data', uneven_data, '--config', 'smoke', '--num-refs', '4', '--out', str(out)])
+  err = _one_line_error(capsys, ['--data', uneven_data, '--preset', 'smoke', '--num-refs', '4', '--out', str(out)])
   assert 'client 2 has 3 training examples, fewer than num_refs=4' in err
-  err = _one_line_error(capsys, ['--data', str(tmp_path / 'none'), '--config', 'smoke', '--out', str(out)])
+  err = _one_line_error(capsys, ['--data', str(tmp_path / 'none'), '--preset', 'smoke', '--out', str(out)])
   assert f'--data {tmp_path / "none"}: FedDPA folder' in err and 'does not exist' in err
   bad = tmp_path / 'bad'
   os.makedirs(bad / '8')
   (bad / '8' / 'local_training_0.json').write_text('{not json')
-  err = _one_line_error(capsys, ['--data', str(bad), '--config', 'smoke', '--out', str(out)])
+  err = _one_line_error(capsys, ['--data', str(bad), '--preset', 'smoke', '--out', str(out)])
   assert 'local_training_0.json is not valid JSON' in err
   fake = tmp_path / 'model.gguf'
   fake.write_text('hello')
@@ -187,12 +191,12 @@ def test_bad_data_model_and_paths_stop_before_any_training(capsys, tmp_path, une
   assert not (probed / 'config.json').exists()  # the model loads before the run is created: --out stays reusable
   blocker = tmp_path / 'file'
   blocker.write_text('x')
-  err = _one_line_error(capsys, ['--data', DATA, '--config', 'smoke', '--out', str(blocker / 'run')])
+  err = _one_line_error(capsys, ['--data', DATA, '--preset', 'smoke', '--out', str(blocker / 'run')])
   assert '--out' in err and 'not writable' in err
-  err = _one_line_error(capsys, ['--data', DATA, '--config', 'smoke', '--out', str(out), '--json',
+  err = _one_line_error(capsys, ['--data', DATA, '--preset', 'smoke', '--out', str(out), '--json',
                                  str(blocker / 'x.json')])
   assert '--json' in err
-  err = _one_line_error(capsys, ['--data', DATA, '--config', 'smoke', '--out', str(out), '--export-peft',
+  err = _one_line_error(capsys, ['--data', DATA, '--preset', 'smoke', '--out', str(out), '--export-peft',
                                  str(blocker / 'peft')])
   assert '--export-peft' in err and 'not writable' in err
   assert not out.exists()
@@ -203,16 +207,36 @@ def test_bad_data_model_and_paths_stop_before_any_training(capsys, tmp_path, une
 
 
 def test_every_setting_has_a_flag_or_set_and_print_config(capsys):
-  exp.main(['--config', 'cpu', '--lr', '3e-4', '--epochs', '2', '--lambda', '0.3', '--S', '3', '--set',
+  exp.main(['--preset', 'cpu', '--lr', '3e-4', '--num-epochs', '2', '--lambda', '0.3', '--S', '3', '--set',
             'max_new_tokens=4', '--print-config'])
   cfg = json.loads(capsys.readouterr().out)
   assert (cfg['lr'], cfg['num_epochs'], cfg['lam'], cfg['num_refs'], cfg['max_new_tokens']) == (3e-4, 2, 0.3, 3, 4)
   assert cfg['rounds'] == 5 and cfg['name'] == 'cpu'
   help_text = exp.build_parser().format_help()
-  for flag in ('--lr', '--epochs', '--batch-size', '--rank', '--alpha', '--dropout', '--lambda', '--S',
+  for flag in ('--lr', '--num-epochs', '--batch-size', '--rank', '--alpha', '--dropout', '--lambda', '--S',
                '--weight-target', '--max-new-tokens', '--num-beams', '--test-per-task', '--export-peft', '--resume'):
     assert flag in help_text
   assert "cpu 0.001" in " ".join(help_text.split())  # defaults are listed per config
+
+
+def test_old_spellings_still_work_and_warn(capsys, tmp_path):
+  """One vocabulary with the FLoRAL runner: --preset NAME, --config FILE, --seeds, --num-epochs; the old spellings
+  (--config NAME, --config-file FILE, --seed K, --epochs N) mean the same and say what they are now."""
+  settings = tmp_path / 'settings.json'
+  settings.write_text(json.dumps({'lr': 0.002}))
+  old = exp.make_plan(exp.build_parser().parse_args(['--config', 'smoke', '--config-file', str(settings), '--seed',
+                                                     '3', '--epochs', '2', '--print-config']))
+  warnings = capsys.readouterr().err.splitlines()
+  new = exp.make_plan(exp.build_parser().parse_args(['--preset', 'smoke', '--config', str(settings), '--seeds',
+                                                     '3:4', '--num-epochs', '2', '--print-config']))
+  assert capsys.readouterr().err == ''
+  assert old['cfg'] == new['cfg'] and old['seeds'] == new['seeds'] == [3]
+  assert (new['cfg'].name, new['cfg'].lr, new['cfg'].num_epochs) == ('smoke', 0.002, 2)
+  assert sorted(warnings) == sorted([
+      'warning: --config smoke is now spelled --preset smoke; --config takes a settings file',
+      'warning: --config-file is now spelled --config FILE; the old spelling still works but will go',
+      'warning: --seed is now spelled --seeds K:K+1; the old spelling still works but will go',
+      'warning: --epochs is now spelled --num-epochs; the old spelling still works but will go'])
 
 
 def test_help_imports_no_jax():

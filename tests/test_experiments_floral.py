@@ -197,6 +197,15 @@ def test_unknown_task_and_method_list_the_valid_ones(capsys):
     (['--set', 'temperature=-1'], 'temperature must be finite and > 0'),
     (['--data-dir', '/nonexistent/dir'], '--data-dir /nonexistent/dir: no such directory'),
     (['--config', '/nonexistent.json'], '--config /nonexistent.json'),
+    # Plausibility: the right type, but values that cannot work (they used to fail mid-run, or run forever).
+    (['--rank', '100000'], "rank 100000 is larger than model 'linear' allows: its smallest adapted layer takes at "
+                           'most rank 3'),
+    (['--rank', '1.5'], 'rank must be an integer rank (>= 1) or a float budget in (0, 1); got 1.5'),
+    (['--rounds', '3000000000'], 'rounds must be <= 2147483647 (the round counter is an int32)'),
+    (['--rounds', '1e12'], "--rounds: expected an integer, got '1e12'"),
+    (['--num-epochs', '100000000'], 'num_epochs must be <= 1000'),
+    (['--floor', '5'], 'floor must be <= 1/C = 0.5 (C = 2 router probabilities sum to 1); got 5.0'),
+    (['--writer', 'comet'], "--writer: invalid choice: 'comet'"),
 ])
 def test_bad_arguments_stop_before_any_training(capsys, tmp_path, argv, words):
   out = tmp_path / 'run'
@@ -243,6 +252,20 @@ def test_a_diverging_method_fails_loudly_and_the_json_stays_strict(capsys, tmp_p
   assert doc['status'] == 'failed'
   lines = [_strict(x) for x in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
   assert [r for r in lines if 'error' in r][0]['error'] == doc['units']['fedavg']['0']['error']
+
+
+def test_the_rank_limits_are_those_of_the_built_models():
+  """configs.MAX_RANK is what each model's smallest adapted layer takes: the Local Adaptor builds at that rank and
+  refuses one more."""
+  for name in ('synthetic_linear', 'synthetic_mlp', 'mnist_offline_rotate', 'cifar10_rotate', 'cifar100'):
+    task = configs.smoke(configs.TASKS[name])
+    data = floral_tasks.load_data(task, 0)
+    limit = configs.MAX_RANK[task.model]
+    alg = floral_tasks.build_algorithm('local_adaptor', dataclasses.replace(task, rank=limit), data)
+    jax.eval_shape(lambda a=alg: a.init(jax.random.key(0), data.train.num_clients))
+    with pytest.raises(ValueError, match=f'rank {limit + 1} is larger than the layer allows'):
+      alg = floral_tasks.build_algorithm('local_adaptor', dataclasses.replace(task, rank=limit + 1), data)
+      jax.eval_shape(lambda a=alg: a.init(jax.random.key(0), data.train.num_clients))
 
 
 def test_help_imports_no_jax():

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import time
 from typing import NamedTuple
 
 import jax
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedjax_adapters.experiments.runlib import cli, loop, strict_json
+from fedjax_adapters.experiments.runlib import cli, loop, rundir, strict_json
 from fedjax_adapters.experiments.runlib.progress import Progress
 from fedjax_adapters.experiments.runlib.rundir import RunDir
 from fedjax_adapters import checkpoint
@@ -149,7 +150,7 @@ def test_run_dir_refuses_a_second_run_and_survives_a_cut_last_line(tmp_path):
   assert [r['round'] for r in records] == [1, 2, 3] and records[1]['x'] is None
   run.keep_records(lambda r: r['round'] <= 2)
   assert [r['round'] for r in run.records()] == [1, 2]
-  assert run.config == {'runner': 't'}
+  assert run.config == {'runner': 't', 'fingerprint': rundir.fingerprint({'runner': 't'})}
 
 
 def test_progress_prints_plain_lines_when_not_a_terminal():
@@ -317,11 +318,15 @@ def test_round_summaries_count_only_accepted_clients():
   assert np.isnan(loop.round_summaries(everyone, 1)[0]['train_loss'])
 
 
-def test_stop_request_catches_sigterm_and_restores_the_handler():
+def test_stop_request_catches_sigterm_and_restores_the_handler(capsys):
   before = signal.getsignal(signal.SIGTERM)
   with loop.StopRequest() as stop:
     signal.raise_signal(signal.SIGTERM)
     assert stop.requested and stop.signum == signal.SIGTERM
+    deadline = time.monotonic() + 60
+    while 'SIGTERM received' not in capsys.readouterr().err:  # said by the helper thread that reads the signals
+      assert time.monotonic() < deadline
+      time.sleep(0.01)
   assert signal.getsignal(signal.SIGTERM) == before
 
 

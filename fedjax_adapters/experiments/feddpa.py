@@ -4,18 +4,19 @@ intervals.
 
 Usage::
 
-  python -m fedjax_adapters.experiments.feddpa --data DATASET1 --config smoke     # first contact, ~1 min
-  python -m fedjax_adapters.experiments.feddpa --data DIR --config cpu --out runs/feddpa_cpu             # about an hour, 2 cores
+  python -m fedjax_adapters.experiments.feddpa --data DATASET1 --preset smoke     # first contact, ~1 min
+  python -m fedjax_adapters.experiments.feddpa --data DIR --preset cpu --out runs/feddpa_cpu             # about an hour, 2 cores
   python -m fedjax_adapters.experiments.feddpa --resume runs/feddpa_cpu                                  # continue after a stop
-  python -m fedjax_adapters.experiments.feddpa --data DIR --config gpu                                   # one GPU, the paper's schedule
-  python -m fedjax_adapters.experiments.feddpa --data DIR --config paper --model /path/to/llama-7b-hf    # the paper's setting
-  python -m fedjax_adapters.experiments.feddpa --data DIR --config cpu --lr 3e-4 --set num_refs=3 --print-config
+  python -m fedjax_adapters.experiments.feddpa --data DIR --preset gpu                                   # one GPU, the paper's schedule
+  python -m fedjax_adapters.experiments.feddpa --data DIR --preset paper --model /path/to/llama-7b-hf    # the paper's setting
+  python -m fedjax_adapters.experiments.feddpa --data DIR --preset cpu --lr 3e-4 --set num_refs=3 --print-config
   python -m fedjax_adapters.experiments.report runs/feddpa_cpu                                           # table and P/TTP bars
 
 Every client's final model answers the whole test pool. Its own task is *personalization* (P); the average over all
-tasks is *test-time personalization* (TTP). Every setting of the config can be changed by its flag below, by
-``--set key=value`` or by ``--config-file FILE`` (a JSON object of settings, or a run's config.json); flags win over
---set, which wins over the file.
+tasks is *test-time personalization* (TTP). Every setting of the preset can be changed by its flag below, by
+``--set key=value`` or by ``--config FILE`` (a JSON object of settings, or a run's config.json); flags win over
+--set, which wins over the file. The flags are spelled as in the FLoRAL runner (``--seeds``, ``--num-epochs``,
+``--config FILE``); the old ``--seed``, ``--epochs``, ``--config NAME`` and ``--config-file`` still work and warn.
 
 The run directory (``--out``) receives config.json, metrics.jsonl (one line per round per method and seed, the
 evaluation on the last), results.json (per-task and average ROUGE-1, every prompt's score, 95 % paired bootstrap
@@ -27,6 +28,7 @@ folders. See docs/feddpa.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -37,6 +39,9 @@ from fedjax_adapters.experiments.runlib import cli
 from fedjax_adapters.experiments.runlib.cli import UserError
 
 RUNNER = 'feddpa'
+MAX_ROUNDS = 2 ** 31 - 1
+MAX_EPOCHS = 1000
+HIDDEN_SIZES = {'tiny': 32, 'smollm2': 576}  # the built-in models (configs.MODELS); feddpa_run.load_base builds them
 METHODS = ('centralized', 'fedit', 'local', 'feddpa_t', 'feddpa_f')
 DEFAULT_METHODS = ('fedit', 'local', 'feddpa_t', 'feddpa_f')
 
@@ -44,7 +49,7 @@ DEFAULT_METHODS = ('fedit', 'local', 'feddpa_t', 'feddpa_f')
 _FLAGS = {
     'rounds': (('--rounds',), cli.int_at_least(0), 'federated rounds'),
     'lr': (('--lr',), cli.positive_float, 'client AdamW peak learning rate (linear decay to 0 in each phase)'),
-    'num_epochs': (('--epochs',), cli.int_at_least(1), 'local epochs per training phase'),
+    'num_epochs': (('--num-epochs',), cli.int_at_least(1), 'local epochs per training phase'),
     'batch_size': (('--batch-size',), cli.int_at_least(1), 'examples per optimizer step'),
     'rank': (('--rank',), cli.int_at_least(1), 'LoRA rank of both adapters'),
     'alpha': (('--alpha',), cli.positive_float, 'LoRA alpha (scale alpha / rank)'),
@@ -75,12 +80,14 @@ def build_parser() -> cli.Parser:
   p = cli.Parser(prog='python -m fedjax_adapters.experiments.feddpa', description=__doc__,
                  formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--data', default=None, help='a folder laid out like FedDPA Dataset 1 (required unless --resume)')
-  p.add_argument('--config', default='cpu', help=f'one of: {", ".join(configs.CONFIGS)} (default: cpu)')
+  p.add_argument('--preset', default=None, help=f'one of: {", ".join(configs.CONFIGS)} (default: cpu)')
   p.add_argument('--methods', nargs='+', default=list(DEFAULT_METHODS),
                  help=f'subset of: {", ".join(METHODS)} (default: {" ".join(DEFAULT_METHODS)})')
   p.add_argument('--model', default=None, help="HF LLaMA folder or .gguf file (default: the config's model)")
-  p.add_argument('--seed', type=cli.int_at_least(0), default=None, help='one seed (default: 0)')
-  p.add_argument('--seeds', nargs='+', default=None, help='several seeds: N (0..N-1), a list, or A:B')
+  p.add_argument('--seeds', nargs='+', default=None,
+                 help='one number N: seeds 0..N-1; several numbers: those seeds; A:B: seeds A..B-1 (default: seed 0)')
+  p.add_argument('--seed', type=cli.int_at_least(0), default=None, action=cli.Renamed, new='--seeds K:K+1',
+                 help=argparse.SUPPRESS)
   g = p.add_argument_group('run directory, checkpoints, output')
   g.add_argument('--out', default=None, help='run directory (default: runs/feddpa-<config>-<YYYYmmdd-HHMMSS>)')
   g.add_argument('--resume', metavar='DIR', default=None, help='continue the run in DIR with its own settings')
@@ -92,24 +99,47 @@ def build_parser() -> cli.Parser:
   g.add_argument('--keep-checkpoints', type=cli.int_at_least(1), default=2, help='checkpoints kept (default: 2)')
   g.add_argument('--bootstrap-samples', type=cli.int_at_least(1), default=10_000,
                  help='paired bootstrap resamples of the test prompts (default: 10000)')
-  g.add_argument('--quiet', action='store_true', help='no progress output; only errors and the final tables')
-  cli.add_settings_arguments(p, configs.FedDPAConfig, file_flag='--config-file')
-  t = p.add_argument_group("FedDPA settings (default: the config's)")
+  cli.add_run_arguments(g)
+  cli.add_settings_arguments(p, configs.FedDPAConfig)
+  p.add_argument('--config-file', default=None, action=cli.Renamed, new='--config FILE',
+                 help=argparse.SUPPRESS)
+  t = p.add_argument_group("FedDPA settings (default: the preset's)")
   for name, (flags, kind, text) in _FLAGS.items():
     extra = {'choices': kind} if isinstance(kind, tuple) else {'type': kind}
     t.add_argument(*flags, dest=name, default=argparse.SUPPRESS, help=f'{text} ({_defaults(name)})', **extra)
+  t.add_argument('--epochs', dest='num_epochs', type=cli.int_at_least(1), default=argparse.SUPPRESS,
+                 action=cli.Renamed, new='--num-epochs', help=argparse.SUPPRESS)
   return p
 
 
+def _preset(args: argparse.Namespace) -> str:
+  """The preset's name: ``--preset``, or the old ``--config NAME`` (warns), default ``cpu``."""
+  if args.config and args.config in configs.CONFIGS and not os.path.isfile(args.config):
+    if args.preset:
+      raise UserError(f'--config {args.config} names a preset and --preset {args.preset} another; keep --preset')
+    print(f'warning: --config {args.config} is now spelled --preset {args.config}; --config takes a settings file',
+          file=sys.stderr, flush=True)
+    args.preset, args.config = args.config, None
+  if args.config_file:
+    if args.config:
+      raise UserError(f'--config {args.config} and --config-file {args.config_file} both name a settings file')
+    args.config, args.config_file = args.config_file, None
+  if args.config and not os.path.isfile(args.config) and not args.config.endswith('.json'):
+    raise UserError(f'--config {args.config}: no such settings file, and not a preset ({", ".join(configs.CONFIGS)}); '
+                    'choose a preset with --preset NAME')
+  name = args.preset or 'cpu'
+  if name not in configs.CONFIGS:
+    raise UserError(f'unknown preset {name!r}; valid presets: {", ".join(configs.CONFIGS)}')
+  return name
+
+
 def resolve_config(args: argparse.Namespace) -> configs.FedDPAConfig:
-  """The config with --config-file, then --set, then the flags applied (each later one wins); validated."""
-  if args.config not in configs.CONFIGS:
-    raise UserError(f'unknown config {args.config!r}; valid configs: {", ".join(configs.CONFIGS)}')
-  cfg = configs.CONFIGS[args.config]
+  """The preset with --config FILE, then --set, then the flags applied (each later one wins); validated."""
+  cfg = configs.CONFIGS[_preset(args)]
   try:
-    if args.config_file:
-      settings = cli.read_config_file(args.config_file)
-      cfg = cli.apply_overrides(cfg, settings, source=f'--config-file {args.config_file}')
+    if args.config:
+      settings = cli.read_config_file(args.config)
+      cfg = cli.apply_overrides(cfg, settings, source=f'--config {args.config}')
     cfg = cli.apply_overrides(cfg, args.overrides)
     cfg = cfg.replace(**{name: vars(args)[name] for name in _FLAGS if name in vars(args)})
   except ValueError as e:  # the config's own checks (FedDPAConfig.__post_init__)
@@ -165,7 +195,7 @@ def check_data(path: str | None, cfg: configs.FedDPAConfig) -> str:
   return os.path.abspath(os.path.expanduser(path))
 
 
-def _seeds(args) -> list[int]:
+def _seeds(args) -> list[int]:  # --seed is the old spelling of --seeds K:K+1
   if args.seed is not None and args.seeds is not None:
     raise UserError('pass --seed or --seeds, not both')
   if args.seeds is not None:
@@ -173,38 +203,94 @@ def _seeds(args) -> list[int]:
   return [0 if args.seed is None else args.seed]
 
 
+def settings_from_config(config: dict, where: str) -> configs.FedDPAConfig:
+  """The settings stored in a run's config.json, checked exactly as the command line checks them."""
+  settings = config.get('settings')
+  if not isinstance(settings, dict):
+    raise UserError(f'{where}: no "settings" object')
+  missing = [f.name for f in dataclasses.fields(configs.FedDPAConfig) if f.name not in settings]
+  if missing:
+    raise UserError(f'{where}: settings lack {", ".join(missing)}')
+  try:
+    cfg = cli.apply_overrides(configs.CONFIGS['smoke'], settings, source=where)
+  except ValueError as e:  # UserError, or the config's own checks (FedDPAConfig.__post_init__)
+    raise UserError(f'{where}: {e}' if not str(e).startswith(where) else str(e)) from None
+  check_plausible(cfg)
+  return cfg
+
+
 def _resume_plan(args) -> dict:
-  """The plan stored in the run directory ``args.resume``; other settings may not be given with --resume."""
-  path, config = cli.resumed_run(args, build_parser(), RUNNER, 'FedDPA', allowed=('resume', 'quiet', 'json',
-                                                                                  'export_peft'))
-  plan = dict(config['plan'], out=path, json=args.json, quiet=args.quiet, resuming=True,
+  """The plan stored in the run directory ``args.resume``, re-validated; other settings may not be given."""
+  path, config = cli.resumed_run(args, build_parser(), RUNNER, 'FedDPA',
+                                 allowed=('resume', 'quiet', 'json', 'writer', 'export_peft'))
+  where = f'{path}/config.json'
+  plan = cli.checked_plan(config, where, {'checkpoint_every': cli.int_at_least(1), 'keep': cli.int_at_least(1),
+                                          'bootstrap_samples': cli.int_at_least(1)})
+  plan['methods'] = cli.check_methods(cli.checked_list(plan, 'methods', str, where), METHODS)
+  plan.update(out=path, resuming=True, **cli.resume_options(args, config, path),
               export_peft=args.export_peft and cli.probe_writable_dir(args.export_peft, '--export-peft'))
-  plan['cfg'] = configs.FedDPAConfig(**config['settings'])
-  check_data(plan['data'], plan['cfg'])
+  plan['cfg'] = settings_from_config(config, where)
+  check_data(plan.get('data'), plan['cfg'])
   check_model(plan['cfg'])
   return plan
+
+
+def check_plausible(cfg: configs.FedDPAConfig) -> configs.FedDPAConfig:
+  """Values of the right type that still cannot work: rounds past the int32 round counter, more local epochs than
+  compile, a LoRA rank above the model's hidden size (every adapted projection's smaller side is at most that)."""
+  if cfg.rounds > MAX_ROUNDS:
+    raise UserError(f'rounds must be <= {MAX_ROUNDS} (the round counter is an int32); got {cfg.rounds}')
+  if cfg.num_epochs > MAX_EPOCHS:
+    raise UserError(f'num_epochs must be <= {MAX_EPOCHS}: local epochs are unrolled into the compiled round; got '
+                    f'{cfg.num_epochs}')
+  hidden = model_hidden_size(cfg.model)
+  if hidden is not None and cfg.rank > hidden:
+    raise UserError(f'rank {cfg.rank} is larger than model {cfg.model!r} allows (hidden size {hidden}; a LoRA rank '
+                    'above the smaller side of a projection cannot be used)')
+  return cfg
+
+
+def model_hidden_size(model: str) -> int | None:
+  """The hidden size of a built-in model or an HF folder's config.json (None when not known without loading)."""
+  if model in HIDDEN_SIZES:
+    return HIDDEN_SIZES[model]
+  config_json = os.path.join(os.path.abspath(os.path.expanduser(model)), 'config.json')
+  try:
+    with open(config_json) as f:
+      size = json.load(f).get('hidden_size')
+  except (OSError, ValueError, AttributeError):
+    return None
+  return size if isinstance(size, int) else None
 
 
 def make_plan(args) -> dict:
   """Everything a run needs, validated, before JAX is imported (errors raise UserError)."""
   if args.resume:
     return _resume_plan(args)
-  cfg = resolve_config(args)
+  cfg = check_plausible(resolve_config(args))
   plan = dict(cfg=cfg, methods=cli.check_methods(args.methods, METHODS), seeds=_seeds(args),
               checkpoint_every=args.checkpoint_every, keep=args.keep_checkpoints,
-              bootstrap_samples=args.bootstrap_samples, json=args.json,
-              quiet=args.quiet, out=args.out, data=args.data, export_peft=args.export_peft)
+              bootstrap_samples=args.bootstrap_samples, json=args.json, quiet=args.quiet, out=args.out,
+              data=args.data, export_peft=args.export_peft, writers=cli.check_writers(args.writer))
   if args.print_config:
     return plan
   plan['data'] = check_data(args.data, cfg)
   check_model(cfg)
-  if args.json:
-    cli.probe_writable_file(args.json, '--json')
   if args.export_peft:
     plan['export_peft'] = cli.probe_writable_dir(args.export_peft, '--export-peft')
-  from fedjax_adapters.experiments.runlib.rundir import default_path  # pylint: disable=g-import-not-at-top
-  plan['out'] = cli.probe_writable_dir(args.out or default_path(f'feddpa-{cfg.name}'), '--out')  # created last
+  cli.check_outputs(plan, f'feddpa-{cfg.name}')  # --out is created last
   return plan
+
+
+def resume(path: str, *, quiet: bool = False, json: str | None = None) -> tuple[dict, int]:
+  """Continues the FedDPA run in ``path`` (``--resume path``) from Python; returns ``(results, exit status)``.
+
+  Raises:
+    UserError: what the command line reports as ``error: ...`` (nothing is written then).
+  """
+  argv = ['--resume', path] + (['--quiet'] if quiet else []) + (['--json', json] if json else [])
+  return cli.run_plan(argv, parser=build_parser(), make_plan=make_plan,
+                      run_module='fedjax_adapters.experiments.feddpa_run')
 
 
 def main(argv: typing.Sequence[str] | None = None) -> dict:

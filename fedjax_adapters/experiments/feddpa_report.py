@@ -103,6 +103,16 @@ def plot_bars(doc: dict[str, Any], path: str) -> str:
   return report.save_figure(fig, path, dpi=100)
 
 
+def notes(docs: Sequence[dict[str, Any]]) -> list[str]:
+  """Notes on scores that say nothing (``report.degenerate``), e.g. the smoke preset's all-zero ROUGE-1: a tiny
+  random model's answers share no word with the references."""
+  out = []
+  for doc in docs:
+    values = {m: [v for block, _ in BLOCKS for v in r.get(block, {}).values()] for m, r in doc['methods'].items()}
+    out += report.degenerate(f'FedDPA {doc.get("config")}', 'ROUGE-1', values)
+  return out
+
+
 def plots(sources: Sequence[Any], out_dir: str) -> list[str]:
   """One P / TTP bar plot per source (``fedjax_adapters.experiments.report.Source``) into ``out_dir``; returns the files."""
   written = []

@@ -30,7 +30,7 @@ from fedjax_adapters.experiments.runlib.cli import UserError
 from fedjax_adapters.experiments.runlib.environment import environment
 from fedjax_adapters.experiments.runlib.progress import Progress
 from fedjax_adapters.experiments.runlib.rundir import RunDir
-from fedjax_adapters import checkpoint
+from fedjax_adapters import checkpoint, experiment
 from fedjax_adapters.algorithms import feddpa as F
 from fedjax_adapters.data import feddpa as fdata
 from fedjax_adapters.federated import client_data, make_round, sequential_clients
@@ -39,7 +39,6 @@ from fedjax_adapters.models import llama
 from fedjax_adapters.models.llama_loaders import load_gguf, load_hf_checkpoint, load_tokenizer, smollm2_gguf_path
 
 RUNNER = 'feddpa'
-FINISHED = ('done', 'failed')
 _PLAN_KEYS = ('methods', 'seeds', 'checkpoint_every', 'keep', 'bootstrap_samples', 'data')
 
 
@@ -345,13 +344,16 @@ def unit_record(outcome: loop.Outcome, state_path: str) -> dict:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _open_run(plan: dict, cfg, argv: list[str]) -> tuple[RunDir, dict | None]:
+def open_run(plan: dict, cfg, argv: list[str], progress: Progress) -> experiment.Run:
+  """The run directory of ``plan``, locked: a new one, or (``--resume``) the existing one."""
+  options = dict(progress=progress, writers=plan.get('writers', ()), json_path=plan['json'],
+                 resume_hint=f'python -m fedjax_adapters.experiments.feddpa --resume {plan["out"]}')
   if plan.get('resuming'):
-    run = RunDir.open(plan['out'])
-    return run, run.read_results()
+    return experiment.Run.open(plan['out'], runner=RUNNER, **options)
   config = {'runner': RUNNER, 'config': cfg.name, 'settings': dataclasses.asdict(cfg),
-            'plan': {k: plan[k] for k in _PLAN_KEYS}, 'argv': argv, 'environment': environment()}
-  return RunDir.create(plan['out'], config), None
+            'plan': {k: plan[k] for k in _PLAN_KEYS + ('writers',) if k in plan}, 'argv': argv,
+            'environment': environment()}
+  return experiment.Run.create(plan['out'], config, {}, **options)
 
 
 def load_context(plan: dict, progress: Progress) -> Context:
@@ -385,35 +387,6 @@ def export_unit(plan: dict, ctx: Context, method: str, seed: int, finish, like) 
   return folder
 
 
-def _train_all(plan: dict, ctx: Context, results: dict, save, stop) -> int | None:
-  """Every unfinished unit; returns ``128 + signal`` when a signal stopped the run, else None."""
-  schedule = loop.Schedule(ctx.cfg.rounds, max(ctx.cfg.rounds, 1), plan['checkpoint_every'], plan['keep'])
-  for method in plan['methods']:
-    units = results['units'].setdefault(method, {})
-    for seed in plan['seeds']:
-      if units.get(str(seed), {}).get('status') not in FINISHED:
-        units[str(seed)] = {'status': 'running'}
-        save()
-        unit, finish = make_unit(ctx, method, seed)
-        outcome = loop.train_unit(unit, ctx.run_dir, schedule, progress=ctx.progress, stop=stop)
-        state_dir = os.path.join(ctx.run_dir.checkpoint_dir(method, seed), str(outcome.round))
-        units[str(seed)] = unit_record(outcome, os.path.relpath(state_dir, ctx.run_dir.path))
-        if outcome.status == 'failed':
-          ctx.progress.error(outcome.error)
-        if outcome.status == 'interrupted':
-          results['status'] = 'interrupted'
-          save()
-          ctx.progress.always(f'interrupted at {method} seed {seed} round {outcome.round}; checkpoint saved. '
-                              f'Continue with: python -m fedjax_adapters.experiments.feddpa --resume {ctx.run_dir.path}')
-          return 128 + int(stop.signum)
-        if outcome.status == 'done' and plan.get('export_peft'):
-          units[str(seed)]['peft'] = export_unit(plan, ctx, method, seed, finish, unit.init())
-      results['methods'][method] = method_summary(ctx.run_dir, method, units, plan['seeds'])
-      add_intervals(results, num_samples=plan['bootstrap_samples'])
-      save()
-  return None
-
-
 def run(plan: dict, argv: list[str]) -> tuple[dict, int]:
   """Trains and evaluates every unfinished (method, seed) of ``plan``; returns the results and the exit status.
 
@@ -422,24 +395,34 @@ def run(plan: dict, argv: list[str]) -> tuple[dict, int]:
   """
   cfg, progress = plan['cfg'], Progress(quiet=plan['quiet'])
   ctx = load_context(plan, progress)  # before the run directory: a model that fails to load leaves no run behind
-  run_dir, results = _open_run(plan, cfg, argv)
-  ctx.run_dir = run_dir
-  results = results or new_results(ctx, plan)
-  progress.print(f'run directory {run_dir.path}; methods {" ".join(plan["methods"])}; seeds {plan["seeds"]}')
+  held = open_run(plan, cfg, argv, progress)
+  ctx.run_dir = held.dir
+  results = held.results = held.results or new_results(ctx, plan)
+  schedule = loop.Schedule(cfg.rounds, max(cfg.rounds, 1), plan['checkpoint_every'], plan['keep'])
+  made = {}
 
-  def save():
-    run_dir.write_results(results)
-    if plan['json']:
-      strict_json.write(plan['json'], results)
+  def make(method, seed):
+    made[method, seed] = make_unit(ctx, method, seed)
+    return made[method, seed][0]
 
-  with loop.StopRequest() as stop:
-    status = _train_all(plan, ctx, results, save, stop)
-  if status is None:
-    failed = [m for m, r in results['methods'].items() if r['status'] == 'failed']
-    status = 1 if failed else 0
-    results['status'] = 'failed' if failed else 'done'
-    save()
-    from fedjax_adapters.experiments import feddpa_report  # pylint: disable=g-import-not-at-top
-    progress.always('\n' + feddpa_report.table([results]))
-  run_dir.close()
-  return results, status
+  def finish(method, seed, outcome):
+    units = results['units'][method]
+    state_dir = os.path.join(held.dir.checkpoint_dir(method, seed), str(outcome.round))
+    units[str(seed)] = unit_record(outcome, os.path.relpath(state_dir, held.dir.path))
+    if outcome.status == 'interrupted':
+      return
+    if outcome.status == 'done' and plan.get('export_peft'):
+      unit, finisher = made[method, seed]
+      units[str(seed)]['peft'] = export_unit(plan, ctx, method, seed, finisher, unit.init())
+    results['methods'][method] = method_summary(held.dir, method, units, plan['seeds'])
+    add_intervals(results, num_samples=plan['bootstrap_samples'])
+
+  with held:
+    progress.print(f'run directory {held.dir.path}; methods {" ".join(plan["methods"])}; seeds {plan["seeds"]}')
+    status = experiment.train_all(held, [(m, s) for m in plan['methods'] for s in plan['seeds']], make, schedule,
+                                  finish)
+  if status == 'interrupted':
+    return results, 128 + int(held.stop.signum)
+  from fedjax_adapters.experiments import report  # pylint: disable=g-import-not-at-top
+  progress.always('\n' + report.summary([results]))
+  return results, 1 if status == 'failed' else 0

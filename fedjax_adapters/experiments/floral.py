@@ -125,8 +125,8 @@ def build_parser() -> cli.Parser:
                  help='run the rounds between evaluations / checkpoints in one compiled loop: the same results, '
                       '1.75-2.4x faster on the MNIST MLP on a CPU (default: on; --no-compiled-loop dispatches every '
                       'round from Python)')
-  g.add_argument('--quiet', action='store_true', help='no progress output; only errors and the final table')
-  cli.add_settings_arguments(p, configs.FloralTask, file_flag='--config', what='task setting')
+  cli.add_run_arguments(g)
+  cli.add_settings_arguments(p, configs.FloralTask, what='task setting')
   hints = typing.get_type_hints(configs.FloralTask)
   t = p.add_argument_group('training settings (default: the task\'s, i.e. the public code\'s settings)')
   for name, text in _FLAG_HELP.items():
@@ -171,11 +171,44 @@ def _methods(args, task) -> list[str]:
   return cli.check_methods(args.methods or list(configs.default_methods(task)), configs.METHODS)
 
 
+def settings_from_config(config: dict, where: str) -> configs.FloralTask:
+  """The task settings stored in a run's config.json, checked exactly as the command line checks them.
+
+  Raises:
+    UserError: a missing, unknown or mistyped setting, or a value out of range (named, with ``where``).
+  """
+  settings = config.get('settings')
+  if not isinstance(settings, dict):
+    raise UserError(f'{where}: no "settings" object')
+  missing = [f.name for f in dataclasses.fields(configs.FloralTask) if f.name not in settings]
+  if missing:
+    raise UserError(f'{where}: settings lack {", ".join(missing)}')
+  if settings['name'] not in configs.TASKS:
+    raise UserError(f'{where}: unknown task {settings["name"]!r}; valid tasks: {", ".join(configs.TASKS)}')
+  try:
+    return configs.validate(cli.apply_overrides(configs.TASKS[settings['name']], settings, source=where))
+  except ValueError as e:  # UserError (a mistyped value) or the task's own checks
+    raise UserError(str(e) if str(e).startswith(where) else f'{where}: {e}') from None
+
+
+def plan_from_config(config: dict, where: str) -> dict:
+  """The plan stored in a run's config.json (methods, seeds, cadences), checked as the command line checks it."""
+  plan = cli.checked_plan(config, where, {'eval_every': cli.int_at_least(1), 'checkpoint_every': cli.int_at_least(1),
+                                          'keep': cli.int_at_least(1), 'max_rejected_rounds': cli.int_at_least(1)})
+  plan['methods'] = cli.check_methods(cli.checked_list(plan, 'methods', str, where), configs.METHODS)
+  if not isinstance(plan.get('compiled_loop'), bool):
+    raise UserError(f'{where}: plan.compiled_loop must be true or false, got {plan.get("compiled_loop")!r}')
+  if plan.get('data_dir') is not None:
+    plan['data_dir'] = cli.existing_dir(str(plan['data_dir']), f'{where}: plan.data_dir')
+  return plan
+
+
 def _resume_plan(args) -> dict:
-  """The plan stored in the run directory ``args.resume``; other settings may not be given with --resume."""
+  """The plan stored in the run directory ``args.resume``, re-validated; other settings may not be given."""
   path, config = cli.resumed_run(args, build_parser(), RUNNER, 'FLoRAL')
-  plan = dict(config['plan'], out=path, json=args.json, quiet=args.quiet, resuming=True)
-  plan['task'] = configs.FloralTask(**config['settings'])
+  where = f'{path}/config.json'
+  plan = dict(plan_from_config(config, where), out=path, resuming=True, **cli.resume_options(args, config, path))
+  plan['task'] = settings_from_config(config, where)
   return plan
 
 
@@ -194,7 +227,7 @@ def make_plan(args) -> dict:
               checkpoint_every=args.checkpoint_every or max(1, rounds // 10), keep=args.keep_checkpoints,
               max_rejected_rounds=args.max_rejected_rounds, compiled_loop=args.compiled_loop,
               data_dir=args.data_dir and cli.existing_dir(args.data_dir, '--data-dir'), json=args.json,
-              quiet=args.quiet, out=args.out)
+              quiet=args.quiet, out=args.out, writers=cli.check_writers(args.writer))
   if args.print_config:
     return plan
   if task.dataset in configs.TFDS_DATASETS and not task.smoke:
@@ -203,11 +236,19 @@ def make_plan(args) -> dict:
     missing = tfds_check.missing(task.dataset, plan['data_dir'], hint=hint)
     if missing:
       raise UserError(missing)
-  from fedjax_adapters.experiments.runlib.rundir import default_path  # pylint: disable=g-import-not-at-top
-  plan['out'] = cli.probe_writable_dir(args.out or default_path(task.name), '--out')
-  if args.json:
-    cli.probe_writable_file(args.json, '--json')
+  cli.check_outputs(plan, task.name)
   return plan
+
+
+def resume(path: str, *, quiet: bool = False, json: str | None = None) -> tuple[dict, int]:
+  """Continues the FLoRAL run in ``path`` (``--resume path``) from Python; returns ``(results, exit status)``.
+
+  Raises:
+    UserError: what the command line reports as ``error: ...`` (nothing is written then).
+  """
+  argv = ['--resume', path] + (['--quiet'] if quiet else []) + (['--json', json] if json else [])
+  return cli.run_plan(argv, parser=build_parser(), make_plan=make_plan,
+                      run_module='fedjax_adapters.experiments.floral_run')
 
 
 def main(argv: typing.Sequence[str] | None = None) -> dict:

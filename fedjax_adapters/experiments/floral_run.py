@@ -15,19 +15,17 @@ import time
 import jax
 import numpy as np
 
+from fedjax_adapters import algorithms, experiment
+from fedjax_adapters.adapters.mixture import aggregation_probs
 from fedjax_adapters.experiments import floral_tasks
 from fedjax_adapters.experiments.configs import floral as configs
-from fedjax_adapters.experiments.runlib import loop, strict_json
+from fedjax_adapters.experiments.runlib import loop
 from fedjax_adapters.experiments.runlib.environment import environment
 from fedjax_adapters.experiments.runlib.progress import Progress
-from fedjax_adapters.experiments.runlib.rundir import RunDir
-from fedjax_adapters import algorithms
-from fedjax_adapters.adapters.mixture import aggregation_probs
 from fedjax_adapters.federated import chunked_clients, client_data, clients_per_round, evaluate, make_round
 
 RUNNER = 'floral'
 CONV_MODELS = ('cifar_cnn', 'vgg8')
-FINISHED = ('done', 'failed')
 _PLAN_KEYS = ('methods', 'seeds', 'eval_every', 'checkpoint_every', 'keep', 'max_rejected_rounds', 'compiled_loop',
               'data_dir')
 
@@ -46,28 +44,17 @@ def format_metric(task: configs.FloralTask, value: float | None) -> str:
   return f'{100 * value:.1f} %' if task.metric == 'test_accuracy' else f'{value:.4g}'
 
 
-def _short(x) -> list:
-  """A float array as nested lists of 6 significant digits (per-client values and router probabilities)."""
-  x = np.asarray(x, np.float64)
-  return np.vectorize(lambda v: float(f'{v:.6g}'), otypes=[object])(x).tolist() if x.size else x.tolist()
-
-
 def evaluation(alg, state, test, task: configs.FloralTask, routed: bool) -> dict:
   """``{'test': headline metrics, 'per_client': {count, loss, accuracy}, 'router_probs': [K][C]}`` of ``state``."""
   per = {k: np.asarray(v) for k, v in jax.device_get(evaluate(alg, state, test)).items()}
-  record = {'test': test_metrics(task, algorithms.summarize(per))}
-  count = per['count']
-  clients = {'count': count, 'loss': per['loss'] / np.maximum(count, 1)}
-  if 'correct' in per:
-    clients['accuracy'] = per['correct'] / np.maximum(count, 1)
-  record['per_client'] = {k: _short(v) for k, v in clients.items()}
-  record['per_client']['count'] = count.astype(np.int64).tolist()
+  record = {'test': test_metrics(task, algorithms.summarize(per)), 'per_client': experiment.per_client_record(per)}
   if routed:  # p(c|k) = softmax(logits / T): the router without training noise or floor, as the server weighs
-    record['router_probs'] = _short(aggregation_probs(state.clients['logits'], task.temperature))
+    record['router_probs'] = experiment.short_floats(aggregation_probs(state.clients['logits'], task.temperature))
   return record
 
 
-def make_unit(method: str, seed: int, task: configs.FloralTask, data, plan: dict, cache: dict) -> loop.Unit:
+def make_unit(method: str, seed: int, task: configs.FloralTask, data, plan: dict, cache: dict,
+              schedule: loop.Schedule) -> loop.Unit:
   """The :class:`loop.Unit` of ``method`` and ``seed`` (the compiled round is shared through ``cache``)."""
   train, test = client_data(data.train), client_data(data.test)
   # A client never has more rows than the padded maximum, so a larger batch only adds masked padding rows: capping
@@ -81,21 +68,16 @@ def make_unit(method: str, seed: int, task: configs.FloralTask, data, plan: dict
     # Conv models on a CPU: one client per step of the compiled round (benchmarks/README.md: all clients vmapped at
     # once ran 17 % slower than the client-by-client loop at 4-8 clients; one per step matched or beat it).
     mapping = chunked_clients(1) if task.model in CONV_MODELS and jax.default_backend() == 'cpu' else None
-    cache[key] = alg, make_round(alg, clients_per_round=clients_per_round(k, task.fraction), mapping=mapping)
-  alg, round_fn = cache[key]
+    round_fn = make_round(alg, clients_per_round=clients_per_round(k, task.fraction), mapping=mapping)
+    size = experiment.chunk_size(schedule) if plan['compiled_loop'] else None
+    cache[key] = (alg, *experiment.round_step(round_fn, train, size))
+  alg, step, any_length = cache[key]
   routed = configs.METHODS[method].kind in configs.ROUTED_KINDS
-
-  def step(state, n):
-    if plan['compiled_loop']:
-      state, metrics = round_fn.run(state, train, n)
-    else:
-      state, metrics = round_fn(state, train)
-    return state, loop.round_summaries(metrics, n)
 
   def headline(record):
     return {} if record is None else {task.metric: format_metric(task, record['test'][task.metric])}
 
-  return loop.Unit(method, seed, init=lambda: alg.init(jax.random.key(seed), k), step=step,
+  return loop.Unit(method, seed, init=lambda: alg.init(jax.random.key(seed), k), step=step, any_length=any_length,
                    evaluate=lambda state: evaluation(alg, state, test, task, routed), headline=headline)
 
 
@@ -115,33 +97,12 @@ def new_results(task: configs.FloralTask, plan: dict) -> dict:
 
 
 def unit_record(outcome: loop.Outcome, task: configs.FloralTask, state_path: str | None) -> dict:
-  record = {'status': outcome.status, 'round': outcome.round, 'seconds': round(outcome.seconds, 1)}
-  if outcome.evaluation is not None and outcome.status == 'done':
-    record.update(outcome.evaluation['test'])
-    record['state'] = state_path
-  record['curve'] = [[r, test[task.metric]] for r, test in outcome.curve]
-  if outcome.error:
-    record['error'] = outcome.error
-  return record
+  return experiment.unit_record(outcome, task.metric, state_path)
 
 
 def method_summary(units: dict, seeds: list[int], metric: str) -> dict:
   """``{metric: mean, std, per_seed, ...}`` over ``seeds``; mean and std are null until every seed is done."""
-  recs = [units.get(str(s), {}) for s in seeds]
-  done = [r.get('status') == 'done' for r in recs]
-  out = {metric: None, 'std': None, 'per_seed': [r.get(metric) if d else None for r, d in zip(recs, done)],
-         'seconds': round(sum(r.get('seconds', 0.0) for r in recs), 1), 'curves': [r.get('curve', []) for r in recs]}
-  if metric == 'test_accuracy':
-    out['test_loss_per_seed'] = [r.get('test_loss') if d else None for r, d in zip(recs, done)]
-  failed = {str(s): r['error'] for s, r in zip(seeds, recs) if r.get('status') == 'failed'}
-  if failed:
-    out.update(status='failed', errors=failed, reason=f'seed(s) {", ".join(failed)} failed')
-  elif all(done):
-    values = np.asarray(out['per_seed'], np.float64)
-    out.update({metric: float(values.mean()), 'std': float(values.std()), 'status': 'done'})
-  else:
-    out.update(status='running', reason='not every seed has finished')
-  return out
+  return experiment.method_summary(units, seeds, metric)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -149,14 +110,19 @@ def method_summary(units: dict, seeds: list[int], metric: str) -> dict:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _open_run(plan: dict, argv: list[str]) -> tuple[RunDir, dict]:
+def open_run(plan: dict, argv: list[str]) -> experiment.Run:
+  """The run directory of ``plan``, locked: a new one, or (``--resume``) the existing one."""
   task = plan['task']
-  if os.path.exists(os.path.join(plan['out'], 'config.json')) and plan.get('resuming'):
-    run = RunDir.open(plan['out'])
-    return run, run.read_results() or new_results(task, plan)
+  options = dict(progress=Progress(quiet=plan['quiet']), writers=plan.get('writers', ()), json_path=plan['json'],
+                 resume_hint=f'python -m fedjax_adapters.experiments.floral --resume {plan["out"]}')
+  if plan.get('resuming'):
+    held = experiment.Run.open(plan['out'], runner=RUNNER, **options)
+    held.results = held.results or new_results(task, plan)
+    return held
   config = {'runner': RUNNER, 'task': task.name, 'settings': dataclasses.asdict(task),
-            'plan': {k: plan[k] for k in _PLAN_KEYS}, 'argv': argv, 'environment': environment()}
-  return RunDir.create(plan['out'], config), new_results(task, plan)
+            'plan': {k: plan[k] for k in _PLAN_KEYS + ('writers',) if k in plan}, 'argv': argv,
+            'environment': environment()}
+  return experiment.Run.create(plan['out'], config, new_results(task, plan), **options)
 
 
 def _data_record(data, seconds: float) -> dict:
@@ -171,57 +137,39 @@ def run(plan: dict, argv: list[str]) -> tuple[dict, int]:
   Exit status: 0 when every unit is done, 1 when one failed (the others still ran), ``128 + signal`` when a
   SIGINT / SIGTERM stopped the run (after checkpointing the unit in progress).
   """
-  task, progress = plan['task'], Progress(quiet=plan['quiet'])
-  run_dir, results = _open_run(plan, argv)
+  task = plan['task']
+  held = open_run(plan, argv)
+  results, progress = held.results, held.progress
   schedule = loop.Schedule(task.rounds, plan['eval_every'], plan['checkpoint_every'], plan['keep'],
                            plan['max_rejected_rounds'], chunk=plan['compiled_loop'])
-  progress.print(f'task {task.name}: {task.rounds} rounds, seeds {plan["seeds"]}, methods {" ".join(plan["methods"])}'
-                 f'; run directory {run_dir.path}; devices {jax.devices()}')
-  datasets = {}
+  datasets, cache = {}, {}
 
-  def save():
-    run_dir.write_results(results)
-    if plan['json']:
-      strict_json.write(plan['json'], results)
+  def make(method, seed):
+    if seed not in datasets:
+      t0 = time.perf_counter()
+      datasets[seed] = floral_tasks.load_data(task, seed, data_dir=plan['data_dir'])
+      results['data'][str(seed)] = _data_record(datasets[seed], time.perf_counter() - t0)
+      progress.print(f'data seed {seed}: {results["data"][str(seed)]}')
+    if cache and next(iter(cache))[0] != method:
+      cache.clear()  # one method's compiled round at a time
+    return make_unit(method, seed, task, datasets[seed], plan, cache, schedule)
 
-  with loop.StopRequest() as stop:
-    for method in plan['methods']:
-      units, cache = results['units'].setdefault(method, {}), {}
-      for seed in plan['seeds']:
-        if units.get(str(seed), {}).get('status') in FINISHED:
-          continue
-        if seed not in datasets:
-          t0 = time.perf_counter()
-          datasets[seed] = floral_tasks.load_data(task, seed, data_dir=plan['data_dir'])
-          results['data'][str(seed)] = _data_record(datasets[seed], time.perf_counter() - t0)
-          progress.print(f'data seed {seed}: {results["data"][str(seed)]}')
-        units[str(seed)] = {'status': 'running'}
-        save()
-        outcome = loop.train_unit(make_unit(method, seed, task, datasets[seed], plan, cache), run_dir, schedule,
-                                  progress=progress, stop=stop)
-        state_dir = os.path.join(run_dir.checkpoint_dir(method, seed), str(outcome.round))
-        units[str(seed)] = unit_record(outcome, task, os.path.relpath(state_dir, run_dir.path))
-        results['methods'][method] = method_summary(units, plan['seeds'], task.metric)
-        if outcome.status == 'failed':
-          progress.error(outcome.error)
-        save()
-        if outcome.status == 'interrupted':
-          results['status'] = 'interrupted'
-          save()
-          progress.always(f'interrupted at {method} seed {seed} round {outcome.round}; checkpoint saved. Continue '
-                          f'with: python -m fedjax_adapters.experiments.floral --resume {run_dir.path}')
-          run_dir.close()
-          return results, 128 + int(stop.signum)
-      r = results['methods'].get(method)
-      if r is not None:
-        progress.print(f'{method}: {task.metric} {format_metric(task, r[task.metric])} +- '
-                       f'{format_metric(task, r["std"])} ({r["seconds"]:.0f} s)')
-  failed = [f'{m} seed {s}' for m, units in results['units'].items() for s, u in units.items()
-            if u.get('status') == 'failed']
-  status = 1 if failed else 0
-  results['status'] = 'failed' if failed else 'done'
-  save()
-  run_dir.close()
+  def finish(method, seed, outcome):
+    units = results['units'][method]
+    state_dir = os.path.join(held.dir.checkpoint_dir(method, seed), str(outcome.round))
+    units[str(seed)] = unit_record(outcome, task, os.path.relpath(state_dir, held.dir.path))
+    r = results['methods'][method] = method_summary(units, plan['seeds'], task.metric)
+    if seed == plan['seeds'][-1] and outcome.status != 'interrupted':
+      progress.print(f'{method}: {task.metric} {format_metric(task, r[task.metric])} +- '
+                     f'{format_metric(task, r["std"])} ({r["seconds"]:.0f} s)')
+
+  with held:
+    progress.print(f'task {task.name}: {task.rounds} rounds, seeds {plan["seeds"]}, methods '
+                   f'{" ".join(plan["methods"])}; run directory {held.dir.path}; devices {jax.devices()}')
+    status = experiment.train_all(held, [(m, s) for m in plan['methods'] for s in plan['seeds']], make, schedule,
+                                  finish)
+  if status == 'interrupted':
+    return results, 128 + int(held.stop.signum)
   from fedjax_adapters.experiments import report  # pylint: disable=g-import-not-at-top
-  progress.always('\n' + report.results_table([results]))
-  return results, status
+  progress.always('\n' + report.summary([results]))
+  return results, 1 if status == 'failed' else 0

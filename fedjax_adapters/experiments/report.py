@@ -7,10 +7,15 @@ as the ones earlier runners wrote with ``--json`` (``experiments/results/*.json`
 * ``table.md``: one markdown table per runner, merged over every input: FLoRAL tasks side by side, each with the
   paper's Table 1 column beside it (seeds of one task and method from several runs are pooled; the same seed twice
   with different values is an error);
-* ``curves_<task>.png``: test metric per method against the round (mean over seeds, band = min..max over seeds),
-  and the training loss per round (run directories only);
+* ``curves_<task>.png``: test metric per method against the round (mean over every seed of every input of that
+  task, as the table pools them; band = lowest..highest seed), and the training loss per round (run directories);
 * ``clients_<task>.png``: each method's per-client test metric after the last round (all seeds pooled);
-* ``router_<task>_<method>_seed<k>.png``: router probabilities, clients x adaptors, clients sorted by true cluster.
+* ``router_<task>_<method>_seed<k>.png``: router probabilities, clients x adaptors, clients sorted by true cluster,
+  for learned routers (an oracle router is the true clustering by construction, so it gets no heatmap).
+
+A column whose runs are shorter than the task's schedule (the paper's, for a Table 1 column) says so in its
+heading; numbers that cannot be compared (a method scoring 0 everywhere, every method scoring the same) get a
+``note:`` below the table, on the console too.
 
 Runs of another runner are handed to its report module (:data:`REPORTERS`): a module with ``table(docs) -> str``
 and ``plots(sources, out_dir) -> list[str]``. ``experiments/feddpa_report.py`` is the FedDPA one (per-task P / TTP
@@ -32,7 +37,8 @@ from fedjax_adapters.experiments.runlib import cli, strict_json
 from fedjax_adapters.experiments.runlib.cli import UserError
 
 # runner name -> module with table(docs) and plots(sources, out_dir); 'floral' is this module.
-REPORTERS = {'floral': 'fedjax_adapters.experiments.report', 'feddpa': 'fedjax_adapters.experiments.feddpa_report'}
+REPORTERS = {'floral': 'fedjax_adapters.experiments.report', 'feddpa': 'fedjax_adapters.experiments.feddpa_report',
+             'experiment': 'fedjax_adapters.experiments.experiment_report'}
 
 
 @dataclasses.dataclass
@@ -130,35 +136,56 @@ def _tasks_in_order(docs) -> list[str]:
   return list(dict.fromkeys(doc['task'] for doc in docs))
 
 
-def table(docs: Sequence[dict[str, Any]]) -> str:
-  """The merged markdown table of FLoRAL documents: one column per task (and its paper column beside it)."""
+def label(method: str, known: bool = True) -> str:
+  """A method's row label: the FLoRAL table's name for a known method, else the method itself."""
+  return configs.METHODS[method].label if known and method in configs.METHODS else method
+
+
+def heading(task: str, metric: str, seeds: int, rounds: int | None, known: bool = True) -> str:
+  """A task's column heading: its metric, seed count and, for a run shorter than the task's schedule (the paper's
+  for a Table 1 column), how many of its rounds ran."""
+  unit = ' %' if metric == 'test_accuracy' else ''
+  text = f'{task}: {metric.replace("_", " ")}{unit} ({seeds} seeds'
+  full = configs.TASKS[task].rounds if known and task in configs.TASKS else None
+  if full and rounds is not None and rounds < full:
+    whose = "the paper's" if configs.TASKS[task].column else "the task's"
+    text += f'; only {rounds} of {whose} {full} rounds'
+  return text + ')'
+
+
+def table(docs: Sequence[dict[str, Any]], *, known: bool = True) -> str:
+  """The merged markdown table of FLoRAL documents: one column per task (and its paper column beside it).
+
+  With ``known=False`` (runs of :mod:`fedjax_adapters.experiment`) methods keep their own names and no paper column
+  is added.
+  """
   merged = merge_seeds(docs)
   tasks = _tasks_in_order(docs)
   metric = {doc['task']: doc['metric'] for doc in docs}
+  rounds = {doc['task']: doc.get('rounds') for doc in docs}
   failed = {(doc['task'], m) for doc in docs for m, r in doc['methods'].items() if r.get('status') == 'failed'}
-  methods = [m for m in configs.METHODS if any(merged.get((t, m)) or (t, m) in failed for t in tasks)]
+  order = list(configs.METHODS) if known else list(dict.fromkeys(m for doc in docs for m in doc['methods']))
+  methods = [m for m in order if any(merged.get((t, m)) or (t, m) in failed for t in tasks)]
+  columns = {t: configs.TASKS[t].column if known and t in configs.TASKS else None for t in tasks}
   head, rule = ['method'], ['---']
   for t in tasks:
     seeds = sorted({s for m in methods for s in merged.get((t, m), {})})
-    unit = ' %' if metric[t] == 'test_accuracy' else ''
-    head.append(f'{t}: {metric[t].replace("_", " ")}{unit} ({len(seeds)} seeds)')
+    head.append(heading(t, metric[t], len(seeds), rounds[t], known))
     rule.append('---')
-    column = configs.TASKS[t].column if t in configs.TASKS else None
-    if column is not None:
-      head.append(f'paper, {column}')
+    if columns[t] is not None:
+      head.append(f'paper, {columns[t]}')
       rule.append('---')
   lines = ['| ' + ' | '.join(head) + ' |', '|' + '|'.join(rule) + '|']
   for m in methods:
-    cells = [configs.METHODS[m].label]
+    cells = [label(m, known)]
     for t in tasks:
       values = merged.get((t, m), {})
       cell = format_cell(metric[t], [values[s] for s in sorted(values)]) if values else ''
       if (t, m) in failed:
         cell = f'{cell} (a seed failed)' if cell else 'failed'
       cells.append(cell)
-      column = configs.TASKS[t].column if t in configs.TASKS else None
-      if column is not None:
-        p = configs.PAPER[column].get(configs.METHODS[m].paper_row)
+      if columns[t] is not None:
+        p = configs.PAPER[columns[t]].get(configs.METHODS[m].paper_row)
         cells.append(f'{p[0]:.1f} ({p[1]:.1f})' if p else '')
     lines.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
@@ -258,31 +285,48 @@ def tagged(sources: Sequence[Any], name: str, default: str = 'run') -> list[tupl
   return [(t if len(sources) == 1 else f'{t}_{i}', s) for i, (t, s) in enumerate(zip(tags, sources))]
 
 
+def _group(sources) -> list[Source]:
+  return [sources] if isinstance(sources, Source) else list(sources)
+
+
+def pooled(fn, sources, *args) -> dict[str, dict[int, Any]]:
+  """``fn(source, *args)`` (``{method: {seed: value}}``) merged over ``sources``: the seeds of several runs of one
+  task side by side, as the table pools them."""
+  out: dict[str, dict[int, Any]] = {}
+  for source in _group(sources):
+    for method, per_seed in fn(source, *args).items():
+      out.setdefault(method, {}).update(per_seed)
+  return out
+
+
 def _band(ax, curves: dict[int, list], label: str, scale: float) -> None:
   rounds = sorted({r for c in curves.values() for r, _ in c})
   table_ = np.full((len(curves), len(rounds)), np.nan)
   for i, c in enumerate(curves.values()):
     for r, v in c:
       table_[i, rounds.index(r)] = np.nan if v is None else scale * v
-  line, = ax.plot(rounds, np.nanmean(table_, 0), label=label)
+  line, = ax.plot(rounds, np.nanmean(table_, 0), label=f'{label} ({len(curves)} seeds)' if len(curves) > 1 else label)
   if len(curves) > 1:
     ax.fill_between(rounds, np.nanmin(table_, 0), np.nanmax(table_, 0), alpha=0.2, color=line.get_color())
 
 
-def plot_curves(source: Source, path: str) -> str | None:
-  """Test metric per evaluation and training loss per round, one line per method, bands over seeds."""
-  doc = source.results
+def plot_curves(sources, path: str) -> str | None:
+  """Test metric per evaluation and training loss per round, one line per method (the mean over every seed of
+  ``sources``, runs of one task), a band from the lowest to the highest seed."""
+  group = _group(sources)
+  doc = group[0].results
   metric = doc['metric']
-  curves, losses = eval_curves(source, metric), train_loss(source)
+  curves, losses = pooled(eval_curves, group, metric), pooled(train_loss, group)
   if not curves:
     return None
   plt = pyplot()
   fig, axes = plt.subplots(1, 2 if losses else 1, figsize=(12 if losses else 6, 4), squeeze=False)
   scale = 100.0 if metric == 'test_accuracy' else 1.0
   for method, per_seed in curves.items():
-    _band(axes[0, 0], per_seed, configs.METHODS[method].label if method in configs.METHODS else method, scale)
+    _band(axes[0, 0], per_seed, label(method, runner_of(doc) == 'floral'), scale)
   axes[0, 0].set(xlabel='round', ylabel=metric.replace('_', ' ') + (' %' if scale == 100 else ''),
-                 title=f'{doc["task"]}: test', yscale='linear' if scale == 100 else 'log')
+                 title=f'{doc["task"]}: test (mean over seeds; band: lowest to highest seed)',
+                 yscale='linear' if scale == 100 else 'log')
   axes[0, 0].legend(fontsize=7)
   if losses:
     for method, per_seed in losses.items():
@@ -294,21 +338,23 @@ def plot_curves(source: Source, path: str) -> str | None:
   return save_figure(fig, path)
 
 
-def plot_clients(source: Source, path: str) -> str | None:
-  """Per-client test metric after the last round, one box per method (seeds pooled)."""
-  finals = final_evaluations(source)
+def plot_clients(sources, path: str) -> str | None:
+  """Per-client test metric after the last round, one box per method (every seed of ``sources`` pooled)."""
+  group = _group(sources)
+  finals = pooled(final_evaluations, group)
   if not finals:
     return None
-  key = 'accuracy' if source.results['metric'] == 'test_accuracy' else 'loss'
+  doc = group[0].results
+  key = 'accuracy' if doc['metric'] == 'test_accuracy' else 'loss'
   methods = list(finals)
   data = [np.concatenate([np.asarray(e['per_client'][key], np.float64) for e in finals[m].values()]) for m in methods]
   plt = pyplot()
   fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(methods)), 4))
   ax.boxplot([100 * d if key == 'accuracy' else d for d in data], showmeans=True)
-  ax.set_xticks(range(1, len(methods) + 1), [configs.METHODS[m].label if m in configs.METHODS else m
-                                             for m in methods], rotation=30, ha='right', fontsize=8)
+  ax.set_xticks(range(1, len(methods) + 1), [label(m, runner_of(doc) == 'floral') for m in methods], rotation=30,
+                ha='right', fontsize=8)
   ax.set(ylabel='per-client test accuracy %' if key == 'accuracy' else 'per-client test MSE',
-         yscale='linear' if key == 'accuracy' else 'log', title=f'{source.results["task"]}: clients after training')
+         yscale='linear' if key == 'accuracy' else 'log', title=f'{doc["task"]}: clients after training')
   return save_figure(fig, path)
 
 
@@ -326,18 +372,76 @@ def plot_router(source: Source, method: str, seed: int, path: str) -> str:
   return save_figure(fig, path)
 
 
+def oracle(method: str) -> bool:
+  """Whether ``method``'s router is fixed to the true clusters (its heatmap is the identity by construction)."""
+  return method in configs.METHODS and configs.METHODS[method].oracle
+
+
 def plots(sources: Sequence[Source], out_dir: str) -> list[str]:
-  """Every FLoRAL plot of ``sources`` into ``out_dir``; returns the files written."""
+  """Every FLoRAL plot of ``sources`` into ``out_dir``; returns the files written.
+
+  Runs of one task are pooled into one ``curves_<task>.png`` and one ``clients_<task>.png`` (every seed, as in
+  the table). Router heatmaps are drawn for learned routers only: an oracle router is the true clustering.
+  """
   written = []
-  for tag, source in tagged(sources, 'task'):
-    written += [p for p in (plot_curves(source, os.path.join(out_dir, f'curves_{tag}.png')),
-                            plot_clients(source, os.path.join(out_dir, f'clients_{tag}.png'))) if p]
-    for method, per_seed in final_evaluations(source).items():
-      for seed, evaluation in per_seed.items():
-        if 'router_probs' in evaluation:
-          name = f'router_{tag}_{method}_seed{seed}.png'
-          written.append(plot_router(source, method, seed, os.path.join(out_dir, name)))
+  groups: dict[str, list[Source]] = {}
+  for source in sources:
+    groups.setdefault(str(source.results.get('task', 'run')), []).append(source)
+  for task, group in groups.items():
+    written += [p for p in (plot_curves(group, os.path.join(out_dir, f'curves_{task}.png')),
+                            plot_clients(group, os.path.join(out_dir, f'clients_{task}.png'))) if p]
+    for source in group:
+      for method, per_seed in final_evaluations(source).items():
+        for seed, evaluation in per_seed.items():
+          if 'router_probs' in evaluation and not oracle(method):
+            name = f'router_{task}_{method}_seed{seed}.png'
+            written.append(plot_router(source, method, seed, os.path.join(out_dir, name)))
   return written
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Numbers that say nothing
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def degenerate(task: str, metric: str, values: dict[str, list[float]]) -> list[str]:
+  """Notes on numbers that cannot be compared: a method whose every value is 0, a method whose seeds all scored
+  exactly the same, or every method scoring exactly the same. ``values``: ``{method: [numbers]}``."""
+  values = {m: [v for v in vs if v is not None] for m, vs in values.items()}
+  values = {m: vs for m, vs in values.items() if vs}
+  notes = []
+  zero = [m for m, vs in values.items() if all(v == 0 for v in vs)]
+  if zero:
+    notes.append(f'note: {task}: every {metric} of {", ".join(zero)} is 0 ({sum(len(values[m]) for m in zero)} '
+                 'values): the run learned nothing measurable (too small or too short); these numbers say nothing '
+                 'about the method')
+  same = [m for m, vs in values.items() if m not in zero and len(vs) > 1 and len(set(vs)) == 1]
+  if same:
+    notes.append(f'note: {task}: every {metric} of {", ".join(same)} is the same number ({values[same[0]][0]:.6g}); '
+                 'check that the seeds (or tasks) differ and that the model trained')
+  rows = {tuple(vs) for vs in values.values()}
+  if len(values) > 1 and len(rows) == 1 and not zero:
+    notes.append(f'note: {task}: every method scored exactly the same {metric}; the comparison says nothing')
+  return notes
+
+
+def notes(docs: Sequence[dict[str, Any]]) -> list[str]:
+  """:func:`degenerate` notes of FLoRAL / run-API documents (per-seed headline metrics)."""
+  out = []
+  for doc in docs:
+    metric = doc.get('metric') or 'metric'
+    out += degenerate(str(doc.get('task')), metric.replace('_', ' '),
+                      {m: list(r.get('per_seed') or []) for m, r in doc.get('methods', {}).items()})
+  return out
+
+
+def summary(docs: Sequence[dict[str, Any]]) -> str:
+  """:func:`results_table` and, below it, every note on degenerate numbers (what the runners print at the end)."""
+  by_runner: dict[str, list] = {}
+  for doc in docs:
+    by_runner.setdefault(runner_of(doc), []).append(doc)
+  lines = [n for r, d in by_runner.items() for n in getattr(_reporter(r), 'notes', lambda _: [])(d)]
+  return results_table(docs) + ''.join(f'\n\n{n}' for n in lines)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -362,7 +466,7 @@ def _main(argv: Sequence[str] | None) -> dict[str, Any]:
   default = os.path.join(args.inputs[0], 'report') if len(sources) == 1 and sources[0].metrics_path else 'report'
   out_dir = cli.probe_writable_dir(args.out or default, '--out')
   try:
-    text = results_table([s.results for s in sources])
+    text = summary([s.results for s in sources])
   except ValueError as e:
     raise UserError(str(e)) from None
   with open(os.path.join(out_dir, 'table.md'), 'w') as f:

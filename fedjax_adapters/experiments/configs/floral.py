@@ -135,6 +135,16 @@ DATASETS = ('synthetic', 'mnist', 'cifar10', 'cifar100', 'mnist_offline')
 TFDS_DATASETS = ('mnist', 'cifar10', 'cifar100')
 SHIFTS = ('rotate', 'label_shift', 'cifar100')
 MODELS = ('linear', 'mlp_10_20_1', 'mlp', 'cifar_cnn', 'vgg8')
+# The largest integer LoRA rank every adapted layer of each model takes: min(d_in, d_out) of its smallest adapted
+# layer (conv: d_in = C_in * k_w), e.g. mlp_10_20_1's last layer 20 -> 1 and vgg8's first conv 3 x 3. Checked against
+# the built models in tests/test_experiments_floral.py.
+MAX_RANK = {'linear': 3, 'mlp_10_20_1': 1, 'mlp': 10, 'cifar_cnn': 10, 'vgg8': 9}
+# The synthetic generators' cluster counts (vision tasks set num_clusters).
+SYNTHETIC_CLUSTERS = {'synthetic_linear': 2, 'synthetic_mlp': 4}
+# The round counter is an int32; local epochs are unrolled when the round compiles (each adds its steps to the
+# program), so tens of thousands of them never finish compiling.
+MAX_ROUNDS = 2 ** 31 - 1
+MAX_EPOCHS = 1000
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -282,8 +292,33 @@ def _positive(task: FloralTask) -> None:
       raise ValueError(f'{name} must be finite and >= 0; got {v}.')
 
 
+def num_clusters(task: FloralTask) -> int | None:
+  """``C``: the task's clusters (adaptors, ensemble members); None for an unknown synthetic task."""
+  return SYNTHETIC_CLUSTERS.get(task.name) if task.dataset == 'synthetic' else task.num_clusters
+
+
+def _plausible(task: FloralTask) -> None:
+  """Values of the right type and sign that still cannot work: they would fail (or run forever) mid-run."""
+  if task.rounds > MAX_ROUNDS:
+    raise ValueError(f'rounds must be <= {MAX_ROUNDS} (the round counter is an int32); got {task.rounds}.')
+  if task.num_epochs > MAX_EPOCHS:
+    raise ValueError(f'num_epochs must be <= {MAX_EPOCHS}: local epochs are unrolled into the compiled round; got '
+                     f'{task.num_epochs}.')
+  if isinstance(task.rank, float) and not 0.0 < task.rank < 1.0:
+    raise ValueError(f'rank must be an integer rank (>= 1) or a float budget in (0, 1); got {task.rank}.')
+  limit = MAX_RANK.get(task.model)
+  if isinstance(task.rank, int) and limit is not None and task.rank > limit:
+    raise ValueError(f'rank {task.rank} is larger than model {task.model!r} allows: its smallest adapted layer takes '
+                     f'at most rank {limit}.')
+  c = num_clusters(task)
+  if task.floor is not None and c and task.floor * c > 1.0:
+    raise ValueError(f'floor must be <= 1/C = {1.0 / c:.4g} (C = {c} router probabilities sum to 1); got '
+                     f'{task.floor}.')
+
+
 def validate(task: FloralTask) -> FloralTask:
-  """Checks every setting's type-independent range; returns ``task``. Raises ValueError naming the setting."""
+  """Checks every setting's type-independent range and plausibility; returns ``task``. Raises ValueError naming the
+  setting."""
   _choice('loss', task.loss, LOSSES)
   _choice('metric', task.metric, METRICS)
   _choice('dataset', task.dataset, DATASETS)
@@ -308,4 +343,5 @@ def validate(task: FloralTask) -> FloralTask:
     raise ValueError(f'reduce must lie in (0, 1] or be None; got {task.reduce}.')
   if not 0.0 < task.test_fraction < 1.0:
     raise ValueError(f'test_fraction must lie in (0, 1); got {task.test_fraction}.')
+  _plausible(task)
   return task

@@ -28,24 +28,47 @@ from typing import Any, Callable, Sequence
 EXIT_USER_ERROR = 2
 
 
-class UserError(Exception):
-  """A mistake in the command line or in the files it names; reported as one line ``error: ...``, exit 2."""
+class UserError(ValueError):
+  """A mistake in the command line, in the files it names or in the run directory; one line ``error: ...``.
+
+  The command line exits with ``exit_status`` (2; a failed write of the run's files, 1). The Python API
+  (:mod:`fedjax_adapters.experiment`) raises it as is: it is a ``ValueError``.
+  """
+  exit_status = EXIT_USER_ERROR
 
 
 class Parser(argparse.ArgumentParser):
-  """``ArgumentParser`` whose errors are one line ``error: <message>`` on stderr and exit status 2."""
+  """``ArgumentParser`` whose errors are one line ``error: <message>`` on stderr and exit status 2; with
+  ``raise_errors`` set (a runner called from Python, :func:`run_plan`) they raise :class:`UserError` instead."""
+
+  raise_errors = False
 
   def error(self, message: str):
+    if self.raise_errors:
+      raise UserError(message)
     self.exit(EXIT_USER_ERROR, f'error: {message}\n')
 
 
+class Renamed(argparse.Action):
+  """An old spelling of a flag: stores into the new flag's ``dest`` and warns once on stderr that it was renamed."""
+
+  def __init__(self, option_strings, dest, *, new: str, **kwargs):
+    self.new = new
+    super().__init__(option_strings, dest, **kwargs)
+
+  def __call__(self, parser, namespace, values, option_string=None):
+    print(f'warning: {option_string} is now spelled {self.new}; the old spelling still works but will go',
+          file=sys.stderr, flush=True)
+    setattr(namespace, self.dest, values)
+
+
 def run_cli(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> Any:
-  """``main(argv)``; a :class:`UserError` becomes ``error: ...`` on stderr and ``SystemExit(2)``."""
+  """``main(argv)``; a :class:`UserError` becomes ``error: ...`` on stderr and ``SystemExit(e.exit_status)``."""
   try:
     return main(argv)
   except UserError as e:
     print(f'error: {e}', file=sys.stderr, flush=True)
-    raise SystemExit(EXIT_USER_ERROR) from None
+    raise SystemExit(e.exit_status) from None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -264,9 +287,18 @@ def existing_dir(path: str, what: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def add_settings_arguments(parser: argparse.ArgumentParser, settings: type, *, file_flag: str,
-                           what: str = 'setting') -> None:
-  """The configuration group both runners share: ``file_flag FILE`` (JSON settings or a run's config.json),
+def add_run_arguments(group) -> None:
+  """Flags both runners share beside --out / --resume / --json: ``--writer`` and ``--quiet``."""
+  from fedjax_adapters.experiments.runlib import writers  # pylint: disable=g-import-not-at-top  (no JAX)
+  group.add_argument('--writer', nargs='+', default=[], metavar='NAME', choices=list(writers.BUILTIN),
+                     help='also send every round\'s metrics to: ' + ', '.join(writers.BUILTIN) + ' (off by default; '
+                          'metrics.jsonl is always written; pip install "fedjax_adapters[tracking]")')
+  group.add_argument('--quiet', action='store_true', help='no progress output; only errors and the final table')
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser, settings: type, *, what: str = 'setting',
+                           file_flag: str = '--config') -> None:
+  """The configuration group both runners share: ``--config FILE`` (JSON settings or a run's config.json),
   ``--set KEY=VALUE ...`` over the fields of the dataclass ``settings``, and ``--print-config``."""
   c = parser.add_argument_group('configuration')
   c.add_argument(file_flag, metavar='FILE', default=None,
@@ -287,14 +319,17 @@ def check_methods(methods: Sequence[str], valid: Sequence[str]) -> list[str]:
 
 
 def resumed_run(args: argparse.Namespace, parser: argparse.ArgumentParser, runner: str, label: str,
-                allowed: Sequence[str] = ('resume', 'quiet', 'json')) -> tuple[str, dict[str, Any]]:
+                allowed: Sequence[str] = ('resume', 'quiet', 'json', 'writer')) -> tuple[str, dict[str, Any]]:
   """``(run directory, its config.json)`` for ``--resume DIR``, which continues a run with its own settings.
 
+  The config.json is checked before anything else: strict JSON, this runner's, and settings that match the
+  fingerprint stored when the run started (an edited file is refused).
+
   Raises:
-    UserError: a flag outside ``allowed`` was given, ``DIR`` is not a run directory, or it holds another runner's run
-      (``label`` names this runner's runs in the message).
+    UserError: a flag outside ``allowed`` was given, ``DIR`` is not a run directory, holds another runner's run
+      (``label`` names this runner's runs in the message), or its config.json was edited.
   """
-  from fedjax_adapters.experiments.runlib.rundir import RunDir  # pylint: disable=g-import-not-at-top  (rundir imports this module)
+  from fedjax_adapters.experiments.runlib.rundir import FINGERPRINT, RunDir, fingerprint  # pylint: disable=g-import-not-at-top  (rundir imports this module)
   given = [f'--{k.replace("_", "-")}' for k, v in vars(args).items()
            if k not in allowed and v != parser.get_default(k)]
   if given:
@@ -303,7 +338,80 @@ def resumed_run(args: argparse.Namespace, parser: argparse.ArgumentParser, runne
   config = run.config
   if config.get('runner') != runner:
     raise UserError(f'{args.resume} holds a {config.get("runner")!r} run, not a {label} run')
+  stored = config.get(FINGERPRINT)
+  if stored is not None and stored != fingerprint(config):
+    raise UserError(f'{run.file("config.json")} was edited after the run started: its settings or plan differ from '
+                    'those its checkpoints were written with; restore the file, or start a new run with the new '
+                    'settings (--config that file); nothing was written')
   return run.path, config
+
+
+def checked_value(value: Any, parse: Callable[[str], Any], name: str) -> Any:
+  """A number from a JSON file checked by the argparse type ``parse`` exactly as if typed on the command line."""
+  if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+    raise UserError(f'{name}: expected a number, got {value!r}')
+  try:
+    return parse(str(value))
+  except argparse.ArgumentTypeError as e:
+    raise UserError(f'{name}: {e}') from None
+
+
+def checked_plan(config: dict[str, Any], where: str, types: dict[str, Callable[[str], Any]]) -> dict[str, Any]:
+  """A run's stored ``plan``: a dict whose ``seeds`` and the entries in ``types`` pass the command line's checks."""
+  plan = config.get('plan')
+  if not isinstance(plan, dict):
+    raise UserError(f'{where}: no "plan" object')
+  plan = dict(plan)
+  missing = [k for k in ('seeds', *types) if k not in plan]
+  if missing:
+    raise UserError(f'{where}: the plan lacks {", ".join(missing)}')
+  for key, parse in types.items():
+    plan[key] = checked_value(plan[key], parse, f'{where}: plan.{key}')
+  seeds = checked_list(plan, 'seeds', int, where)
+  plan['seeds'] = parse_seeds([str(s) for s in seeds]) if len(seeds) > 1 else [
+      checked_value(seeds[0], int_at_least(0), f'{where}: plan.seeds')]
+  return plan
+
+
+def checked_list(plan: dict[str, Any], key: str, kind: type, where: str) -> list:
+  """``plan[key]``: a nonempty list of ``kind`` values (booleans are not integers)."""
+  value = plan.get(key)
+  if not isinstance(value, list) or not value or any(not isinstance(v, kind) or isinstance(v, bool) for v in value):
+    raise UserError(f'{where}: plan.{key} must be a nonempty list of {kind.__name__} values, got {value!r}')
+  return value
+
+
+def check_writers(names: Sequence[str]) -> list[str]:
+  """``--writer`` names, each installed (see :mod:`~fedjax_adapters.experiments.runlib.writers`)."""
+  from fedjax_adapters.experiments.runlib import writers  # pylint: disable=g-import-not-at-top  (no JAX)
+  return writers.check_names(list(names or []))
+
+
+def resume_options(args: argparse.Namespace, config: dict[str, Any], path: str) -> dict[str, Any]:
+  """What a ``--resume`` may choose anew: ``quiet``, ``json`` (checked), ``writers`` (default: the run's own)."""
+  from fedjax_adapters.experiments.runlib.rundir import check_output_file  # pylint: disable=g-import-not-at-top
+  stored = (config.get('plan') or {}).get('writers') or []
+  json_path = args.json and check_output_file(args.json, '--json', path)
+  if json_path:
+    probe_writable_file(json_path, '--json')
+  return {'quiet': args.quiet, 'json': json_path, 'writers': check_writers(args.writer or stored)}
+
+
+def check_outputs(plan: dict[str, Any], name: str) -> None:
+  """Checks ``plan['json']`` (not inside the run, no link or device) and creates ``plan['out']`` (default
+  ``runs/<name>-<time>-<random>``), refusing a folder that holds a run or a run's files without its config.json."""
+  from fedjax_adapters.experiments.runlib import rundir  # pylint: disable=g-import-not-at-top  (no JAX)
+  out = os.path.abspath(os.path.expanduser(plan['out'] or rundir.default_path(name)))
+  if plan.get('json'):
+    plan['json'] = rundir.check_output_file(plan['json'], '--json', out)
+    probe_writable_file(plan['json'], '--json')
+  if os.path.isfile(os.path.join(out, rundir.CONFIG)):
+    raise UserError(f'--out {out} already holds a run; continue it with --resume {out}, or pick another --out')
+  leftovers = rundir.run_files_without_config(out) if os.path.isdir(out) else []
+  if leftovers:
+    raise UserError(f'--out {out} holds {" and ".join(leftovers)} of an earlier run but no {rundir.CONFIG}, so they '
+                    'cannot be continued or trusted; pick another --out or remove them')
+  plan['out'] = probe_writable_dir(out, '--out')
 
 
 def print_to_pipe(text: str) -> None:
@@ -312,6 +420,14 @@ def print_to_pipe(text: str) -> None:
     print(text, flush=True)
   except BrokenPipeError:
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit either
+
+
+def run_plan(argv: Sequence[str], *, parser: argparse.ArgumentParser,
+             make_plan: Callable[[argparse.Namespace], dict], run_module: str) -> tuple[dict, int]:
+  """Parses ``argv``, checks it into a plan and runs it: ``(results, exit status)``; user errors raise."""
+  parser.raise_errors = True
+  plan = make_plan(parser.parse_args(list(argv)))
+  return importlib.import_module(run_module).run(plan, argv=list(argv))
 
 
 def runner_main(argv: Sequence[str] | None, *, parser: argparse.ArgumentParser,
@@ -329,7 +445,8 @@ def runner_main(argv: Sequence[str] | None, *, parser: argparse.ArgumentParser,
     from fedjax_adapters.experiments.runlib import strict_json  # pylint: disable=g-import-not-at-top
     print_to_pipe(strict_json.dumps(dataclasses.asdict(settings(plan)), indent=1))
     return {}
-  results, status = importlib.import_module(run_module).run(plan, argv=list(sys.argv[1:] if argv is None else argv))
+  argv = list(sys.argv[1:] if argv is None else argv)
+  results, status = importlib.import_module(run_module).run(plan, argv=argv)
   if status:
     raise SystemExit(status)
   return results

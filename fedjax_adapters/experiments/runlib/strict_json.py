@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 from typing import Any
 
 NULL_REASONS = 'null_reasons'
@@ -82,12 +83,17 @@ def write(path: str | os.PathLike, obj: Any, *, indent: int | None = 1) -> None:
   """Writes ``obj`` as strict JSON, atomically: a reader (or a crash) sees the old file or the new one, whole."""
   path = os.fspath(path)
   text = dumps(obj, indent=indent)
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'w') as f:
-    f.write(text + '\n')
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  tmp = f'{path}.tmp{os.getpid()}-{threading.get_ident()}'
+  try:
+    with open(tmp, 'w') as f:
+      f.write(text + '\n')
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):  # a full disk: the old file stays, without a half-written sibling
+      os.remove(tmp)
+    raise
 
 
 def read(path: str | os.PathLike) -> Any:
