@@ -140,3 +140,51 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
   with pytest.raises(SystemExit):
     report.main([str(tmp_path / 'nan.json')])
   assert 'not a strict JSON results document' in capsys.readouterr().err
+
+
+def _split_by_seed(run_dir, root, seed, rename=None):
+  """A run directory holding only ``seed`` of ``run_dir`` (as if that seed had run on its own), methods renamed."""
+  out = root / f'seed{seed}'
+  out.mkdir()
+  rename = rename or {}
+  results = json.loads((run_dir / 'results.json').read_text())
+  results['seeds'] = [seed]
+  results['methods'] = {rename.get(m, m): dict(r, per_seed=[r['per_seed'][seed]]) for m, r in results['methods'].items()}
+  results['data'] = {str(seed): results['data'][str(seed)]}
+  (out / 'results.json').write_text(json.dumps(results))
+  lines = [json.loads(x) for x in (run_dir / 'metrics.jsonl').read_text().splitlines()]
+  (out / 'metrics.jsonl').write_text(''.join(json.dumps(dict(r, method=rename.get(r['method'], r['method']))) + '\n'
+                                             for r in lines if r['seed'] == seed))
+  return out
+
+
+def test_one_task_from_two_runs_is_one_figure_and_oracle_routers_get_no_heatmap(run_dir, tmp_path):
+  a = _split_by_seed(run_dir, tmp_path, 0)
+  b = _split_by_seed(run_dir, tmp_path, 1, rename={'floral': 'floral_oracle'})
+  made = report.main([str(a), str(b), '--out', str(tmp_path / 'report')])
+  names = sorted(os.path.basename(f) for f in made['files'])
+  assert names == ['clients_synthetic_linear.png', 'curves_synthetic_linear.png',
+                   'router_synthetic_linear_floral_seed0.png', 'table.md']  # no _0/_1 files, no oracle heatmap
+  sources = [report.load_source(str(d)) for d in (a, b)]
+  curves = report.pooled(report.eval_curves, sources, 'test_mse')
+  assert sorted(curves['fedavg']) == [0, 1]  # both runs' seeds in the one figure's band
+  assert report.oracle('floral_oracle') and not report.oracle('floral') and not report.oracle('my_method')
+
+
+def test_degenerate_numbers_get_a_note_in_the_table_and_on_the_console():
+  zero = {'task': 'synthetic_linear', 'metric': 'test_mse', 'seeds': [0, 1], 'rounds': 2000,
+          'methods': {'fedavg': {'per_seed': [0.0, 0.0]}, 'floral': {'per_seed': [1.0, 2.0]}}}
+  text = report.summary([zero])
+  assert text.startswith(report.results_table([zero]))
+  assert text.endswith('note: synthetic_linear: every test mse of fedavg is 0 (2 values): the run learned nothing '
+                       'measurable (too small or too short); these numbers say nothing about the method')
+  same = dict(zero, methods={'fedavg': {'per_seed': [0.5, 0.5]}, 'floral': {'per_seed': [0.5, 0.5]}})
+  assert report.notes([same]) == [
+      'note: synthetic_linear: every test mse of fedavg, floral is the same number (0.5); check that the seeds (or '
+      'tasks) differ and that the model trained',
+      'note: synthetic_linear: every method scored exactly the same test mse; the comparison says nothing']
+  assert report.notes([dict(zero, methods={'floral': {'per_seed': [1.0, 2.0]}})]) == []
+  rouge = {'runner': 'feddpa', 'config': 'smoke', 'metric': 'rouge1', 'seeds': [0], 'client_categories': ['a', 'b'],
+           'methods': {m: {'personalization': {'a': 0.0, 'b': 0.0, 'avg': 0.0},
+                           'test_time': {'a': 0.0, 'b': 0.0, 'avg': 0.0}} for m in ('fedit', 'feddpa_f')}}
+  assert 'note: FedDPA smoke: every ROUGE-1 of fedit, feddpa_f is 0 (12 values)' in report.summary([rouge])
