@@ -55,12 +55,14 @@ def test_tiled_evaluation_equals_vmapped(setup):
   assert_trees_close(got, evaluate(alg, want[1], test), **FLOAT32_ROUNDING)
 
 
-def test_automatic_tile_fills_half_the_cache_on_cpu_and_takes_everything_elsewhere(setup):
+def test_automatic_tile_fills_half_the_cache_on_cpu_and_takes_the_cohort_elsewhere(setup):
   _, alg, data, state, _, _ = setup
   mapping = tiled_clients(cache_bytes=1)  # a 1-byte cache: one client per tile
   jax.eval_shape(lambda: mapping.map(alg.client_update, (state.frozen, state.global_params),
                                      (state.clients, data, jax.random.split(jax.random.key(0), 10))))
-  assert mapping.plan['tile'] == 1 and mapping.plan['tiles'] == 10 and mapping.plan['platform'] == 'cpu'
+  cpu = jax.default_backend() == 'cpu'  # an accelerator takes the whole cohort whatever the cache
+  assert mapping.plan['platform'] == jax.default_backend()
+  assert (mapping.plan['tile'], mapping.plan['tiles']) == ((1, 10) if cpu else (10, 1))
   ws = mapping.plan['working_set_bytes']
   # The working set: one client's inputs plus twice its outputs (at least its copy of the global params, twice).
   assert ws >= 2 * tiling.tree_bytes(state.global_params)
