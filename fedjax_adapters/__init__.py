@@ -24,7 +24,7 @@ _NAMES = {
                                   'ClientOutput', 'Round', 'RoundInfo', 'ServerState', 'UpdateGuard',
                                   'chunked_clients', 'client_data', 'evaluate', 'fixed_sampling',
                                   'make_client_update', 'make_round', 'poisson_sampling', 'predict',
-                                  'sequential_clients', 'sharded_clients', 'vmap_clients'),
+                                  'sequential_clients', 'sharded_clients', 'tiled_clients', 'vmap_clients'),
     'fedjax_adapters.nn': ('AdapterSpec', 'ModelDef', 'adapt', 'split_model'),
     'fedjax_adapters.optim': ('lora_preconditioner',),
 }

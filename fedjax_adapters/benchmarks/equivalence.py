@@ -2,7 +2,8 @@
 
 From the same initial weights and with router noise off (the only random part), one client's local epoch is run by
 the library's ``client_update`` and by the PyTorch loop, and a two-client round by the library's sequential backend
-and by the PyTorch round. The JSON records the largest relative differences of the losses and of every parameter;
+and by the PyTorch round. The practitioner's plain loop (no preconditioner) is checked against the library's FLoRAL
+with the preconditioner off. The JSON records the largest relative differences of the losses and of every parameter;
 ``tests/test_benchmarks.py`` asserts them small.
 """
 from __future__ import annotations
@@ -31,9 +32,11 @@ def _param_diff(torch_sd, expected) -> tuple[float, str]:
   return worst, name
 
 
-def one_client(workload: setups.Workload, device: str = 'cpu', alg=None) -> dict[str, Any]:
+def one_client(workload: setups.Workload, device: str = 'cpu', alg=None, plain: bool = False) -> dict[str, Any]:
+  """One client's epoch in JAX and in the PyTorch loop; ``plain``: the practitioner's loop against the library's
+  FLoRAL without the preconditioner (``floral(precondition=False)``), the same computation less that step."""
   from fedjax_adapters.benchmarks import torch_floral
-  alg = alg or setups.jax_algorithm(workload)
+  alg = alg or setups.jax_algorithm(workload, precondition=not plain)
   fed = setups.make_data(workload, 2)
   state = alg.init(jax.random.key(0), 2)
   data = client_data(fed)
@@ -42,7 +45,7 @@ def one_client(workload: setups.Workload, device: str = 'cpu', alg=None) -> dict
   out, new_local, metrics = jax.jit(alg.client_update)(state.frozen, state.global_params, local, one,
                                                        jax.random.key(1))
   jax_eval = float(alg.evaluate(state.frozen, out.params, new_local, one)['loss'])
-  loop = setups.torch_round(workload, fed, state.global_params, device=device)
+  loop = setups.torch_round(workload, fed, state.global_params, device=device, plain=plain)
   init = {k: v.cpu() for k, v in loop.global_sd.items()}
   sd, router, train_loss, _ = loop.client_update(0)
   torch_eval = loop.evaluate(0, sd, router)
@@ -82,11 +85,15 @@ def two_client_round(workload: setups.Workload, device: str = 'cpu', alg=None) -
           'routers_rel_diff': _rel(loop.routers[ids].cpu().numpy(), np.asarray(state.clients['logits'])[ids])}
 
 
-def run(device: str = 'cpu') -> dict[str, Any]:
+def run(device: str = 'cpu', plain: bool = True) -> dict[str, Any]:
+  """Every case; ``plain`` adds the practitioner's loop against ``floral(precondition=False)`` on the MNIST MLP."""
   # FLoRAL(10%) on the MLP so the first layer's adaptors have rank 15 (15x15 preconditioner solves).
   mlp = setups.mnist_mlp(examples=70, batch_size=32).replace(noise_std=0.0, rank=0.1)
   # The CIFAR CNN (conv LoRA, NHWC vs NCHW, flatten order) on 16x16 images, C = 2.
   cnn = setups.cifar_cnn(examples=20, batch_size=8).replace(noise_std=0.0, input_shape=(16, 16, 3), num_adaptors=2)
   alg = setups.jax_algorithm(mlp)
-  return {'device': device, 'mlp_one_client': one_client(mlp, device, alg),
-          'mlp_round': two_client_round(mlp, device, alg), 'cnn_one_client': one_client(cnn, device)}
+  out = {'device': device, 'mlp_one_client': one_client(mlp, device, alg),
+         'mlp_round': two_client_round(mlp, device, alg), 'cnn_one_client': one_client(cnn, device)}
+  if plain:
+    out['mlp_one_client_plain'] = one_client(setups.mnist_mlp(examples=70).replace(noise_std=0.0), device, plain=True)
+  return out

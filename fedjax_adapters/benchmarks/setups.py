@@ -89,10 +89,10 @@ def model_fn(w: Workload):
   raise ValueError(f'unknown model {w.model!r}')
 
 
-def jax_algorithm(w: Workload):
+def jax_algorithm(w: Workload, precondition: bool = True):
   """The library's FLoRAL (public-code defaults: SGD, preconditioning, one epoch, no shuffling)."""
   return algorithms.floral(model_fn(w), num_adaptors=w.num_adaptors, loss='xent', lr=w.lr, batch_size=w.batch_size,
-                           rank=w.rank, router_lr=w.router_lr, noise_std=w.noise_std)
+                           rank=w.rank, router_lr=w.router_lr, noise_std=w.noise_std, precondition=precondition)
 
 
 def make_data(w: Workload, num_clients: int, seed: int = 0) -> FederatedData:
@@ -112,8 +112,13 @@ def torch_model(w: Workload):
   return tf.FloralTorch(base, w.num_adaptors, w.rank, noise_std=w.noise_std)
 
 
-def torch_round(w: Workload, data: FederatedData, global_params: dict | None = None, device: str = 'cpu'):
-  """The PyTorch loop on ``data``; with ``global_params`` (the library's), it starts from the same weights."""
+def torch_round(w: Workload, data: FederatedData, global_params: dict | None = None, device: str = 'cpu',
+                plain: bool = False):
+  """The PyTorch loop on ``data``; with ``global_params`` (the library's), it starts from the same weights.
+
+  ``plain``: the loop a practitioner writes (:class:`~fedjax_adapters.benchmarks.torch_floral.PlainTorchRound`: one
+  SGD optimizer over all parameters, no preconditioner) instead of the public code's preconditioned loop.
+  """
   import torch
   from fedjax_adapters.benchmarks import torch_floral as tf
   model = torch_model(w)
@@ -126,5 +131,5 @@ def torch_round(w: Workload, data: FederatedData, global_params: dict | None = N
             raise ValueError(f'{k}: torch shape {tuple(v.shape)} vs JAX {tuple(sd[k].shape)}')
           v.copy_(sd[k])
   x = data.x if w.model == 'mlp' else np.ascontiguousarray(data.x.transpose(0, 1, 4, 2, 3))  # NHWC -> NCHW
-  return tf.TorchFloralRound(model, x, data.y, data.counts, batch_size=w.batch_size, lr=w.lr,
-                             router_lr=w.router_lr, device=device)
+  kind = tf.PlainTorchRound if plain else tf.TorchFloralRound
+  return kind(model, x, data.y, data.counts, batch_size=w.batch_size, lr=w.lr, router_lr=w.router_lr, device=device)

@@ -9,6 +9,39 @@ def _f(x, fmt='{:.2f}'):
   return '—' if x is None else fmt.format(x)
 
 
+LABELS = {'vmap': 'vmap', 'vmap_chunk1': 'vmap, 1 client per step', 'tiled': 'tiled (auto)',
+          'sequential': 'sequential', 'torch': 'torch (preconditioned)', 'torch_plain': 'torch (plain)'}
+RATIOS = (('vmap', 'torch'), ('vmap', 'sequential'), ('vmap_chunk1', 'sequential'), ('tiled', 'torch_best'),
+          ('tiled', 'vmap'), ('tiled', 'best_tile'))
+
+
+def throughput_table(name: str, res: dict) -> list[str]:
+  """One workload's rows: client steps per second of every backend run (warm-up in brackets), the ratios present,
+  the automatic tile, and the vmapped round's GFLOP/s and share of the peak."""
+  w, rows = res['workload'], res['rows']
+  backends = [b for b in res['backends'] if any(b in row for row in rows)]
+  ratios = [(a, b) for a, b in RATIOS if any(f'ratio_{a}_over_{b}' in row for row in rows)]
+  tiled = any('plan' in row.get('tiled', {}) for row in rows)
+  head = (['M'] + [LABELS.get(b, b.replace('tile', 'tile ')) for b in backends] +
+          [f'{LABELS.get(a, a)} / {b.replace("_", " ")}' for a, b in ratios] + (['auto tile'] if tiled else []) +
+          ['vmap GFLOP/s', '% of peak'])
+  out = [f"**{name}** ({w['examples']} rows per client, batch {w['batch_size']}, {w['steps_per_client']} steps per "
+         f"client, C = {w['num_adaptors']}): client steps per second (best round), warm-up seconds in brackets", '',
+         '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+  for row in rows:
+    cells = [str(row['clients'])]
+    cells += ['—' if b not in row else f"{row[b]['steps_per_s']:.1f} ({row[b]['warmup_s']:.1f}s)" for b in backends]
+    cells += [_f(row.get(f'ratio_{a}_over_{b}')) + (f" ({row[b]})" if b in ('torch_best', 'best_tile') and b in row
+                                                    else '') for a, b in ratios]
+    if tiled:
+      plan = row.get('tiled', {}).get('plan')
+      cells.append('—' if not plan else f"{plan['tile']} × {plan['tiles']}")
+    v = row.get('vmap', {})
+    cells += [_f(v.get('flops_per_s', 0) / 1e9, '{:.1f}'), _f(100 * v.get('fraction_of_peak', 0), '{:.0f}')]
+    out.append('| ' + ' | '.join(cells) + ' |')
+  return out
+
+
 def tables(r: dict) -> str:
   hw, pk = r['hardware'], r['peak_matmul']
   lines = [f"Hardware: {hw['cpu_model']}, {hw['usable_cores']} usable cores (JAX CPU threads {hw['jax_cpu_threads']}, "
@@ -17,22 +50,7 @@ def tables(r: dict) -> str:
            f"{r['meta']['load_average_before']} / {r['meta'].get('load_average_after')}; matmul peak "
            f"{pk['flops_per_s'] / 1e9:.1f} GFLOP/s ({pk['size']}² f32). Wall time {r['meta']['wall_s'] / 60:.1f} min.", '']
   for name, res in r.get('throughput', {}).items():
-    w = res['workload']
-    lines += [f"**{name}** ({w['examples']} rows per client, batch {w['batch_size']}, {w['steps_per_client']} steps per "
-              f"client, C = {w['num_adaptors']}): client steps per second (best round), warm-up seconds in brackets", '',
-              '| M | vmap | vmap, 1 client per step | sequential | torch | vmap / torch | vmap / sequential | '
-              'vmap (1 per step) / sequential | vmap GFLOP/s | % of peak |',
-              '|---|---|---|---|---|---|---|---|---|---|']
-    for row in res['rows']:
-      def cell(b):
-        e = row.get(b)
-        return '—' if e is None else f"{e['steps_per_s']:.1f} ({e['warmup_s']:.1f}s)"
-      v = row.get('vmap', {})
-      lines.append(f"| {row['clients']} | {cell('vmap')} | {cell('vmap_chunk1')} | {cell('sequential')} | "
-                   f"{cell('torch')} | {_f(row.get('ratio_vmap_over_torch'))} | "
-                   f"{_f(row.get('ratio_vmap_over_sequential'))} | {_f(row.get('ratio_vmap_chunk1_over_sequential'))} | "
-                   f"{_f(v.get('flops_per_s', 0) / 1e9, '{:.1f}')} | {_f(100 * v.get('fraction_of_peak', 0), '{:.0f}')} |")
-    lines.append('')
+    lines += throughput_table(name, res) + ['']
   cb = r.get('compute_bound')
   if cb:
     w = cb['workload']

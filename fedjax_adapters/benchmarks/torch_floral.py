@@ -347,10 +347,50 @@ class TorchFloralRound:
     return float(F.cross_entropy(self.model(self.x[k, :n], train=False), self.y[k, :n], reduction='sum'))
 
 
+class PlainTorchRound(TorchFloralRound):
+  """The per-client loop as a practitioner writes it: the same hooked model and data, no preconditioner.
+
+  One model object serves every client: it loads the global weights and the client's router, trains one epoch with
+  a single ``torch.optim.SGD(model.parameters(), lr)`` (one learning rate, the router's too) and reads the loss with
+  ``.item()`` after each step. Router noise, the aggregation and everything else are :class:`TorchFloralRound`'s.
+  The runner times it at torch's default thread count (``torch.get_num_threads()`` at import).
+  """
+
+  def client_update(self, k: int) -> tuple[dict, torch.Tensor, float, int]:
+    model, n = self.model, self.counts[k]
+    self.load(self.global_sd, self.routers[k])
+    opt = torch.optim.SGD(model.parameters(), lr=self.lr)
+    model.train()
+    loss_sum = 0.0
+    for s in range(0, n, self.batch_size):
+      xb, yb = self.x[k, s:min(s + self.batch_size, n)], self.y[k, s:min(s + self.batch_size, n)]
+      opt.zero_grad()
+      loss = F.cross_entropy(model(xb), yb)
+      loss.backward()
+      opt.step()
+      loss_sum += loss.item() * len(yb)
+    return global_state(model), model.router.detach().clone(), loss_sum, n
+
+
+def step_flops(loop: TorchFloralRound, k: int = 0) -> int:
+  """Matmul/conv FLOPs of one full-batch training step (forward and backward) of client ``k``, counted by
+  ``torch.utils.flop_counter``; the model's weights are reloaded from the global state afterwards."""
+  from torch.utils.flop_counter import FlopCounterMode
+  loop.load(loop.global_sd, loop.routers[k])
+  xb, yb = loop.x[k, :loop.batch_size], loop.y[k, :loop.batch_size]
+  with FlopCounterMode(display=False) as counter:
+    F.cross_entropy(loop.model(xb), yb).backward()
+  loop.model.zero_grad(set_to_none=True)
+  return int(counter.get_total_flops())
+
+
+DEFAULT_THREADS = torch.get_num_threads()  # torch's own choice, read before the runner sets any
+
+
 def set_threads(num_threads: int) -> dict[str, Any]:
   """Uses ``num_threads`` intra-op threads (the same core count JAX's CPU backend uses); returns what is in force."""
   torch.set_num_threads(max(1, int(num_threads)))
   return {'torch_version': torch.__version__, 'torch_threads': torch.get_num_threads(),
-          'torch_interop_threads': torch.get_num_interop_threads(),
+          'torch_interop_threads': torch.get_num_interop_threads(), 'torch_default_threads': DEFAULT_THREADS,
           'torch_cuda': torch.cuda.is_available(),
           'torch_device_name': torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu'}

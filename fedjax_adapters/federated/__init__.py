@@ -1,6 +1,6 @@
 """The federated engine: client store, sampling, client updates, screening, aggregators, the compiled round, how
-clients are mapped (all at once, in chunks, one by one, over a device mesh) and a host-memory client store for large
-populations."""
+clients are mapped (all at once, in chunks, in cache-sized tiles, one by one, over a device mesh) and a host-memory
+client store for large populations."""
 from fedjax_adapters.federated.aggregators import (Aggregator, Reducer, RoundInfo, coordinate_median, mean_aggregator,
                                                    per_adaptor_weights, router_aggregator, server_step, weighted_mean)
 from fedjax_adapters.federated.algorithm import Algorithm, ServerState
@@ -16,6 +16,7 @@ from fedjax_adapters.federated.mapping import (ClientMapping, chunked_clients, s
 from fedjax_adapters.federated.round import Adversary, Round, make_round, round_client_ids, round_sample, run_rounds
 from fedjax_adapters.federated.sampling import (Sampling, clients_per_round, fixed_sampling, poisson_sampling,
                                                 poisson_slots, sample_clients)
+from fedjax_adapters.federated.tiling import TiledClients, tiled_clients
 from fedjax_adapters.federated.sharding import (client_mesh, client_sharding, initialize_distributed, replicate,
                                                 replicated_sharding, shard_clients)
 
@@ -28,4 +29,4 @@ __all__ = ['Aggregator', 'Reducer', 'RoundInfo', 'coordinate_median', 'mean_aggr
            'vmap_clients', 'Adversary', 'Round', 'make_round', 'round_client_ids', 'round_sample', 'run_rounds',
            'Sampling', 'clients_per_round', 'fixed_sampling', 'poisson_sampling', 'poisson_slots', 'sample_clients',
            'client_mesh', 'client_sharding', 'initialize_distributed', 'replicate', 'replicated_sharding',
-           'shard_clients']
+           'shard_clients', 'TiledClients', 'tiled_clients']
