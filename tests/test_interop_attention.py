@@ -5,8 +5,11 @@ References: a torch attention block written out here with ``nn.Linear`` projecti
 (``attn.query`` ... ``attn.out``), which PEFT adapts like a ``q_proj``. The JAX block's output (adapted, on the same
 weights) must equal (<= 1e-5, float32) the torch block with the merged state dict, and the plain torch block from
 ``torch_state_dict`` plus the exported PEFT LoRA. A LoRA PEFT trained on a tiny LLaMA's ``embed_tokens`` and
-``lm_head`` (saved with their base weights, PEFT's default) imports and reproduces PEFT's logits.
+``lm_head`` (saved with their base weights, PEFT's default) imports and reproduces PEFT's logits; docs/interop.md's
+``load_weights`` loads a tied LLaMA's merged state dict (which has no ``lm_head.weight``) into transformers.
 """
+import dataclasses
+import pathlib
 import warnings
 
 import jax
@@ -16,8 +19,7 @@ import pytest
 import torch
 from flax import nnx
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import LlamaConfig as HFLlamaConfig
-from transformers import LlamaForCausalLM
+from transformers import AutoConfig, LlamaForCausalLM
 
 from fedjax_adapters import interop
 from fedjax_adapters.models import llama, llama_loaders
@@ -158,3 +160,33 @@ def test_import_a_lora_on_embed_tokens_and_lm_head_saved_with_base_weights(tmp_p
   other = dict(parts['base'], lm_head=jax.tree.map(lambda v: v + 1.0, parts['base']['lm_head']))
   with pytest.warns(UserWarning, match=r"different base: its 'lm_head' weight differs .*max \|difference\| 1"):
     interop.import_lora(tmp_path / 'lora', parts['adapters'], alpha=8.0, base=other)
+
+
+def _doc_block(marker: str) -> str:
+  """The first python block after ``marker`` in docs/interop.md."""
+  text = (pathlib.Path(__file__).resolve().parents[1] / 'docs' / 'interop.md').read_text()
+  return text.split(marker, 1)[1].split('```python\n', 1)[1].split('```', 1)[0]
+
+
+def test_documented_load_weights_loads_a_tied_llama_merged_state_dict(tmp_path):
+  config = dataclasses.replace(CONFIG, tie_word_embeddings=True)
+  spec = AdapterSpec(target=r'.*\.(q_proj|v_proj)', rank=2, alpha=None, num_global=2, bias=False, conv=False)
+  mdef, parts = split_model(adapt(llama.Llama(config, rngs=nnx.Rngs(0)), spec, key=jax.random.key(2)))
+  parts = dict(parts, base=_randomize(parts['base'], 6, 0.3), adapters=_randomize(parts['adapters'], 7, 0.3))
+  pi = np.array([0.8, 0.2], np.float32)
+  expected, _ = mdef.apply(parts, jnp.asarray(IDS, jnp.int32), jnp.ones(IDS.shape, jnp.int32), mix=jnp.asarray(pi))
+  folder = llama_loaders.save_hf_checkpoint(tmp_path / 'base', llama_loaders.llama_from_base_parts(config,
+                                                                                                    parts['base']))
+  state_dict = interop.merged_state_dict(parts, mix=pi)
+  assert 'lm_head.weight' not in state_dict
+  hf = LlamaForCausalLM(AutoConfig.from_pretrained(str(folder)))
+  with pytest.raises(RuntimeError, match='lm_head.weight'):
+    hf.load_state_dict({k: torch.tensor(v) for k, v in state_dict.items()})  # strict: the tied key is missing
+  namespace = {}
+  exec(_doc_block('<!-- tested: load_weights'), namespace)  # pylint: disable=exec-used
+  namespace['load_weights'](hf, state_dict)
+  with torch.no_grad():
+    got = hf(input_ids=torch.tensor(IDS)).logits.numpy()
+  np.testing.assert_allclose(got, np.asarray(expected), atol=1e-4, rtol=0)
+  with pytest.raises(ValueError, match=r"missing \['model.norm.weight'\]"):
+    namespace['load_weights'](hf, {k: v for k, v in state_dict.items() if k != 'model.norm.weight'})
