@@ -112,21 +112,6 @@ def test_iid_partition_covers_every_index_once():
   assert not np.array_equal(parts[0], P.iid_partition(1003, 10, _rng(1))[0])
 
 
-def test_dirichlet_partition_covers_everything_and_skews_labels():
-  labels = np.repeat(np.arange(10), 200)
-  skewed = P.dirichlet_label_partition(labels, 20, 0.1, _rng())
-  uniform = P.dirichlet_label_partition(labels, 20, 100.0, _rng())
-  for parts in (skewed, uniform):
-    _assert_exact_cover(parts, len(labels))
-  classes = lambda parts: np.mean([len(np.unique(labels[p])) for p in parts if len(p)])  # noqa: E731
-  assert classes(skewed) < 5 < classes(uniform)
-  with_min = P.dirichlet_label_partition(labels, 20, 0.5, _rng(), min_size=20)
-  _assert_exact_cover(with_min, len(labels))
-  assert min(len(p) for p in with_min) >= 20
-  with pytest.raises(ValueError, match='alpha'):
-    P.dirichlet_label_partition(labels, 20, 0.0, _rng())
-
-
 def test_reduce_fraction():
   idx = np.arange(1000, 1200)
   np.testing.assert_array_equal(P.reduce_fraction(idx), idx[:10])  # 5% of 200 = 10, first ones without an rng
