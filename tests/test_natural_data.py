@@ -5,11 +5,13 @@
 * Shakespeare as ``flwrlabs/shakespeare`` publishes it: a csv with ``character_id``, ``x`` (80 characters), ``y``;
 * TFF's HDF5 files, ``/examples/<client id>/<feature>``, with each dataset's features and dtypes (EMNIST float32
   ``pixels`` and int32 ``label``; Shakespeare byte-string ``snippets``; Stack Overflow ``tokens``; CIFAR-100 uint8
-  ``image``, int64 ``label`` and ``coarse_label``).
+  ``image``, int64 ``label`` and ``coarse_label``);
+* databricks-dolly-15k as published: a jsonl file with ``instruction``, ``context``, ``response``, ``category``.
 
 Each loader's clients are checked against the rows written for them (every example, in order), and every kind of bad
 input is one ValueError naming the column, row or client.
 """
+import json
 import os
 
 import datasets
@@ -17,7 +19,7 @@ import h5py
 import numpy as np
 import pytest
 
-from fedjax_adapters.data import natural, text, tff_h5
+from fedjax_adapters.data import dolly, natural, text, tff_h5
 from fedjax_adapters.data.vision import DatasetNotFoundError
 
 WRITERS = {'f0003_41': 7, 'f0001_12': 3, 'f0002_07': 12}   # writer -> examples (ids deliberately unsorted)
@@ -310,3 +312,45 @@ def test_pathological_label_skew_gives_each_client_its_classes():
     natural.label_skew_partition(labels, 10, kind='shards')
   with pytest.raises(ValueError, match=r'labels must be a 1-D integer array, got float64\[500\]'):
     natural.label_skew_partition(labels.astype(float), 10)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# databricks-dolly-15k by category (FedDPA's third dataset)
+# ---------------------------------------------------------------------------------------------------------------
+
+DOLLY_CATEGORIES = ('open_qa', 'closed_qa', 'brainstorming')
+
+
+def _dolly_records(per_category=6):
+  return [{'instruction': f'Question {i}?', 'context': f'Passage {i}.' if i % 2 else '', 'response': f'Answer {i}.',
+           'category': DOLLY_CATEGORIES[i % 3]} for i in range(3 * per_category)]
+
+
+def _write_jsonl(path, records):
+  path.write_text(''.join(json.dumps(r) + '\n' for r in records))
+  return path
+
+
+def test_dolly_clients_are_its_categories_and_the_test_pool_is_held_out(tmp_path):
+  records = _dolly_records()
+  data = dolly.load_dolly(_write_jsonl(tmp_path / 'databricks-dolly-15k.jsonl', records), test_per_category=2)
+  assert data.client_categories == tuple(sorted(DOLLY_CATEGORIES)) == data.client_tasks
+  assert [len(t) for t in data.train] == [4, 4, 4] and len(data.test) == 6
+  for k, category in enumerate(data.client_categories):
+    expected = [r for r in records if r['category'] == category]
+    held = data.test_by_category[category]
+    assert len(held) == 2 and data.clients_of(category) == (k,)
+    got = {(ex.instruction, ex.output) for ex in data.train[k] + held}
+    joined = {(r['instruction'] + (f"\n\n{r['context']}" if r['context'] else ''), r['response']) for r in expected}
+    assert got == joined and all(type(ex.instruction) is str for ex in data.train[k])
+    assert not {ex.output for ex in data.train[k]} & {ex.output for ex in held}
+  again = dolly.load_dolly(tmp_path / 'databricks-dolly-15k.jsonl', test_per_category=2)
+  assert again.test == data.test   # seeded
+
+  with pytest.raises(ValueError, match=r"category 'brainstorming' has 6 records, not more than test_per_category=6"):
+    dolly.load_dolly(tmp_path / 'databricks-dolly-15k.jsonl', test_per_category=6)
+  no_context = [{k: v for k, v in r.items() if k != 'context'} for r in records]
+  with pytest.raises(ValueError, match=r"the Dolly records have no field\(s\) \['context'\]"):
+    dolly.load_dolly(_write_jsonl(tmp_path / 'old.jsonl', no_context))
+  with pytest.raises(DatasetNotFoundError, match=r"databricks/databricks-dolly-15k"):
+    dolly.load_dolly(tmp_path / 'absent.jsonl')
