@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 import pytest
 
-from fedjax_adapters.data import dolly, natural, text, tff_h5
+from fedjax_adapters.data import dolly, natural, stats, text, tff_h5
 from fedjax_adapters.data.vision import DatasetNotFoundError
 
 WRITERS = {'f0003_41': 7, 'f0001_12': 3, 'f0002_07': 12}   # writer -> examples (ids deliberately unsorted)
@@ -354,3 +354,13 @@ def test_dolly_clients_are_its_categories_and_the_test_pool_is_held_out(tmp_path
     dolly.load_dolly(_write_jsonl(tmp_path / 'old.jsonl', no_context))
   with pytest.raises(DatasetNotFoundError, match=r"databricks/databricks-dolly-15k"):
     dolly.load_dolly(tmp_path / 'absent.jsonl')
+
+
+def test_stats_command_prints_the_documented_row(emnist_files, capsys, tmp_path):
+  train_path, test_path, _, _ = emnist_files
+  assert stats.main(['tff_emnist', str(train_path), str(test_path)]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0] == stats.HEADER and lines[-1] == '| tff_emnist | 3 | 4 / 5 / 9 | 0 / 1 / 2 |'
+  assert stats.main(['femnist', str(tmp_path / 'absent.parquet')]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith('error: no dataset at') and err.count('\n') == 1

@@ -74,6 +74,10 @@ def test_tfds_missing_dataset_says_how_to_get_it(tmp_path):
   assert 'data_dir=' in message
   assert 'load_mnist_offline' in message  # the no-download alternative for MNIST
   assert isinstance(err.value, FileNotFoundError)
+  # A version folder left without dataset_info.json (an interrupted build): tfds raises KeyError, still "prepare it".
+  (tmp_path / 'cifar10' / '3.0.2').mkdir(parents=True)
+  with pytest.raises(vision.DatasetNotFoundError, match=r"'cifar10' \(split 'train'\) is not prepared"):
+    vision.load_tfds_arrays('cifar10', 'train', data_dir=tmp_path)
 
 
 def test_unknown_dataset_lists_valid_names():
