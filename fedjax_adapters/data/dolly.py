@@ -20,7 +20,7 @@ import os
 import numpy as np
 
 from fedjax_adapters.data import natural
-from fedjax_adapters.data.feddpa import Example, FedDPAData, assemble
+from fedjax_adapters.data.feddpa import Example, FedDPAData, assemble, load_feddpa
 
 HUB_NAME = 'databricks/databricks-dolly-15k'
 FIELDS = ('instruction', 'context', 'response', 'category')
@@ -70,3 +70,8 @@ def load_dolly(path: str | os.PathLike, *, test_per_category: int = 200, seed: i
     train.append(tuple(ex for ex, h in zip(examples, held) if not h))
     test.extend(ex for ex, h in zip(examples, held) if h)
   return assemble(train, test, [str(c) for c in categories], [str(c) for c in categories])
+
+
+def load_instruction_data(path: str | os.PathLike) -> FedDPAData:
+  """FedDPA data from a folder in the authors' Dataset 1 layout, or from a Dolly file (any other file)."""
+  return load_dolly(path) if os.path.isfile(path) else load_feddpa(path)

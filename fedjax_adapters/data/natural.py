@@ -18,7 +18,10 @@ client, counts) that the compiled round consumes; populations too large for memo
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import warnings
 from typing import Any, NamedTuple, Sequence
 
 import numpy as np
@@ -50,6 +53,25 @@ class NaturalDataset(NamedTuple):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def quiet_progress():
+  """``datasets``' and ``flwr-datasets``' progress bars off, so a command's output (and a one-line error) stays
+  clean; warnings raised inside are passed on afterwards."""
+  import datasets  # pylint: disable=g-import-not-at-top
+
+  was_disabled = datasets.are_progress_bars_disabled()
+  datasets.disable_progress_bars()
+  try:
+    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stderr(io.StringIO()):
+      warnings.simplefilter('always')
+      yield
+  finally:
+    if not was_disabled:
+      datasets.enable_progress_bars()
+  for w in caught:
+    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
 def how_to_get(hub_name: str) -> str:
   """The one command that makes a local copy of a hub dataset (on a machine with internet access)."""
   return (f'make a local copy once on a machine with internet access: python -c "import datasets; '
@@ -75,6 +97,11 @@ def load_local_dataset(path: str | os.PathLike, *, hub_name: str | None = None):
   if not os.path.exists(path):
     hint = how_to_get(hub_name) if hub_name else 'pass the path of a local copy'
     raise DatasetNotFoundError(f'no dataset at {path!r}; {hint}.')
+  with quiet_progress():
+    return _read_local(datasets, path)
+
+
+def _read_local(datasets, path: str):
   if os.path.isdir(path):
     if os.path.exists(os.path.join(path, 'dataset_info.json')):
       return datasets.load_from_disk(path)
@@ -107,8 +134,10 @@ def partition_rows(dataset, partitioner) -> list[np.ndarray]:
 
   A row-index column is added first, so each partition's rows are read as one column, not re-materialized.
   """
-  partitioner.dataset = dataset.add_column(ROW, np.arange(len(dataset)))
-  return [np.sort(np.asarray(partitioner.load_partition(i)[ROW], np.int64)) for i in range(partitioner.num_partitions)]
+  with quiet_progress():
+    partitioner.dataset = dataset.add_column(ROW, np.arange(len(dataset)))
+    return [np.sort(np.asarray(partitioner.load_partition(i)[ROW], np.int64))
+            for i in range(partitioner.num_partitions)]
 
 
 def natural_partition(dataset, column: str) -> tuple[list[str], list[np.ndarray]]:
