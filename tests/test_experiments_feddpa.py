@@ -261,3 +261,15 @@ def test_a_dolly_file_is_a_feddpa_dataset_one_client_per_category(capsys, tmp_pa
   path.write_text(''.join(json.dumps(r) + '\n' for r in records[:300]))   # 150 per category: not more than 200
   err = _one_line_error(capsys, ['--data', str(path), '--config', 'smoke', '--out', str(tmp_path / 'run')])
   assert "category 'open_qa' has 150 records, not more than test_per_category=200" in err
+
+
+def test_clients_without_loss_tokens_are_found_at_a_short_cutoff():
+  """At the smoke config's former 48-token cutoff, Dataset 1's clients 1, 4 and 7 keep no response token in their
+  first 4 examples (their prompts fill it); at its 80 tokens every client trains."""
+  from fedjax_adapters.data import feddpa as fdata  # pylint: disable=g-import-not-at-top
+  from fedjax_adapters.experiments import feddpa_run  # pylint: disable=g-import-not-at-top
+  from fedjax_adapters.experiments.configs.feddpa import CONFIGS  # pylint: disable=g-import-not-at-top
+  from fedjax_adapters.models.llama_loaders import load_tokenizer, smollm2_gguf_path  # pylint: disable=g-import-not-at-top
+  tokenizer, data = load_tokenizer(smollm2_gguf_path()), fdata.load_feddpa(DATA)
+  assert feddpa_run.clients_without_loss_tokens(tokenizer, data, CONFIGS['smoke'].replace(max_length=48)) == [1, 4, 7]
+  assert feddpa_run.clients_without_loss_tokens(tokenizer, data, CONFIGS['smoke']) == []
