@@ -92,9 +92,37 @@ def test_peft_export_writes_every_method(smoke):
   _, peft, _ = smoke
   for m in METHODS:
     manifest = json.loads((peft / m / 'manifest.json').read_text())
-    assert manifest
+    assert manifest['base'] == str((peft / 'base').resolve())
   assert (peft / 'fedit' / 'global' / 'adapter_config.json').exists()
   assert (peft / 'local' / 'local' / 'client_2' / 'adapter_model.safetensors').exists()
+  assert {p.name for p in (peft / 'base').iterdir()} >= {'config.json', 'model.safetensors', 'tokenizer.json'}
+
+
+def test_peft_export_serves_offline_with_auto_peft_model(smoke, monkeypatch):
+  """The exported folders name their base, written once beside them: AutoPeftModelForCausalLM loads them with the
+  hub switched off, and their logits are the trained JAX model's."""
+  import huggingface_hub  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  from peft import AutoPeftModelForCausalLM  # pylint: disable=g-import-not-at-top
+  from fedjax_adapters import interop  # pylint: disable=g-import-not-at-top
+  from fedjax_adapters.experiments import feddpa_run  # pylint: disable=g-import-not-at-top
+  from fedjax_adapters.experiments.configs.feddpa import CONFIGS  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
+  out, peft, _ = smoke
+  ids = np.array([[1, 523, 2915, 28, 1789, 30, 198]])
+  base, _ = feddpa_run.load_base(CONFIGS['smoke'])
+  alg = feddpa_run.build_algorithm('feddpa_t', CONFIGS['smoke'], base)
+  init = alg.init(jax.random.key(0), 8)
+  with checkpoint.Manager(out / 'checkpoints' / 'feddpa_t' / 'seed0') as ckpts:
+    state = ckpts.restore(ckpts.latest_step(), like=init._replace(frozen=()))._replace(frozen=init.frozen)
+  mdef, parts, local, _ = interop.feddpa_parts(alg, state)
+  parts = {**parts, 'local': jax.tree.map(lambda a: a[3], local)}
+  for folder, (gw, lw) in (('global', (1.0, 0.0)), ('local/client_3', (0.0, 1.0))):
+    expected, _ = mdef.apply(parts, ids, np.ones_like(ids), global_weight=gw, local_weight=lw)
+    model = AutoPeftModelForCausalLM.from_pretrained(str(peft / 'feddpa_t' / folder), dtype=torch.float32)
+    with torch.no_grad():
+      got = model(input_ids=torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(got, np.asarray(expected), atol=1e-4, rtol=0, err_msg=folder)
 
 
 def _start(data, out):
@@ -245,3 +273,27 @@ def test_help_imports_no_jax():
           'if m in sys.modules]; '
           'assert not heavy, heavy')
   subprocess.run([sys.executable, '-c', code], cwd=ROOT, check=True)
+
+
+def test_a_dolly_file_is_a_feddpa_dataset_one_client_per_category(capsys, tmp_path):
+  from fedjax_adapters.experiments.configs.feddpa import CONFIGS  # pylint: disable=g-import-not-at-top
+  records = [{'instruction': f'Q{i}', 'context': '', 'response': f'A{i}', 'category': c}
+             for i in range(250) for c in ('open_qa', 'summarization')]
+  path = tmp_path / 'databricks-dolly-15k.jsonl'
+  path.write_text(''.join(json.dumps(r) + '\n' for r in records))
+  assert exp.check_data(str(path), CONFIGS['smoke']) == str(path)
+  path.write_text(''.join(json.dumps(r) + '\n' for r in records[:300]))   # 150 per category: not more than 200
+  err = _one_line_error(capsys, ['--data', str(path), '--config', 'smoke', '--out', str(tmp_path / 'run')])
+  assert "category 'open_qa' has 150 records, not more than test_per_category=200" in err
+
+
+def test_clients_without_loss_tokens_are_found_at_a_short_cutoff():
+  """At the smoke config's former 48-token cutoff, Dataset 1's clients 1, 4 and 7 keep no response token in their
+  first 4 examples (their prompts fill it); at its 80 tokens every client trains."""
+  from fedjax_adapters.data import feddpa as fdata  # pylint: disable=g-import-not-at-top
+  from fedjax_adapters.experiments import feddpa_run  # pylint: disable=g-import-not-at-top
+  from fedjax_adapters.experiments.configs.feddpa import CONFIGS  # pylint: disable=g-import-not-at-top
+  from fedjax_adapters.models.llama_loaders import load_tokenizer, smollm2_gguf_path  # pylint: disable=g-import-not-at-top
+  tokenizer, data = load_tokenizer(smollm2_gguf_path()), fdata.load_feddpa(DATA)
+  assert feddpa_run.clients_without_loss_tokens(tokenizer, data, CONFIGS['smoke'].replace(max_length=48)) == [1, 4, 7]
+  assert feddpa_run.clients_without_loss_tokens(tokenizer, data, CONFIGS['smoke']) == []

@@ -323,7 +323,8 @@ def test_config_validation_names_the_setting():
       configs.validate(dataclasses.replace(task, **{field: value}))
 
 
-@pytest.mark.parametrize('name', sorted(n for n, t in configs.TASKS.items() if t.dataset != 'synthetic'))
+@pytest.mark.parametrize('name', sorted(n for n, t in configs.TASKS.items()
+                                         if t.dataset not in ('synthetic',) + configs.NATURAL_DATASETS))
 def test_every_smoke_task_loads_shifted_random_data(name):
   task = configs.smoke(configs.TASKS[name])
   data = floral_tasks.load_data(task, 0)

@@ -142,3 +142,17 @@ def test_per_prompt_weights_in_peft_equal_the_batched_jax_forward(trained):
   other, _ = mdef.apply(parts, jnp.asarray(batch.input_ids), jnp.asarray(batch.attention_mask),
                         global_weight=1.0 - jnp.asarray(weights), local_weight=jnp.asarray(weights))
   assert np.abs(np.asarray(other) - expected)[batch.attention_mask.astype(bool)].max() > 1e-3  # weights matter
+
+  # The documented reset: afterwards the global adapter alone is the global adapter again; without it, it is not.
+  ids = torch.tensor(batch.input_ids[1][batch.attention_mask[1].astype(bool)][None].astype(np.int64))
+  only_global, _ = mdef.apply(parts, jnp.asarray(ids.numpy(), jnp.int32), jnp.ones(ids.shape, jnp.int32),
+                              global_weight=1.0, local_weight=0.0)
+
+  def global_logits():
+    model.set_adapter('global')
+    with torch.no_grad():
+      return model(input_ids=ids).logits[0].numpy()
+
+  assert np.abs(global_logits() - np.asarray(only_global)[0]).max() > 1e-3  # still at the last prompt's weight
+  namespace['reset_feddpa_weight'](model)
+  np.testing.assert_allclose(global_logits(), np.asarray(only_global)[0], atol=1e-4, rtol=0)

@@ -98,11 +98,12 @@ class FedDPAData:
     if per_category < 1:
       raise ValueError(f'per_category must be at least 1, got {per_category}.')
     keep = np.sort(np.concatenate([idx[:per_category] for idx in self.test_indices.values()]))
-    return _assemble(self.train, tuple(self.test[i] for i in keep), self.client_tasks, self.client_categories)
+    return assemble(self.train, tuple(self.test[i] for i in keep), self.client_tasks, self.client_categories)
 
 
-def _assemble(train, test, client_tasks, client_categories) -> FedDPAData:
-  """Builds `FedDPAData`, grouping the test pool by category in client order."""
+def assemble(train, test, client_tasks, client_categories) -> FedDPAData:
+  """Builds `FedDPAData` from per-client training examples and a test pool, grouping the pool by category in client
+  order (every test category must be some client's)."""
   order = list(dict.fromkeys(client_categories))
   groups: dict[str, list[int]] = {c: [] for c in order}
   for i, ex in enumerate(test):
@@ -230,7 +231,7 @@ def load_feddpa(folder: str, *, num_clients: int = 8, test_file: str | None = No
   _check_task_groups(train, test, client_categories, test_path, problems)
   if problems:
     raise _layout_error(folder, num_clients, problems)
-  return _assemble(train, test, client_tasks, client_categories)
+  return assemble(train, test, client_tasks, client_categories)
 
 
 def _read_client(path: str, k: int, problems: list[str]):

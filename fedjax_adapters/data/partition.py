@@ -10,10 +10,13 @@ The FLoRAL tasks (reference notes §3) give client ``k`` the ground-truth cluste
 * ``*_reduced``: each client keeps 5% of its training examples (at least 10); test sets stay whole.
 
 Every client has its own test split with its cluster's transform. Index-level functions (``iid_partition``,
-``dirichlet_label_partition``, ``concept_shift_partition``, ``cifar100_cluster_partition``) return per-client index
-arrays; the ``*_dataset`` functions gather and transform the examples into a padded
-:class:`~fedjax_adapters.data.federated.FederatedDataset`. All randomness comes from ``numpy.random.Generator``s, so
-a seed fixes the partition bit for bit.
+``concept_shift_partition``, ``cifar100_cluster_partition``) return per-client index arrays; the ``*_dataset``
+functions gather and transform the examples into a padded :class:`~fedjax_adapters.data.federated.FederatedDataset`.
+All randomness comes from ``numpy.random.Generator``s, so a seed fixes the partition bit for bit.
+
+These are FLoRAL's own constructions, kept so the README's numbers stay reproducible. Generic label-skew splits
+(Dirichlet, pathological) come from ``flwr-datasets`` instead: ``fedjax_adapters.data.natural.label_skew_partition``.
+None of them runs inside the compiled round; they all build the data once, on the host.
 """
 from __future__ import annotations
 
@@ -68,47 +71,6 @@ def iid_partition(n: int, num_clients: int, rng: np.random.Generator) -> list[np
   if n < 0:
     raise ValueError(f'n must be non-negative, got {n}.')
   return [np.asarray(s, dtype=np.int64) for s in np.array_split(rng.permutation(n), num_clients)]
-
-
-def dirichlet_label_partition(labels: np.ndarray, num_clients: int, alpha: float, rng: np.random.Generator, *,
-                              min_size: int = 0, max_tries: int = 100) -> list[np.ndarray]:
-  """Label-skewed partition: each class is spread over the clients with proportions drawn from Dir(alpha).
-
-  Small ``alpha`` gives each client few classes; large ``alpha`` approaches an IID split.
-
-  Args:
-    labels: ``[N]`` integer labels.
-    num_clients: number of clients ``K``.
-    alpha: Dirichlet concentration (> 0), the same for every client.
-    rng: source of the proportions and shuffles.
-    min_size: redraw all proportions until every client has at least this many examples.
-    max_tries: give up (ValueError) after this many draws.
-
-  Returns:
-    ``K`` int64 index arrays (each shuffled); together they hold every index in ``range(N)`` exactly once.
-  """
-  labels = np.asarray(labels)
-  num_clients = _check_positive('num_clients', num_clients)
-  if labels.ndim != 1:
-    raise ValueError(f'labels must be one-dimensional, got shape {labels.shape}.')
-  if not alpha > 0:
-    raise ValueError(f'alpha must be positive, got {alpha}.')
-  if min_size * num_clients > len(labels):
-    raise ValueError(f'min_size={min_size} for {num_clients} clients needs {min_size * num_clients} examples, '
-                     f'but there are {len(labels)}.')
-  for _ in range(max_tries):
-    shares = [[] for _ in range(num_clients)]
-    for cls in np.unique(labels):
-      idx = rng.permutation(np.flatnonzero(labels == cls))
-      p = rng.dirichlet(np.full(num_clients, float(alpha)))
-      cuts = np.round(np.cumsum(p)[:-1] * len(idx)).astype(np.int64)
-      for k, part in enumerate(np.split(idx, cuts)):
-        shares[k].append(part)
-    out = [rng.permutation(np.concatenate(s)).astype(np.int64) for s in shares]
-    if min(len(s) for s in out) >= min_size:
-      return out
-  raise ValueError(f'dirichlet_label_partition could not give every client min_size={min_size} examples in '
-                   f'{max_tries} draws with alpha={alpha}; lower min_size or raise alpha.')
 
 
 def cluster_assignment(num_clients: int, num_clusters: int) -> np.ndarray:

@@ -84,9 +84,10 @@ def load_tfds_arrays(name: str, split: str, *, data_dir: str | os.PathLike | Non
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (slow import, only needed here)
 
   # tfds reports a missing dataset in several ways (NotImplementedError about the TFRECORD format when no
-  # dataset_info.json exists, FileNotFoundError, its own DatasetNotFoundError); all mean "prepare it first". Any
-  # other error (a corrupt record file, a permission problem) propagates as it is.
-  missing = (NotImplementedError, FileNotFoundError, tfds.core.DatasetNotFoundError)
+  # dataset_info.json exists, FileNotFoundError, its own DatasetNotFoundError, a KeyError "splits is empty" for a
+  # version folder left without dataset_info.json by an interrupted build); all mean "prepare it first". Any other
+  # error (a corrupt record file, a permission problem) propagates as it is.
+  missing = (NotImplementedError, FileNotFoundError, KeyError, tfds.core.DatasetNotFoundError)
   try:
     source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
   except missing as e:

@@ -79,7 +79,8 @@ def _defaults(name: str) -> str:
 def build_parser() -> cli.Parser:
   p = cli.Parser(prog='python -m fedjax_adapters.experiments.feddpa', description=__doc__,
                  formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--data', default=None, help='a folder laid out like FedDPA Dataset 1 (required unless --resume)')
+  p.add_argument('--data', default=None, help='a folder laid out like FedDPA Dataset 1, or a databricks-dolly-15k '
+                 'file (.jsonl / .parquet; one client per category) (required unless --resume)')
   p.add_argument('--preset', default=None, help=f'one of: {", ".join(configs.CONFIGS)} (default: cpu)')
   p.add_argument('--methods', nargs='+', default=list(DEFAULT_METHODS),
                  help=f'subset of: {", ".join(METHODS)} (default: {" ".join(DEFAULT_METHODS)})')
@@ -181,11 +182,12 @@ def check_data(path: str | None, cfg: configs.FedDPAConfig) -> str:
   """The data folder, loaded once so a missing or malformed dataset, or a client with fewer training examples than
   the S references it must draw, fails before any training."""
   if not path:
-    raise UserError('--data is required (a folder laid out like FedDPA Dataset 1), or --resume DIR')
-  from fedjax_adapters.data import feddpa as fdata  # pylint: disable=g-import-not-at-top
+    raise UserError('--data is required (a folder laid out like FedDPA Dataset 1, or a databricks-dolly-15k '
+                    'file), or --resume DIR')
+  from fedjax_adapters.data import dolly  # pylint: disable=g-import-not-at-top
   try:
-    data = fdata.load_feddpa(path)
-  except ValueError as e:
+    data = dolly.load_instruction_data(path)
+  except (ValueError, OSError) as e:
     raise UserError(f'--data {path}: {one_line(e)}') from None
   for k, examples in enumerate(data.train):
     n = min(len(examples), cfg.train_per_client)

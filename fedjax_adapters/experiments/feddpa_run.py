@@ -33,10 +33,12 @@ from fedjax_adapters.experiments.runlib.rundir import RunDir
 from fedjax_adapters import checkpoint, experiment
 from fedjax_adapters.algorithms import feddpa as F
 from fedjax_adapters.data import feddpa as fdata
+from fedjax_adapters.data.dolly import load_instruction_data
 from fedjax_adapters.federated import client_data, make_round, sequential_clients
 from fedjax_adapters.metrics import rouge
 from fedjax_adapters.models import llama
-from fedjax_adapters.models.llama_loaders import load_gguf, load_hf_checkpoint, load_tokenizer, smollm2_gguf_path
+from fedjax_adapters.models.llama_loaders import (load_gguf, load_hf_checkpoint, load_tokenizer, save_hf_checkpoint,
+                                                  smollm2_gguf_path)
 
 RUNNER = 'feddpa'
 _PLAN_KEYS = ('methods', 'seeds', 'checkpoint_every', 'keep', 'bootstrap_samples', 'data')
@@ -138,6 +140,7 @@ class Context:
   run_dir: RunDir | None
   progress: Progress
   compiled: dict = dataclasses.field(default_factory=dict)
+  peft_base: str | None = None   # the base model folder the exported adapters name (written once per process)
 
   def jitted(self, alg: F.FedDPA) -> tuple:
     """``(embed, weights)`` of ``alg`` compiled once per algorithm: embeddings ``[B, D]`` and decoding weights."""
@@ -356,10 +359,17 @@ def open_run(plan: dict, cfg, argv: list[str], progress: Progress) -> experiment
   return experiment.Run.create(plan['out'], config, {}, **options)
 
 
+def clients_without_loss_tokens(tokenizer, data: fdata.FedDPAData, cfg) -> list[int]:
+  """The clients none of whose training sequences keeps a response token within ``cfg.max_length`` (their prompts
+  fill the cutoff): such a client has no loss and does not train."""
+  arrays = fdata.client_training_arrays(tokenizer, train_sets('fedit', data, cfg), max_length=cfg.max_length)
+  return [k for k, n in enumerate(arrays.x['loss_mask'].sum(axis=(1, 2))) if n == 0]
+
+
 def load_context(plan: dict, progress: Progress) -> Context:
   """Data (test pool cut to ``test_per_task`` per task), tokenizer, base model and the tokenized test prompts."""
   cfg = plan['cfg']
-  data = fdata.load_feddpa(plan['data'])
+  data = load_instruction_data(plan['data'])
   if cfg.test_per_task < max(len(i) for i in data.test_indices.values()):
     data = data.subset_test(cfg.test_per_task)
   t0 = time.perf_counter()
@@ -369,21 +379,44 @@ def load_context(plan: dict, progress: Progress) -> Context:
   short = {c: np.median([len(ids) for ids in answers[k]]) < 8 for k, c in enumerate(data.client_categories)}
   batches = prompt_batches(tokenizer, [fdata.build_prompt(e.instruction) for e in data.test], cfg,
                            [short[e.category] for e in data.test])
+  silent = clients_without_loss_tokens(tokenizer, data, cfg)
+  if silent:
+    progress.always(f'warning: client(s) {silent} have no response token within max_length={cfg.max_length} (their '
+                    'prompts fill it), so they do not train; raise --max-length.')
   progress.print(f'config {cfg.name}: base {cfg.model} loaded in {time.perf_counter() - t0:.0f} s; '
                  f'{data.num_clients} clients, {len(data.test)} test prompts in batches of widths '
                  f'{[int(x["input_ids"].shape[1]) for x in batches.inputs]}; devices {jax.devices()}')
   return Context(cfg, data, tokenizer, base, batches, None, progress)
 
 
+def export_base(plan: dict, ctx: Context) -> str:
+  """The base model folder every exported adapter names as ``base_model_name_or_path``.
+
+  A model given as a Hugging Face folder is named as it is. Otherwise (the shipped GGUF, or the random smoke model)
+  the base and tokenizer are written once per process to ``<export dir>/base``, so the export serves offline:
+  ``AutoPeftModelForCausalLM.from_pretrained('<export dir>/<method>/global')`` finds its base by that absolute path.
+  """
+  if ctx.peft_base is None:
+    model = ctx.cfg.model
+    if model not in configs.MODELS and os.path.isdir(model):
+      ctx.peft_base = os.path.abspath(model)
+    else:
+      folder = os.path.abspath(os.path.join(plan['export_peft'], 'base'))
+      save_hf_checkpoint(folder, ctx.base, tokenizer=ctx.tokenizer)
+      ctx.peft_base = folder
+  return ctx.peft_base
+
+
 def export_unit(plan: dict, ctx: Context, method: str, seed: int, finish, like) -> str:
-  """Writes the unit's adapters (personalized for FedDPA-F) as PEFT folders; returns the folder."""
+  """Writes the unit's adapters (personalized for FedDPA-F) as PEFT folders naming :func:`export_base`'s base;
+  returns the folder."""
   from fedjax_adapters.interop.feddpa import export_feddpa  # pylint: disable=g-import-not-at-top
   alg, personalized = finish
   with checkpoint.Manager(ctx.run_dir.checkpoint_dir(method, seed)) as ckpts:
     state = ckpts.restore(ckpts.latest_step(), like=like)
   name = method if len(plan['seeds']) == 1 else f'{method}-seed{seed}'
   folder = os.path.join(plan['export_peft'], name)
-  export_feddpa(folder, alg, personalized(state))
+  export_feddpa(folder, alg, personalized(state), base_model_name_or_path=export_base(plan, ctx))
   return folder
 
 

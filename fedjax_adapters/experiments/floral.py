@@ -105,7 +105,8 @@ def build_parser() -> cli.Parser:
                  help='one number N: seeds 0..N-1; several numbers: those seeds; A:B: seeds A..B-1 (default: 1, i.e. '
                       'seed 0); each seed repartitions the data and initializes the models')
   p.add_argument('--smoke', action='store_true', help='the task shrunk to a few clients, 2 rounds, random images')
-  p.add_argument('--data-dir', default=None, help='tensorflow_datasets directory (array_record) for MNIST / CIFAR')
+  p.add_argument('--data-dir', default=None, help='tensorflow_datasets directory (array_record) for MNIST / CIFAR; '
+                 'the folder of the local copies for femnist, shakespeare, stackoverflow_nwp, cifar100_pachinko')
   g = p.add_argument_group('run directory, checkpoints, progress')
   g.add_argument('--out', default=None, help='run directory (default: runs/<task>-<YYYYmmdd-HHMMSS>)')
   g.add_argument('--resume', metavar='DIR', default=None,
@@ -168,7 +169,12 @@ def resolve_config(args: argparse.Namespace) -> configs.FloralTask:
 
 
 def _methods(args, task) -> list[str]:
-  return cli.check_methods(args.methods or list(configs.default_methods(task)), configs.METHODS)
+  methods = cli.check_methods(args.methods or list(configs.default_methods(task)), configs.METHODS)
+  try:
+    configs.check_methods(task, methods)
+  except ValueError as e:
+    raise UserError(str(e)) from None
+  return methods
 
 
 def settings_from_config(config: dict, where: str) -> configs.FloralTask:
@@ -236,6 +242,11 @@ def make_plan(args) -> dict:
     missing = tfds_check.missing(task.dataset, plan['data_dir'], hint=hint)
     if missing:
       raise UserError(missing)
+  if task.dataset in configs.NATURAL_DATASETS and not task.smoke:
+    try:
+      configs.natural_files(task.dataset, plan['data_dir'])
+    except ValueError as e:
+      raise UserError(str(e)) from None
   cli.check_outputs(plan, task.name)
   return plan
 

