@@ -283,7 +283,7 @@ def test_a_dolly_file_is_a_feddpa_dataset_one_client_per_category(capsys, tmp_pa
   path.write_text(''.join(json.dumps(r) + '\n' for r in records))
   assert exp.check_data(str(path), CONFIGS['smoke']) == str(path)
   path.write_text(''.join(json.dumps(r) + '\n' for r in records[:300]))   # 150 per category: not more than 200
-  err = _one_line_error(capsys, ['--data', str(path), '--config', 'smoke', '--out', str(tmp_path / 'run')])
+  err = _one_line_error(capsys, ['--data', str(path), '--preset', 'smoke', '--out', str(tmp_path / 'run')])
   assert "category 'open_qa' has 150 records, not more than test_per_category=200" in err
 
 

@@ -379,6 +379,9 @@ def _natural(task: FloralTask) -> None:
     value = getattr(task, name)
     if value is not None and value < 1:
       raise ValueError(f'{name} must be >= 1 or None; got {value}.')
+
+
+def num_clusters(task: FloralTask) -> int | None:
   """``C``: the task's clusters (adaptors, ensemble members); None for an unknown synthetic task."""
   return SYNTHETIC_CLUSTERS.get(task.name) if task.dataset == 'synthetic' else task.num_clusters
 
