@@ -257,10 +257,11 @@ def test_a_diverging_method_fails_loudly_and_the_json_stays_strict(capsys, tmp_p
 def test_the_rank_limits_are_those_of_the_built_models():
   """configs.MAX_RANK is what each model's smallest adapted layer takes: the Local Adaptor builds at that rank and
   refuses one more."""
-  for name in ('synthetic_linear', 'synthetic_mlp', 'mnist_offline_rotate', 'cifar10_rotate', 'cifar100'):
+  for name in ('synthetic_linear', 'synthetic_mlp', 'mnist_offline_rotate', 'cifar10_rotate', 'cifar100', 'femnist',
+               'shakespeare', 'stackoverflow_nwp'):
     task = configs.smoke(configs.TASKS[name])
     data = floral_tasks.load_data(task, 0)
-    limit = configs.MAX_RANK[task.model]
+    limit = configs.max_rank(task)
     alg = floral_tasks.build_algorithm('local_adaptor', dataclasses.replace(task, rank=limit), data)
     jax.eval_shape(lambda a=alg: a.init(jax.random.key(0), data.train.num_clients))
     with pytest.raises(ValueError, match=f'rank {limit + 1} is larger than the layer allows'):

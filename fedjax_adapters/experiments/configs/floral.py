@@ -149,7 +149,16 @@ MODELS = ('linear', 'mlp_10_20_1', 'mlp', 'cifar_cnn', 'vgg8', 'emnist_cnn', 'ne
 # The largest integer LoRA rank every adapted layer of each model takes: min(d_in, d_out) of its smallest adapted
 # layer (conv: d_in = C_in * k_w), e.g. mlp_10_20_1's last layer 20 -> 1 and vgg8's first conv 3 x 3. Checked against
 # the built models in tests/test_experiments_floral.py.
-MAX_RANK = {'linear': 3, 'mlp_10_20_1': 1, 'mlp': 10, 'cifar_cnn': 10, 'vgg8': 9}
+MAX_RANK = {'linear': 3, 'mlp_10_20_1': 1, 'mlp': 10, 'cifar_cnn': 10, 'vgg8': 9, 'emnist_cnn': 5}
+# next_token_lm: min(width 128, vocabulary) -- its embedding and head take at most the vocabulary size.
+NEXT_TOKEN_VOCABULARY = {'shakespeare': 90, 'stackoverflow': 10_004}
+
+
+def max_rank(task: 'FloralTask') -> int | None:
+  """The largest integer LoRA rank every adapted layer of ``task``'s model takes (None: not known)."""
+  if task.model == 'next_token_lm':
+    return min(128, NEXT_TOKEN_VOCABULARY.get(task.dataset, 128))
+  return MAX_RANK.get(task.model)
 # The synthetic generators' cluster counts (vision tasks set num_clusters).
 SYNTHETIC_CLUSTERS = {'synthetic_linear': 2, 'synthetic_mlp': 4}
 # The round counter is an int32; local epochs are unrolled when the round compiles (each adds its steps to the
@@ -395,7 +404,7 @@ def _plausible(task: FloralTask) -> None:
                      f'{task.num_epochs}.')
   if isinstance(task.rank, float) and not 0.0 < task.rank < 1.0:
     raise ValueError(f'rank must be an integer rank (>= 1) or a float budget in (0, 1); got {task.rank}.')
-  limit = MAX_RANK.get(task.model)
+  limit = max_rank(task)
   if isinstance(task.rank, int) and limit is not None and task.rank > limit:
     raise ValueError(f'rank {task.rank} is larger than model {task.model!r} allows: its smallest adapted layer takes '
                      f'at most rank {limit}.')
