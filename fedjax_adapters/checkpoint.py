@@ -113,11 +113,34 @@ def _restore_dir(path: str, like: Any) -> Any:
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
   try:
     with ocp.StandardCheckpointer() as ckptr:
+      _check_saved_arrays(ckptr.metadata(path).item_metadata.tree, abstract)
       restored = ckptr.restore(path, abstract)
   except Exception as e:  # orbax raises many types for truncated or mismatched checkpoints
     raise ValueError(f'checkpoint at {path} could not be restored into the expected state '
                      f'({type(e).__name__}: {e})') from None
   return _from_saveable(restored, like)
+
+
+def _check_saved_arrays(saved: Any, abstract: Any) -> None:
+  """Raises ValueError when the saved tree's paths, shapes or dtypes differ from ``abstract``'s.
+
+  Checked from the metadata before any array is read: a restore that fails half way leaves orbax's pending reads
+  to fail again after its event loop has closed ("Event loop is closed" at a later garbage collection).
+  """
+  def leaves(tree):  # orbax saves named tuples and lists as dicts with string keys: compare names only
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {'/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path): leaf
+            for path, leaf in flat}
+
+  saved_leaves, want_leaves = leaves(saved), leaves(abstract)
+  if saved_leaves.keys() != want_leaves.keys():
+    missing = sorted(want_leaves.keys() - saved_leaves.keys())
+    extra = sorted(saved_leaves.keys() - want_leaves.keys())
+    raise ValueError(f'the saved entries differ: missing {missing[:5]}, unexpected {extra[:5]}')
+  for name, want in want_leaves.items():
+    got = saved_leaves[name]
+    if tuple(got.shape) != tuple(want.shape) or np.dtype(got.dtype) != np.dtype(want.dtype):
+      raise ValueError(f'{name} is saved as {got.dtype}{list(got.shape)}, expected {want.dtype}{list(want.shape)}')
 
 
 def _is_complete(path: str) -> bool:

@@ -170,6 +170,21 @@ def test_mlflow_file_store_holds_every_round(tracked):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def _read_all(fd: int) -> str:
+  """Everything written to a pty whose other end is closed (one read may return only part of it)."""
+  chunks = []
+  while True:
+    try:
+      chunk = os.read(fd, 65536)
+    except OSError:   # EIO: the other end is closed and the buffer is drained
+      break
+    if not chunk:
+      break
+    chunks.append(chunk)
+  os.close(fd)
+  return b''.join(chunks).decode()
+
+
 def test_a_terminal_without_width_gets_plain_lines():
   leader, follower = pty.openpty()
   fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack('HHHH', 24, 0, 0, 0))  # 24 rows, 0 columns
@@ -180,8 +195,7 @@ def test_a_terminal_without_width_gets_plain_lines():
     for r in range(1, 11):
       bar.update(r, {'loss': '1'})
     bar.close()
-  text = os.read(leader, 65536).decode()
-  os.close(leader)
+  text = _read_all(leader)
   assert 'm seed 0: round 10/10 (100 %)' in text and '\r' not in text.replace('\r\n', '\n')
   live = io.StringIO()
   bar = Progress(stream=live, columns=60).bar('m seed 0', 10)
