@@ -40,7 +40,9 @@ from flax import nnx
 _MASK_VALUE = float(jnp.finfo(jnp.float32).min)
 
 
-MODEL_TYPES = ('llama', 'qwen2', 'mistral')
+MODEL_TYPES = ('llama', 'qwen2', 'qwen3', 'mistral')
+# Model types whose attention RMS-normalizes each query and key head (``q_norm``, ``k_norm``) before the rotation.
+QK_NORM_MODEL_TYPES = ('qwen3',)
 ROPE_TYPES = ('linear', 'llama3')
 LAYER_TYPES = ('full_attention', 'sliding_attention')
 _LLAMA3_KEYS = ('low_freq_factor', 'high_freq_factor', 'original_max_position_embeddings')
@@ -128,7 +130,7 @@ class LlamaConfig:
       so a float64 model computes in float64 throughout).
     param_dtype: dtype of the parameters.
     model_type: the Hugging Face class the config corresponds to: ``'llama'`` (LlamaForCausalLM), ``'qwen2'``
-      (Qwen2ForCausalLM: q/k/v biases) or ``'mistral'`` (MistralForCausalLM: optional sliding window).
+      (Qwen2ForCausalLM: q/k/v biases), ``'qwen3'`` (Qwen3ForCausalLM: RMSNorm on each q / k head) or ``'mistral'`` (MistralForCausalLM: optional sliding window).
     attention_bias: biases on q_proj, k_proj and v_proj. None: the model type's (True for qwen2, else False).
     attention_out_bias: a bias on o_proj. None: the model type's (llama: same as ``attention_bias``, else False).
     mlp_bias: biases on gate_proj, up_proj and down_proj (llama only).
@@ -190,6 +192,11 @@ class LlamaConfig:
     return self.num_attention_heads // self.num_key_value_heads
 
   @property
+  def qk_norm(self) -> bool:
+    """Whether attention applies RMSNorm over each query / key head before the rotation (Qwen3)."""
+    return self.model_type in QK_NORM_MODEL_TYPES
+
+  @property
   def sliding_layers(self) -> tuple[bool, ...]:
     """Per layer, whether it uses the sliding window."""
     if self.sliding_window is None:
@@ -227,14 +234,15 @@ def _fill_family_defaults(c: LlamaConfig) -> None:
   if c.attention_bias is None:
     object.__setattr__(c, 'attention_bias', c.model_type == 'qwen2')
   if c.attention_out_bias is None:
-    object.__setattr__(c, 'attention_out_bias', bool(c.attention_bias) and c.model_type == 'llama')
+    object.__setattr__(c, 'attention_out_bias', bool(c.attention_bias) and c.model_type in ('llama', 'qwen3'))
   biases = (bool(c.attention_bias), bool(c.attention_out_bias), bool(c.mlp_bias))
   allowed = {'llama': biases[0] == biases[1], 'qwen2': biases == (True, False, False),
+             'qwen3': biases[0] == biases[1] and not biases[2],
              'mistral': biases == (False, False, False)}[c.model_type]
   if not allowed:
     raise ValueError(f'model_type={c.model_type!r} cannot have attention_bias={c.attention_bias}, '
                      f'attention_out_bias={c.attention_out_bias}, mlp_bias={c.mlp_bias} (llama: q/k/v/o biased '
-                     'together, optional MLP biases; qwen2: q/k/v biases only; mistral: none).')
+                     'together, optional MLP biases; qwen2: q/k/v biases only; qwen3: q/k/v/o together; mistral: none).')
   if c.model_type == 'llama' and c.sliding_window is not None:
     raise ValueError(f'model_type=llama has no sliding window, got sliding_window={c.sliding_window}; use '
                      "model_type='mistral' or 'qwen2'.")
@@ -282,10 +290,13 @@ def config_kwargs_from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
       rope_scaling=RopeScaling.from_hf(d.get('rope_scaling')))
   if model_type == 'llama':
     kw.update(attention_bias=bool(d.get('attention_bias', False)), mlp_bias=bool(d.get('mlp_bias', False)))
-  elif model_type == 'mistral':
+  elif model_type == 'qwen3':
+    kw['attention_bias'] = bool(d.get('attention_bias', False))
+  if model_type == 'mistral':
     window = d.get('sliding_window', 4096)  # MistralConfig's default when the key is absent
     kw['sliding_window'] = None if window is None else int(window)
-  elif d.get('use_sliding_window') and d.get('sliding_window') is not None:  # qwen2, as Qwen2Config reads it
+  elif model_type != 'llama' and d.get('use_sliding_window') and d.get('sliding_window') is not None:
+    # qwen2 / qwen3, as Qwen2Config and Qwen3Config read it
     window, layers = int(d['sliding_window']), kw['num_hidden_layers']
     first = int(d.get('max_window_layers', 28))
     types = d.get('layer_types') or ['sliding_attention' if i >= first else 'full_attention' for i in range(layers)]
@@ -297,7 +308,7 @@ def config_kwargs_from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
 def config_to_hf(c: LlamaConfig) -> dict[str, Any]:
   """The ``config.json`` dict of ``c`` for its Hugging Face class (``LlamaConfig.to_hf_dict``)."""
   d = {
-      'architectures': [{'llama': 'LlamaForCausalLM', 'qwen2': 'Qwen2ForCausalLM',
+      'architectures': [{'llama': 'LlamaForCausalLM', 'qwen2': 'Qwen2ForCausalLM', 'qwen3': 'Qwen3ForCausalLM',
                          'mistral': 'MistralForCausalLM'}[c.model_type]],
       'model_type': c.model_type,
       'vocab_size': c.vocab_size,
@@ -319,6 +330,8 @@ def config_to_hf(c: LlamaConfig) -> dict[str, Any]:
   elif c.model_type == 'mistral':
     d['sliding_window'] = c.sliding_window
   else:
+    if c.model_type == 'qwen3':
+      d['attention_bias'] = c.attention_bias
     types = list(c.layer_types or ('full_attention',) * c.num_hidden_layers)
     first = types.index('sliding_attention') if 'sliding_attention' in types else c.num_hidden_layers
     d.update(use_sliding_window=c.sliding_window is not None, sliding_window=c.sliding_window,
@@ -463,6 +476,9 @@ class LlamaAttention(nnx.Module):
     self.k_proj = linear(d, kv * dh)
     self.v_proj = linear(d, kv * dh)
     self.o_proj = linear(h * dh, d, use_bias=config.attention_out_bias)
+    if config.qk_norm:  # Qwen3: RMSNorm over each head's Dh features of q and k, before the rotation.
+      self.q_norm = _rms_norm(config, rngs, dh)
+      self.k_norm = _rms_norm(config, rngs, dh)
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
                cache_kv: tuple[jax.Array, jax.Array] | None = None, cache_index: jax.Array | None = None,
@@ -486,6 +502,8 @@ class LlamaAttention(nnx.Module):
     q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
     k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
     v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    if hasattr(self, 'q_norm'):
+      q, k = self.q_norm(q), self.k_norm(k)
     q = apply_rotary(q, cos, sin)
     k = apply_rotary(k, cos, sin)
     if cache_kv is not None:
@@ -516,10 +534,10 @@ class LlamaMLP(nnx.Module):
     return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def _rms_norm(config: LlamaConfig, rngs: nnx.Rngs) -> nnx.RMSNorm:
+def _rms_norm(config: LlamaConfig, rngs: nnx.Rngs, features: int | None = None) -> nnx.RMSNorm:
   # nnx.RMSNorm computes x * rsqrt(mean(x^2) + eps) * scale with float32 statistics: LLaMA's formula. Using the
   # stock module (parameter `scale`) lets norm adaptors target it by type.
-  return nnx.RMSNorm(config.hidden_size, epsilon=config.rms_norm_eps, dtype=config.dtype,
+  return nnx.RMSNorm(features or config.hidden_size, epsilon=config.rms_norm_eps, dtype=config.dtype,
                      param_dtype=config.param_dtype, rngs=rngs)
 
 

@@ -62,6 +62,9 @@ def hf_param_table(config: LlamaConfig) -> list[tuple[str, tuple[str | int, ...]
       table.append((f'{prefix}.{sub}.{proj}.weight', ('model', 'layers', i, sub, proj, 'kernel'), True))
       if biased:
         table.append((f'{prefix}.{sub}.{proj}.bias', ('model', 'layers', i, sub, proj, 'bias'), False))
+    if config.qk_norm:
+      for norm in ('q_norm', 'k_norm'):
+        table.append((f'{prefix}.self_attn.{norm}.weight', ('model', 'layers', i, 'self_attn', norm, 'scale'), False))
     for norm in ('input_layernorm', 'post_attention_layernorm'):
       table.append((f'{prefix}.{norm}.weight', ('model', 'layers', i, norm, 'scale'), False))
   table.append(('model.norm.weight', ('model', 'norm', 'scale'), False))
