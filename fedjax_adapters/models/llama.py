@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fedjax_adapters.models import rope_scaling
+
 # A large negative number instead of -inf for masked attention scores: a row with every key masked (a padding query)
 # then gets a uniform softmax instead of NaNs, and NaNs never leak into real rows through later layers.
 _MASK_VALUE = float(jnp.finfo(jnp.float32).min)
@@ -43,9 +45,13 @@ _MASK_VALUE = float(jnp.finfo(jnp.float32).min)
 MODEL_TYPES = ('llama', 'qwen2', 'qwen3', 'mistral')
 # Model types whose attention RMS-normalizes each query and key head (``q_norm``, ``k_norm``) before the rotation.
 QK_NORM_MODEL_TYPES = ('qwen3',)
-ROPE_TYPES = ('linear', 'llama3')
+ROPE_TYPES = ('linear', 'llama3', 'yarn', 'dynamic')
 LAYER_TYPES = ('full_attention', 'sliding_attention')
 _LLAMA3_KEYS = ('low_freq_factor', 'high_freq_factor', 'original_max_position_embeddings')
+_YARN_KEYS = ('original_max_position_embeddings', 'beta_fast', 'beta_slow', 'mscale', 'mscale_all_dim',
+              'attention_factor', 'truncate')
+# The optional keys each rope type reads from ``rope_scaling`` (besides ``factor``).
+_ROPE_KEYS = {'linear': (), 'dynamic': (), 'llama3': _LLAMA3_KEYS, 'yarn': _YARN_KEYS}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,13 +66,29 @@ class RopeScaling:
     factor: the scaling factor (> 0).
     low_freq_factor: llama3 only.
     high_freq_factor: llama3 only (> low_freq_factor).
-    original_max_position_embeddings: llama3 only, the pretraining context length.
+    original_max_position_embeddings: llama3 and yarn, the pretraining context length (yarn: None means the
+      model's ``max_position_embeddings``, as transformers reads it).
+    beta_fast, beta_slow: yarn only (defaults 32 and 1): dims turning more than ``beta_fast`` times over the
+      original context keep their frequency, those under ``beta_slow`` turns are divided by ``factor``, a ramp between.
+    mscale, mscale_all_dim, attention_factor: yarn only: the factor on the rotary cos / sin is ``attention_factor``,
+      else ``mscale(factor, mscale) / mscale(factor, mscale_all_dim)`` when both are set, else
+      ``0.1 ln(factor) + 1``.
+    truncate: yarn only (default True): round the ramp's ends to whole dims.
+
+  ``'yarn'`` is YaRN (Qwen2.5 / Qwen3 long context); ``'dynamic'`` is dynamic NTK scaling: beyond
+  ``max_position_embeddings`` positions the rope base grows with the largest position of the forward call.
   """
   rope_type: str
   factor: float
   low_freq_factor: float | None = None
   high_freq_factor: float | None = None
   original_max_position_embeddings: int | None = None
+  beta_fast: float | None = None
+  beta_slow: float | None = None
+  mscale: float | None = None
+  mscale_all_dim: float | None = None
+  attention_factor: float | None = None
+  truncate: bool | None = None
 
   def __post_init__(self):
     if self.rope_type not in ROPE_TYPES:
@@ -81,8 +103,10 @@ class RopeScaling:
       if not 0 < self.low_freq_factor < self.high_freq_factor:
         raise ValueError(f'llama3 rope_scaling needs 0 < low_freq_factor < high_freq_factor, got '
                          f'{self.low_freq_factor!r} and {self.high_freq_factor!r}.')
-    elif any(given):
-      raise ValueError(f'linear rope_scaling takes only a factor, got {self}.')
+    extra = [k for k in _LLAMA3_KEYS + _YARN_KEYS if getattr(self, k) is not None
+             and k not in _ROPE_KEYS[self.rope_type]]
+    if extra:
+      raise ValueError(f'{self.rope_type} rope_scaling does not take {sorted(set(extra))}, got {self}.')
 
   @classmethod
   def from_hf(cls, d: Mapping[str, Any] | None) -> RopeScaling | None:
@@ -98,14 +122,13 @@ class RopeScaling:
       raise ValueError(f'rope_scaling={dict(d)!r} is not supported (types: {ROPE_TYPES}).')
     if 'factor' not in d:
       raise ValueError(f'rope_scaling={dict(d)!r} lacks a factor.')
-    extra = {k: d.get(k) for k in _LLAMA3_KEYS} if kind == 'llama3' else {}
+    extra = {k: d.get(k) for k in _ROPE_KEYS[kind]}
     return cls(kind, float(d['factor']), **extra)
 
   def to_hf(self) -> dict[str, Any]:
     """The ``config.json`` ``rope_scaling`` entry."""
     d = {'rope_type': self.rope_type, 'factor': self.factor}
-    if self.rope_type == 'llama3':
-      d.update({k: getattr(self, k) for k in _LLAMA3_KEYS})
+    d.update({k: getattr(self, k) for k in _ROPE_KEYS[self.rope_type] if getattr(self, k) is not None})
     return d
 
 
@@ -377,19 +400,29 @@ def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype: Any = None)
                  index=jnp.zeros((), jnp.int32))
 
 
-def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> jax.Array:
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None, *,
+                  max_position_embeddings: int | None = None, seq_len: jax.Array | None = None) -> jax.Array:
   """The Dh/2 inverse rotary frequencies, after ``scaling``, computed in float32 as transformers does.
 
   Plain RoPE: ``theta ** (-2i / Dh)``. Linear scaling divides them by ``factor``. Llama 3 scaling divides those of
   wavelength ``2 pi / f`` above ``original / low_freq_factor`` by ``factor``, keeps those below
   ``original / high_freq_factor``, and between the two blends ``(1 - s) f / factor + s f`` with
-  ``s = (original / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)``.
+  ``s = (original / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)``. YaRN and dynamic NTK:
+  see :mod:`fedjax_adapters.models.rope_scaling` (yarn falls back on ``max_position_embeddings`` for its original
+  context; dynamic needs it and ``seq_len``, the number of positions the forward reaches).
   """
   inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
   if scaling is None:
     return inv_freq
   if scaling.rope_type == 'linear':
     return inv_freq / scaling.factor
+  if scaling.rope_type == 'yarn':
+    original = scaling.original_max_position_embeddings or max_position_embeddings
+    return rope_scaling.yarn_inv_freq(head_dim, theta, scaling.factor, original,
+                                      beta_fast=scaling.beta_fast or 32.0, beta_slow=scaling.beta_slow or 1.0,
+                                      truncate=True if scaling.truncate is None else scaling.truncate)
+  if scaling.rope_type == 'dynamic':
+    return rope_scaling.dynamic_ntk_inv_freq(head_dim, theta, scaling.factor, max_position_embeddings, seq_len)
   original, low, high = (scaling.original_max_position_embeddings, scaling.low_freq_factor,
                          scaling.high_freq_factor)
   wavelen = 2 * math.pi / inv_freq
@@ -400,8 +433,8 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = Non
   return jnp.where(medium, blended, scaled)
 
 
-def rotary_cos_sin(positions: jax.Array, head_dim: int, theta: float, *,
-                   scaling: RopeScaling | None = None) -> tuple[jax.Array, jax.Array]:
+def rotary_cos_sin(positions: jax.Array, head_dim: int, theta: float, *, scaling: RopeScaling | None = None,
+                   max_position_embeddings: int | None = None) -> tuple[jax.Array, jax.Array]:
   """Cosines and sines of the rotary embedding in Hugging Face's "rotate_half" layout.
 
   Frequency i (of Dh/2) is ``theta ** (-2i / Dh)`` (before ``scaling``, see :func:`rope_inv_freq`); it is used by
@@ -411,14 +444,21 @@ def rotary_cos_sin(positions: jax.Array, head_dim: int, theta: float, *,
     positions: [B, T] int positions.
     head_dim: Dh.
     theta: the rope base.
-    scaling: optional rope scaling (linear or llama3); both leave the cos/sin amplitude at 1.
+    scaling: optional rope scaling; only yarn changes the cos/sin amplitude (its attention factor).
+    max_position_embeddings: the model's context length (yarn's fallback, dynamic's threshold).
 
   Returns:
     (cos, sin), each [B, T, Dh] float32.
   """
-  inv_freq = rope_inv_freq(head_dim, theta, scaling)
+  seq_len = None if scaling is None or scaling.rope_type != 'dynamic' else jnp.max(positions) + 1
+  inv_freq = rope_inv_freq(head_dim, theta, scaling, max_position_embeddings=max_position_embeddings,
+                           seq_len=seq_len)
   angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
   angles = jnp.concatenate([angles, angles], axis=-1)
+  if scaling is not None and scaling.rope_type == 'yarn':
+    amp = rope_scaling.yarn_attention_factor(scaling.factor, scaling.attention_factor, scaling.mscale,
+                                             scaling.mscale_all_dim)
+    return jnp.cos(angles) * amp, jnp.sin(angles) * amp
   return jnp.cos(angles), jnp.sin(angles)
 
 
@@ -670,7 +710,8 @@ class Llama(nnx.Module):
     if positions.shape != (b, t):
       raise ValueError(f'positions shape {positions.shape} does not match input_ids shape {(b, t)}.')
     masks = attention_masks(config, key_mask, query_slots)
-    cos, sin = rotary_cos_sin(positions, config.head_dim, config.rope_theta, scaling=config.rope_scaling)
+    cos, sin = rotary_cos_sin(positions, config.head_dim, config.rope_theta, scaling=config.rope_scaling,
+                              max_position_embeddings=config.max_position_embeddings)
 
     x = self.model.embed_tokens(input_ids)
     cache_kv = None if cache is None else (cache.k, cache.v)
