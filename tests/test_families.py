@@ -35,16 +35,24 @@ HF_FAMILIES = {
     # head_dim 16 != hidden / heads = 8, as in Qwen3 checkpoints; layer 1 slides (max_window_layers=1).
     'qwen3': (transformers.Qwen3Config, transformers.Qwen3ForCausalLM,
               dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1, tie_word_embeddings=True)),
+    # Fused qkv_proj (rows q, k, v with GQA) and gate_up_proj (rows gate, up); window on every layer.
+    'phi3': (transformers.Phi3Config, transformers.Phi3ForCausalLM, dict(sliding_window=WINDOW, pad_token_id=0)),
 }
 
 
-def _randomize_norms(hf, seed):
-  """Random RMSNorm weights (transformers initialises them to 1, which would hide a misplaced norm)."""
+def _randomize(hf, seed):
+  """Weights of unit scale (transformers' init, N(0, 0.02), gives near-constant logits that would hide mistakes):
+  norms ``1 + 0.3 N(0, 1)``, projections ``N(0, 1 / fan_in)``, embeddings and biases ``0.5 N(0, 1)``."""
   gen = torch.Generator().manual_seed(seed)
   with torch.no_grad():
     for name, p in hf.named_parameters():
+      noise = torch.randn(p.shape, generator=gen)
       if name.endswith('norm.weight'):
-        p.copy_(1 + 0.3 * torch.randn(p.shape, generator=gen))
+        p.copy_(1 + 0.3 * noise)
+      elif p.ndim == 2 and 'embed_tokens' not in name:
+        p.copy_(noise / p.shape[1] ** 0.5)
+      else:
+        p.copy_(0.5 * noise)
 
 
 def save_hf_family(family, folder, seed=0):
@@ -52,7 +60,7 @@ def save_hf_family(family, folder, seed=0):
   config_cls, model_cls, extra = HF_FAMILIES[family]
   torch.manual_seed(seed)
   hf = model_cls(config_cls(**TINY_HF, **extra, attn_implementation='eager')).eval()
-  _randomize_norms(hf, seed)
+  _randomize(hf, seed)
   hf.save_pretrained(str(folder))
   return hf
 
@@ -105,6 +113,10 @@ def test_the_family_feature_changes_the_logits(family):
   # The comparison above could pass for a feature that never acts: switching it off must move the logits.
   name, folder, hf, _, config = family
   model, _ = llama_loaders.load_hf_checkpoint(folder)  # a fresh copy: the fixture's model stays intact
+  if config.fused_projections:  # the halves of gate_up_proj swapped: the row order matters
+    for layer in model.model.layers:
+      kernel = layer.mlp.gate_up_proj.kernel
+      kernel.set_value(jnp.roll(kernel.get_value(), config.intermediate_size, axis=1))
   if config.qk_norm:
     for layer in model.model.layers:
       for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
@@ -112,7 +124,8 @@ def test_the_family_feature_changes_the_logits(family):
   assert np.abs(forward(model)[REAL] - torch_logits(hf)[REAL]).max() > 1e-2, name
 
 
-PEFT_TARGETS = {'qwen3': ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj']}
+PEFT_TARGETS = {'qwen3': ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'],
+                'phi3': ['qkv_proj', 'o_proj', 'gate_up_proj', 'down_proj']}
 
 
 def test_peft_round_trip_with_the_family_module_names(family, tmp_path):

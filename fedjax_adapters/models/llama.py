@@ -42,9 +42,13 @@ from fedjax_adapters.models import rope_scaling
 _MASK_VALUE = float(jnp.finfo(jnp.float32).min)
 
 
-MODEL_TYPES = ('llama', 'qwen2', 'qwen3', 'mistral')
+MODEL_TYPES = ('llama', 'qwen2', 'qwen3', 'mistral', 'phi3')
 # Model types whose attention RMS-normalizes each query and key head (``q_norm``, ``k_norm``) before the rotation.
 QK_NORM_MODEL_TYPES = ('qwen3',)
+# Model types with fused projections: ``qkv_proj`` (rows q, k, v) and ``gate_up_proj`` (rows gate, up).
+FUSED_MODEL_TYPES = ('phi3',)
+# Model types that slide their window on every layer.
+ALL_SLIDING_MODEL_TYPES = ('mistral', 'phi3')
 ROPE_TYPES = ('linear', 'llama3', 'yarn', 'dynamic')
 LAYER_TYPES = ('full_attention', 'sliding_attention')
 _LLAMA3_KEYS = ('low_freq_factor', 'high_freq_factor', 'original_max_position_embeddings')
@@ -220,6 +224,11 @@ class LlamaConfig:
     return self.model_type in QK_NORM_MODEL_TYPES
 
   @property
+  def fused_projections(self) -> bool:
+    """Whether attention has one ``qkv_proj`` and the MLP one ``gate_up_proj`` (Phi-3) instead of separate ones."""
+    return self.model_type in FUSED_MODEL_TYPES
+
+  @property
   def sliding_layers(self) -> tuple[bool, ...]:
     """Per layer, whether it uses the sliding window."""
     if self.sliding_window is None:
@@ -261,11 +270,11 @@ def _fill_family_defaults(c: LlamaConfig) -> None:
   biases = (bool(c.attention_bias), bool(c.attention_out_bias), bool(c.mlp_bias))
   allowed = {'llama': biases[0] == biases[1], 'qwen2': biases == (True, False, False),
              'qwen3': biases[0] == biases[1] and not biases[2],
-             'mistral': biases == (False, False, False)}[c.model_type]
+             'mistral': biases == (False, False, False), 'phi3': biases == (False, False, False)}[c.model_type]
   if not allowed:
     raise ValueError(f'model_type={c.model_type!r} cannot have attention_bias={c.attention_bias}, '
                      f'attention_out_bias={c.attention_out_bias}, mlp_bias={c.mlp_bias} (llama: q/k/v/o biased '
-                     'together, optional MLP biases; qwen2: q/k/v biases only; qwen3: q/k/v/o together; mistral: none).')
+                     'together, optional MLP biases; qwen2: q/k/v biases only; qwen3: q/k/v/o together; mistral, phi3: none).')
   if c.model_type == 'llama' and c.sliding_window is not None:
     raise ValueError(f'model_type=llama has no sliding window, got sliding_window={c.sliding_window}; use '
                      "model_type='mistral' or 'qwen2'.")
@@ -284,8 +293,8 @@ def _check_sliding_window(c: LlamaConfig) -> None:
   if len(types) != c.num_hidden_layers or any(t not in LAYER_TYPES for t in types):
     raise ValueError(f'layer_types must list one of {LAYER_TYPES} per layer ({c.num_hidden_layers}), got '
                      f'{c.layer_types!r}.')
-  if c.model_type == 'mistral' and 'full_attention' in types:
-    raise ValueError('model_type=mistral applies its sliding window to every layer; got full_attention layers.')
+  if c.model_type in ALL_SLIDING_MODEL_TYPES and 'full_attention' in types:
+    raise ValueError(f'model_type={c.model_type} applies its sliding window to every layer; got full_attention layers.')
   object.__setattr__(c, 'layer_types', types)
 
 
@@ -294,6 +303,8 @@ def config_kwargs_from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
   model_type = d.get('model_type', 'llama')
   if model_type not in MODEL_TYPES:
     raise ValueError(f'Expected a config of model_type {MODEL_TYPES}, got model_type={model_type!r}.')
+  if float(d.get('partial_rotary_factor', 1.0)) != 1.0:
+    raise ValueError(f"partial_rotary_factor={d['partial_rotary_factor']!r} is not supported (rotary on every dim only).")
   act = d.get('hidden_act', 'silu')
   if act != 'silu':
     raise ValueError(f"hidden_act={act!r} is not supported; LLaMA-family models use 'silu'.")
@@ -315,8 +326,8 @@ def config_kwargs_from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
     kw.update(attention_bias=bool(d.get('attention_bias', False)), mlp_bias=bool(d.get('mlp_bias', False)))
   elif model_type == 'qwen3':
     kw['attention_bias'] = bool(d.get('attention_bias', False))
-  if model_type == 'mistral':
-    window = d.get('sliding_window', 4096)  # MistralConfig's default when the key is absent
+  if model_type in ALL_SLIDING_MODEL_TYPES:
+    window = d.get('sliding_window', 4096 if model_type == 'mistral' else None)  # MistralConfig's / Phi3Config's
     kw['sliding_window'] = None if window is None else int(window)
   elif model_type != 'llama' and d.get('use_sliding_window') and d.get('sliding_window') is not None:
     # qwen2 / qwen3, as Qwen2Config and Qwen3Config read it
@@ -332,7 +343,7 @@ def config_to_hf(c: LlamaConfig) -> dict[str, Any]:
   """The ``config.json`` dict of ``c`` for its Hugging Face class (``LlamaConfig.to_hf_dict``)."""
   d = {
       'architectures': [{'llama': 'LlamaForCausalLM', 'qwen2': 'Qwen2ForCausalLM', 'qwen3': 'Qwen3ForCausalLM',
-                         'mistral': 'MistralForCausalLM'}[c.model_type]],
+                         'mistral': 'MistralForCausalLM', 'phi3': 'Phi3ForCausalLM'}[c.model_type]],
       'model_type': c.model_type,
       'vocab_size': c.vocab_size,
       'hidden_size': c.hidden_size,
@@ -350,8 +361,10 @@ def config_to_hf(c: LlamaConfig) -> dict[str, Any]:
   }
   if c.model_type == 'llama':
     d.update(attention_bias=c.attention_bias, mlp_bias=c.mlp_bias)
-  elif c.model_type == 'mistral':
+  elif c.model_type in ALL_SLIDING_MODEL_TYPES:
     d['sliding_window'] = c.sliding_window
+    if c.model_type == 'phi3':
+      d['pad_token_id'] = None  # Phi3Config's default (32000) would index past a smaller vocabulary
   else:
     if c.model_type == 'qwen3':
       d['attention_bias'] = c.attention_bias
@@ -512,9 +525,12 @@ class LlamaAttention(nnx.Module):
     linear = functools.partial(nnx.Linear, use_bias=config.attention_bias, dtype=config.dtype,
                                param_dtype=config.param_dtype, rngs=rngs)
     d, h, kv, dh = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    self.q_proj = linear(d, h * dh)
-    self.k_proj = linear(d, kv * dh)
-    self.v_proj = linear(d, kv * dh)
+    if config.fused_projections:  # Phi-3: one projection whose output rows are q, then k, then v.
+      self.qkv_proj = linear(d, (h + 2 * kv) * dh)
+    else:
+      self.q_proj = linear(d, h * dh)
+      self.k_proj = linear(d, kv * dh)
+      self.v_proj = linear(d, kv * dh)
     self.o_proj = linear(h * dh, d, use_bias=config.attention_out_bias)
     if config.qk_norm:  # Qwen3: RMSNorm over each head's Dh features of q and k, before the rotation.
       self.q_norm = _rms_norm(config, rngs, dh)
@@ -539,9 +555,14 @@ class LlamaAttention(nnx.Module):
       ([B, T, D] output, the updated whole cache (k, v) or None).
     """
     b, t, _ = x.shape
-    q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
-    k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-    v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    if hasattr(self, 'qkv_proj'):
+      q, k, v = jnp.split(self.qkv_proj(x), [self.num_heads * self.head_dim,
+                                             (self.num_heads + self.num_kv_heads) * self.head_dim], axis=-1)
+    else:
+      q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+    q = q.reshape(b, t, self.num_heads, self.head_dim)
+    k = k.reshape(b, t, self.num_kv_heads, self.head_dim)
+    v = v.reshape(b, t, self.num_kv_heads, self.head_dim)
     if hasattr(self, 'q_norm'):
       q, k = self.q_norm(q), self.k_norm(k)
     q = apply_rotary(q, cos, sin)
@@ -566,12 +587,19 @@ class LlamaMLP(nnx.Module):
   def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
     linear = functools.partial(nnx.Linear, use_bias=config.mlp_bias, dtype=config.dtype,
                                param_dtype=config.param_dtype, rngs=rngs)
-    self.gate_proj = linear(config.hidden_size, config.intermediate_size)
-    self.up_proj = linear(config.hidden_size, config.intermediate_size)
+    if config.fused_projections:  # Phi-3: one projection whose output rows are gate, then up.
+      self.gate_up_proj = linear(config.hidden_size, 2 * config.intermediate_size)
+    else:
+      self.gate_proj = linear(config.hidden_size, config.intermediate_size)
+      self.up_proj = linear(config.hidden_size, config.intermediate_size)
     self.down_proj = linear(config.intermediate_size, config.hidden_size)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    if hasattr(self, 'gate_up_proj'):
+      gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
+    else:
+      gate, up = self.gate_proj(x), self.up_proj(x)
+    return self.down_proj(jax.nn.silu(gate) * up)
 
 
 def _rms_norm(config: LlamaConfig, rngs: nnx.Rngs, features: int | None = None) -> nnx.RMSNorm:
