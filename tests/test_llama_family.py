@@ -39,7 +39,8 @@ FAMILIES = {
                                          layer_types=('full_attention', 'sliding_attention')),
     'mistral_window': dict(model_type='mistral', sliding_window=3),
     # YaRN over an original context of 256: with head_dim 16 the ramp spans dims 2..5 of 8 (transformers' rule).
-    'yarn_rope_untied': dict(rope_scaling={'rope_type': 'yarn', 'factor': 4.0, 'original_max_position_embeddings': 256}),
+    'yarn_rope_untied': dict(rope_scaling={'rope_type': 'yarn', 'factor': 4.0,
+                                           'original_max_position_embeddings': 256}),
     'yarn_deepseek_mscale': dict(rope_scaling={'rope_type': 'yarn', 'factor': 8.0, 'beta_fast': 16.0, 'mscale': 0.9,
                                                'mscale_all_dim': 0.5, 'truncate': False}, max_position_embeddings=512),
     # Positions reach 906 > 64: the dynamic NTK base grows with the largest position of the batch.

@@ -157,7 +157,8 @@ class LlamaConfig:
       so a float64 model computes in float64 throughout).
     param_dtype: dtype of the parameters.
     model_type: the Hugging Face class the config corresponds to: ``'llama'`` (LlamaForCausalLM), ``'qwen2'``
-      (Qwen2ForCausalLM: q/k/v biases), ``'qwen3'`` (Qwen3ForCausalLM: RMSNorm on each q / k head) or ``'mistral'`` (MistralForCausalLM: optional sliding window).
+      (Qwen2ForCausalLM: q/k/v biases), ``'qwen3'`` (Qwen3ForCausalLM: RMSNorm on each q / k head),
+      ``'mistral'`` (MistralForCausalLM: optional sliding window) or ``'phi3'`` (Phi3ForCausalLM: fused projections).
     attention_bias: biases on q_proj, k_proj and v_proj. None: the model type's (True for qwen2, else False).
     attention_out_bias: a bias on o_proj. None: the model type's (llama: same as ``attention_bias``, else False).
     mlp_bias: biases on gate_proj, up_proj and down_proj (llama only).
@@ -274,7 +275,8 @@ def _fill_family_defaults(c: LlamaConfig) -> None:
   if not allowed:
     raise ValueError(f'model_type={c.model_type!r} cannot have attention_bias={c.attention_bias}, '
                      f'attention_out_bias={c.attention_out_bias}, mlp_bias={c.mlp_bias} (llama: q/k/v/o biased '
-                     'together, optional MLP biases; qwen2: q/k/v biases only; qwen3: q/k/v/o together; mistral, phi3: none).')
+                     'together, optional MLP biases; qwen2: q/k/v biases only; qwen3: q/k/v/o together; '
+                     'mistral, phi3: none).')
   if c.model_type == 'llama' and c.sliding_window is not None:
     raise ValueError(f'model_type=llama has no sliding window, got sliding_window={c.sliding_window}; use '
                      "model_type='mistral' or 'qwen2'.")
@@ -304,7 +306,8 @@ def config_kwargs_from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
   if model_type not in MODEL_TYPES:
     raise ValueError(f'Expected a config of model_type {MODEL_TYPES}, got model_type={model_type!r}.')
   if float(d.get('partial_rotary_factor', 1.0)) != 1.0:
-    raise ValueError(f"partial_rotary_factor={d['partial_rotary_factor']!r} is not supported (rotary on every dim only).")
+    raise ValueError(
+        f"partial_rotary_factor={d['partial_rotary_factor']!r} is not supported (rotary on every dim only).")
   act = d.get('hidden_act', 'silu')
   if act != 'silu':
     raise ValueError(f"hidden_act={act!r} is not supported; LLaMA-family models use 'silu'.")
