@@ -114,7 +114,7 @@ def test_config_from_hf_dict_and_errors():
   assert (config.head_dim, config.num_key_value_heads, config.rope_theta) == (8, 2, 1e5)
   assert LlamaConfig.from_hf_dict(config.to_hf_dict()) == config
   with pytest.raises(ValueError, match='rope_scaling'):
-    LlamaConfig.from_hf_dict({**TINY, 'rope_scaling': {'rope_type': 'dynamic', 'factor': 2.0}})
+    LlamaConfig.from_hf_dict({**TINY, 'rope_scaling': {'rope_type': 'longrope', 'factor': 2.0}})
   with pytest.raises(ValueError, match='num_key_value_heads=3'):
     LlamaConfig(**{**TINY, 'num_key_value_heads': 3})
 

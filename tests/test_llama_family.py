@@ -15,7 +15,8 @@ from flax import nnx
 from transformers import AutoModelForCausalLM
 
 from fedjax_adapters.models import llama_loaders
-from fedjax_adapters.models.llama import (Llama, LlamaConfig, RopeScaling, greedy_decode, rope_inv_freq)
+from fedjax_adapters.models.llama import (Llama, LlamaConfig, RopeScaling, greedy_decode, rope_inv_freq,
+                                          rotary_cos_sin)
 from llama_testing import llama_cpp_rope_freqs, random_llama, write_gguf
 
 TINY = dict(vocab_size=48, hidden_size=64, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -37,6 +38,14 @@ FAMILIES = {
     'qwen2_bias_window_on_layer_1': dict(model_type='qwen2', tie_word_embeddings=True, sliding_window=3,
                                          layer_types=('full_attention', 'sliding_attention')),
     'mistral_window': dict(model_type='mistral', sliding_window=3),
+    # YaRN over an original context of 256: with head_dim 16 the ramp spans dims 2..5 of 8 (transformers' rule).
+    'yarn_rope_untied': dict(rope_scaling={'rope_type': 'yarn', 'factor': 4.0,
+                                           'original_max_position_embeddings': 256}),
+    'yarn_deepseek_mscale': dict(rope_scaling={'rope_type': 'yarn', 'factor': 8.0, 'beta_fast': 16.0, 'mscale': 0.9,
+                                               'mscale_all_dim': 0.5, 'truncate': False}, max_position_embeddings=512),
+    # Positions reach 906 > 64: the dynamic NTK base grows with the largest position of the batch.
+    'dynamic_rope_tied': dict(rope_scaling={'rope_type': 'dynamic', 'factor': 2.0}, max_position_embeddings=64,
+                              tie_word_embeddings=True),
 }
 
 
@@ -80,6 +89,8 @@ def test_family_matches_transformers_pytorch_and_round_trips(family, tmp_path):
 
 # (family, the same config without the feature); weights are drawn identically for both.
 ABLATIONS = [('llama3_rope_tied', dict(tie_word_embeddings=True)), ('linear_rope_untied', {}),
+             ('yarn_rope_untied', {}), ('yarn_deepseek_mscale', dict(max_position_embeddings=512)),
+             ('dynamic_rope_tied', dict(max_position_embeddings=64, tie_word_embeddings=True)),
              ('qwen2_bias_window_on_layer_1', dict(model_type='qwen2', tie_word_embeddings=True)),
              ('mistral_window', dict(model_type='mistral'))]
 
@@ -149,13 +160,15 @@ def test_config_parsing_and_clear_refusals():
   assert LlamaConfig.from_hf_dict({**TINY, 'model_type': 'qwen2', 'sliding_window': 5}).sliding_window is None
   assert LlamaConfig.from_hf_dict({**TINY, 'model_type': 'mistral'}).sliding_window == 4096  # MistralConfig's
   for overrides, message in [
-      ({'rope_scaling': {'rope_type': 'yarn', 'factor': 4.0}}, "'yarn'.*not supported"),
+      ({'rope_scaling': {'rope_type': 'longrope', 'factor': 4.0}}, "'longrope'.*not supported"),
       ({'rope_scaling': {'rope_type': 'llama3', 'factor': 8.0}}, 'llama3 rope_scaling lacks'),
       ({'model_type': 'gemma'}, "model_type='gemma'"),
       ({'hidden_act': 'gelu'}, "hidden_act='gelu'"),
   ]:
     with pytest.raises(ValueError, match=message):
       LlamaConfig.from_hf_dict({**TINY, **overrides})
+  with pytest.raises(ValueError, match=r"linear rope_scaling does not take \['beta_fast'\]"):
+    RopeScaling('linear', 4.0, beta_fast=8.0)
   with pytest.raises(ValueError, match='model_type=llama has no sliding window'):
     LlamaConfig(**TINY, sliding_window=4)
   with pytest.raises(ValueError, match="model_type='mistral' cannot have attention_bias=True"):
@@ -192,3 +205,25 @@ def test_llama3_scaling_from_freq_factors_refuses_other_rules():
     llama_loaders.llama3_scaling_from_freq_factors(factors[::-1], 16, 1e4)
   with pytest.raises(ValueError, match='rope_freqs has 4 entries; head_dim=16 needs 8'):
     llama_loaders.llama3_scaling_from_freq_factors(factors[:4], 16, 1e4)
+
+
+@pytest.mark.parametrize('scaling,max_pos,seq_len', [
+    ({'rope_type': 'yarn', 'factor': 4.0, 'original_max_position_embeddings': 256}, 2048, None),
+    ({'rope_type': 'yarn', 'factor': 8.0, 'beta_fast': 16.0, 'beta_slow': 2.0, 'truncate': False}, 512, None),
+    ({'rope_type': 'yarn', 'factor': 8.0, 'mscale': 0.9, 'mscale_all_dim': 0.5}, 512, None),
+    ({'rope_type': 'yarn', 'factor': 2.0, 'attention_factor': 1.3}, 512, None),
+    ({'rope_type': 'dynamic', 'factor': 2.0}, 64, 907),
+    ({'rope_type': 'dynamic', 'factor': 2.0}, 64, 40)])  # shorter than max_position_embeddings: plain RoPE
+def test_yarn_and_dynamic_equal_transformers_rope_init_functions(scaling, max_pos, seq_len):
+  from transformers import LlamaConfig as HFLlamaConfig
+  from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+  hf_config = HFLlamaConfig(**TINY, rope_theta=1e4, max_position_embeddings=max_pos, rope_scaling=scaling)
+  kwargs = {} if seq_len is None else dict(seq_len=seq_len)
+  expected, factor = ROPE_INIT_FUNCTIONS[scaling['rope_type']](hf_config, 'cpu', **kwargs)
+  ours = RopeScaling.from_hf(scaling)
+  got = rope_inv_freq(16, 1e4, ours, max_position_embeddings=max_pos, seq_len=seq_len)
+  np.testing.assert_allclose(np.asarray(got), expected.numpy(), rtol=1e-6)
+  positions = jnp.zeros((1, 1), jnp.int32)
+  cos, _ = rotary_cos_sin(positions, 16, 1e4, scaling=ours, max_position_embeddings=max_pos)
+  np.testing.assert_allclose(np.asarray(cos)[0, 0, 0], factor, rtol=1e-6)  # cos(0) = 1, times the factor
+  assert RopeScaling.from_hf(ours.to_hf()) == ours

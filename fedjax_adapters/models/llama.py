@@ -35,15 +35,27 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fedjax_adapters.models import rope_scaling
+
 # A large negative number instead of -inf for masked attention scores: a row with every key masked (a padding query)
 # then gets a uniform softmax instead of NaNs, and NaNs never leak into real rows through later layers.
 _MASK_VALUE = float(jnp.finfo(jnp.float32).min)
 
 
-MODEL_TYPES = ('llama', 'qwen2', 'mistral')
-ROPE_TYPES = ('linear', 'llama3')
+MODEL_TYPES = ('llama', 'qwen2', 'qwen3', 'mistral', 'phi3')
+# Model types whose attention RMS-normalizes each query and key head (``q_norm``, ``k_norm``) before the rotation.
+QK_NORM_MODEL_TYPES = ('qwen3',)
+# Model types with fused projections: ``qkv_proj`` (rows q, k, v) and ``gate_up_proj`` (rows gate, up).
+FUSED_MODEL_TYPES = ('phi3',)
+# Model types that slide their window on every layer.
+ALL_SLIDING_MODEL_TYPES = ('mistral', 'phi3')
+ROPE_TYPES = ('linear', 'llama3', 'yarn', 'dynamic')
 LAYER_TYPES = ('full_attention', 'sliding_attention')
 _LLAMA3_KEYS = ('low_freq_factor', 'high_freq_factor', 'original_max_position_embeddings')
+_YARN_KEYS = ('original_max_position_embeddings', 'beta_fast', 'beta_slow', 'mscale', 'mscale_all_dim',
+              'attention_factor', 'truncate')
+# The optional keys each rope type reads from ``rope_scaling`` (besides ``factor``).
+_ROPE_KEYS = {'linear': (), 'dynamic': (), 'llama3': _LLAMA3_KEYS, 'yarn': _YARN_KEYS}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,13 +70,29 @@ class RopeScaling:
     factor: the scaling factor (> 0).
     low_freq_factor: llama3 only.
     high_freq_factor: llama3 only (> low_freq_factor).
-    original_max_position_embeddings: llama3 only, the pretraining context length.
+    original_max_position_embeddings: llama3 and yarn, the pretraining context length (yarn: None means the
+      model's ``max_position_embeddings``, as transformers reads it).
+    beta_fast, beta_slow: yarn only (defaults 32 and 1): dims turning more than ``beta_fast`` times over the
+      original context keep their frequency, those under ``beta_slow`` turns are divided by ``factor``, a ramp between.
+    mscale, mscale_all_dim, attention_factor: yarn only: the factor on the rotary cos / sin is ``attention_factor``,
+      else ``mscale(factor, mscale) / mscale(factor, mscale_all_dim)`` when both are set, else
+      ``0.1 ln(factor) + 1``.
+    truncate: yarn only (default True): round the ramp's ends to whole dims.
+
+  ``'yarn'`` is YaRN (Qwen2.5 / Qwen3 long context); ``'dynamic'`` is dynamic NTK scaling: beyond
+  ``max_position_embeddings`` positions the rope base grows with the largest position of the forward call.
   """
   rope_type: str
   factor: float
   low_freq_factor: float | None = None
   high_freq_factor: float | None = None
   original_max_position_embeddings: int | None = None
+  beta_fast: float | None = None
+  beta_slow: float | None = None
+  mscale: float | None = None
+  mscale_all_dim: float | None = None
+  attention_factor: float | None = None
+  truncate: bool | None = None
 
   def __post_init__(self):
     if self.rope_type not in ROPE_TYPES:
@@ -79,8 +107,10 @@ class RopeScaling:
       if not 0 < self.low_freq_factor < self.high_freq_factor:
         raise ValueError(f'llama3 rope_scaling needs 0 < low_freq_factor < high_freq_factor, got '
                          f'{self.low_freq_factor!r} and {self.high_freq_factor!r}.')
-    elif any(given):
-      raise ValueError(f'linear rope_scaling takes only a factor, got {self}.')
+    extra = [k for k in _LLAMA3_KEYS + _YARN_KEYS if getattr(self, k) is not None
+             and k not in _ROPE_KEYS[self.rope_type]]
+    if extra:
+      raise ValueError(f'{self.rope_type} rope_scaling does not take {sorted(set(extra))}, got {self}.')
 
   @classmethod
   def from_hf(cls, d: Mapping[str, Any] | None) -> RopeScaling | None:
@@ -96,14 +126,13 @@ class RopeScaling:
       raise ValueError(f'rope_scaling={dict(d)!r} is not supported (types: {ROPE_TYPES}).')
     if 'factor' not in d:
       raise ValueError(f'rope_scaling={dict(d)!r} lacks a factor.')
-    extra = {k: d.get(k) for k in _LLAMA3_KEYS} if kind == 'llama3' else {}
+    extra = {k: d.get(k) for k in _ROPE_KEYS[kind]}
     return cls(kind, float(d['factor']), **extra)
 
   def to_hf(self) -> dict[str, Any]:
     """The ``config.json`` ``rope_scaling`` entry."""
     d = {'rope_type': self.rope_type, 'factor': self.factor}
-    if self.rope_type == 'llama3':
-      d.update({k: getattr(self, k) for k in _LLAMA3_KEYS})
+    d.update({k: getattr(self, k) for k in _ROPE_KEYS[self.rope_type] if getattr(self, k) is not None})
     return d
 
 
@@ -128,7 +157,8 @@ class LlamaConfig:
       so a float64 model computes in float64 throughout).
     param_dtype: dtype of the parameters.
     model_type: the Hugging Face class the config corresponds to: ``'llama'`` (LlamaForCausalLM), ``'qwen2'``
-      (Qwen2ForCausalLM: q/k/v biases) or ``'mistral'`` (MistralForCausalLM: optional sliding window).
+      (Qwen2ForCausalLM: q/k/v biases), ``'qwen3'`` (Qwen3ForCausalLM: RMSNorm on each q / k head),
+      ``'mistral'`` (MistralForCausalLM: optional sliding window) or ``'phi3'`` (Phi3ForCausalLM: fused projections).
     attention_bias: biases on q_proj, k_proj and v_proj. None: the model type's (True for qwen2, else False).
     attention_out_bias: a bias on o_proj. None: the model type's (llama: same as ``attention_bias``, else False).
     mlp_bias: biases on gate_proj, up_proj and down_proj (llama only).
@@ -190,6 +220,16 @@ class LlamaConfig:
     return self.num_attention_heads // self.num_key_value_heads
 
   @property
+  def qk_norm(self) -> bool:
+    """Whether attention applies RMSNorm over each query / key head before the rotation (Qwen3)."""
+    return self.model_type in QK_NORM_MODEL_TYPES
+
+  @property
+  def fused_projections(self) -> bool:
+    """Whether attention has one ``qkv_proj`` and the MLP one ``gate_up_proj`` (Phi-3) instead of separate ones."""
+    return self.model_type in FUSED_MODEL_TYPES
+
+  @property
   def sliding_layers(self) -> tuple[bool, ...]:
     """Per layer, whether it uses the sliding window."""
     if self.sliding_window is None:
@@ -227,14 +267,16 @@ def _fill_family_defaults(c: LlamaConfig) -> None:
   if c.attention_bias is None:
     object.__setattr__(c, 'attention_bias', c.model_type == 'qwen2')
   if c.attention_out_bias is None:
-    object.__setattr__(c, 'attention_out_bias', bool(c.attention_bias) and c.model_type == 'llama')
+    object.__setattr__(c, 'attention_out_bias', bool(c.attention_bias) and c.model_type in ('llama', 'qwen3'))
   biases = (bool(c.attention_bias), bool(c.attention_out_bias), bool(c.mlp_bias))
   allowed = {'llama': biases[0] == biases[1], 'qwen2': biases == (True, False, False),
-             'mistral': biases == (False, False, False)}[c.model_type]
+             'qwen3': biases[0] == biases[1] and not biases[2],
+             'mistral': biases == (False, False, False), 'phi3': biases == (False, False, False)}[c.model_type]
   if not allowed:
     raise ValueError(f'model_type={c.model_type!r} cannot have attention_bias={c.attention_bias}, '
                      f'attention_out_bias={c.attention_out_bias}, mlp_bias={c.mlp_bias} (llama: q/k/v/o biased '
-                     'together, optional MLP biases; qwen2: q/k/v biases only; mistral: none).')
+                     'together, optional MLP biases; qwen2: q/k/v biases only; qwen3: q/k/v/o together; '
+                     'mistral, phi3: none).')
   if c.model_type == 'llama' and c.sliding_window is not None:
     raise ValueError(f'model_type=llama has no sliding window, got sliding_window={c.sliding_window}; use '
                      "model_type='mistral' or 'qwen2'.")
@@ -253,8 +295,8 @@ def _check_sliding_window(c: LlamaConfig) -> None:
   if len(types) != c.num_hidden_layers or any(t not in LAYER_TYPES for t in types):
     raise ValueError(f'layer_types must list one of {LAYER_TYPES} per layer ({c.num_hidden_layers}), got '
                      f'{c.layer_types!r}.')
-  if c.model_type == 'mistral' and 'full_attention' in types:
-    raise ValueError('model_type=mistral applies its sliding window to every layer; got full_attention layers.')
+  if c.model_type in ALL_SLIDING_MODEL_TYPES and 'full_attention' in types:
+    raise ValueError(f'model_type={c.model_type} applies its sliding window to every layer; got full_attention layers.')
   object.__setattr__(c, 'layer_types', types)
 
 
@@ -263,6 +305,9 @@ def config_kwargs_from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
   model_type = d.get('model_type', 'llama')
   if model_type not in MODEL_TYPES:
     raise ValueError(f'Expected a config of model_type {MODEL_TYPES}, got model_type={model_type!r}.')
+  if float(d.get('partial_rotary_factor', 1.0)) != 1.0:
+    raise ValueError(
+        f"partial_rotary_factor={d['partial_rotary_factor']!r} is not supported (rotary on every dim only).")
   act = d.get('hidden_act', 'silu')
   if act != 'silu':
     raise ValueError(f"hidden_act={act!r} is not supported; LLaMA-family models use 'silu'.")
@@ -282,10 +327,13 @@ def config_kwargs_from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
       rope_scaling=RopeScaling.from_hf(d.get('rope_scaling')))
   if model_type == 'llama':
     kw.update(attention_bias=bool(d.get('attention_bias', False)), mlp_bias=bool(d.get('mlp_bias', False)))
-  elif model_type == 'mistral':
-    window = d.get('sliding_window', 4096)  # MistralConfig's default when the key is absent
+  elif model_type == 'qwen3':
+    kw['attention_bias'] = bool(d.get('attention_bias', False))
+  if model_type in ALL_SLIDING_MODEL_TYPES:
+    window = d.get('sliding_window', 4096 if model_type == 'mistral' else None)  # MistralConfig's / Phi3Config's
     kw['sliding_window'] = None if window is None else int(window)
-  elif d.get('use_sliding_window') and d.get('sliding_window') is not None:  # qwen2, as Qwen2Config reads it
+  elif model_type != 'llama' and d.get('use_sliding_window') and d.get('sliding_window') is not None:
+    # qwen2 / qwen3, as Qwen2Config and Qwen3Config read it
     window, layers = int(d['sliding_window']), kw['num_hidden_layers']
     first = int(d.get('max_window_layers', 28))
     types = d.get('layer_types') or ['sliding_attention' if i >= first else 'full_attention' for i in range(layers)]
@@ -297,8 +345,8 @@ def config_kwargs_from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
 def config_to_hf(c: LlamaConfig) -> dict[str, Any]:
   """The ``config.json`` dict of ``c`` for its Hugging Face class (``LlamaConfig.to_hf_dict``)."""
   d = {
-      'architectures': [{'llama': 'LlamaForCausalLM', 'qwen2': 'Qwen2ForCausalLM',
-                         'mistral': 'MistralForCausalLM'}[c.model_type]],
+      'architectures': [{'llama': 'LlamaForCausalLM', 'qwen2': 'Qwen2ForCausalLM', 'qwen3': 'Qwen3ForCausalLM',
+                         'mistral': 'MistralForCausalLM', 'phi3': 'Phi3ForCausalLM'}[c.model_type]],
       'model_type': c.model_type,
       'vocab_size': c.vocab_size,
       'hidden_size': c.hidden_size,
@@ -316,9 +364,13 @@ def config_to_hf(c: LlamaConfig) -> dict[str, Any]:
   }
   if c.model_type == 'llama':
     d.update(attention_bias=c.attention_bias, mlp_bias=c.mlp_bias)
-  elif c.model_type == 'mistral':
+  elif c.model_type in ALL_SLIDING_MODEL_TYPES:
     d['sliding_window'] = c.sliding_window
+    if c.model_type == 'phi3':
+      d['pad_token_id'] = None  # Phi3Config's default (32000) would index past a smaller vocabulary
   else:
+    if c.model_type == 'qwen3':
+      d['attention_bias'] = c.attention_bias
     types = list(c.layer_types or ('full_attention',) * c.num_hidden_layers)
     first = types.index('sliding_attention') if 'sliding_attention' in types else c.num_hidden_layers
     d.update(use_sliding_window=c.sliding_window is not None, sliding_window=c.sliding_window,
@@ -364,19 +416,29 @@ def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype: Any = None)
                  index=jnp.zeros((), jnp.int32))
 
 
-def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> jax.Array:
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None, *,
+                  max_position_embeddings: int | None = None, seq_len: jax.Array | None = None) -> jax.Array:
   """The Dh/2 inverse rotary frequencies, after ``scaling``, computed in float32 as transformers does.
 
   Plain RoPE: ``theta ** (-2i / Dh)``. Linear scaling divides them by ``factor``. Llama 3 scaling divides those of
   wavelength ``2 pi / f`` above ``original / low_freq_factor`` by ``factor``, keeps those below
   ``original / high_freq_factor``, and between the two blends ``(1 - s) f / factor + s f`` with
-  ``s = (original / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)``.
+  ``s = (original / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)``. YaRN and dynamic NTK:
+  see :mod:`fedjax_adapters.models.rope_scaling` (yarn falls back on ``max_position_embeddings`` for its original
+  context; dynamic needs it and ``seq_len``, the number of positions the forward reaches).
   """
   inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
   if scaling is None:
     return inv_freq
   if scaling.rope_type == 'linear':
     return inv_freq / scaling.factor
+  if scaling.rope_type == 'yarn':
+    original = scaling.original_max_position_embeddings or max_position_embeddings
+    return rope_scaling.yarn_inv_freq(head_dim, theta, scaling.factor, original,
+                                      beta_fast=scaling.beta_fast or 32.0, beta_slow=scaling.beta_slow or 1.0,
+                                      truncate=True if scaling.truncate is None else scaling.truncate)
+  if scaling.rope_type == 'dynamic':
+    return rope_scaling.dynamic_ntk_inv_freq(head_dim, theta, scaling.factor, max_position_embeddings, seq_len)
   original, low, high = (scaling.original_max_position_embeddings, scaling.low_freq_factor,
                          scaling.high_freq_factor)
   wavelen = 2 * math.pi / inv_freq
@@ -387,8 +449,8 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = Non
   return jnp.where(medium, blended, scaled)
 
 
-def rotary_cos_sin(positions: jax.Array, head_dim: int, theta: float, *,
-                   scaling: RopeScaling | None = None) -> tuple[jax.Array, jax.Array]:
+def rotary_cos_sin(positions: jax.Array, head_dim: int, theta: float, *, scaling: RopeScaling | None = None,
+                   max_position_embeddings: int | None = None) -> tuple[jax.Array, jax.Array]:
   """Cosines and sines of the rotary embedding in Hugging Face's "rotate_half" layout.
 
   Frequency i (of Dh/2) is ``theta ** (-2i / Dh)`` (before ``scaling``, see :func:`rope_inv_freq`); it is used by
@@ -398,14 +460,21 @@ def rotary_cos_sin(positions: jax.Array, head_dim: int, theta: float, *,
     positions: [B, T] int positions.
     head_dim: Dh.
     theta: the rope base.
-    scaling: optional rope scaling (linear or llama3); both leave the cos/sin amplitude at 1.
+    scaling: optional rope scaling; only yarn changes the cos/sin amplitude (its attention factor).
+    max_position_embeddings: the model's context length (yarn's fallback, dynamic's threshold).
 
   Returns:
     (cos, sin), each [B, T, Dh] float32.
   """
-  inv_freq = rope_inv_freq(head_dim, theta, scaling)
+  seq_len = None if scaling is None or scaling.rope_type != 'dynamic' else jnp.max(positions) + 1
+  inv_freq = rope_inv_freq(head_dim, theta, scaling, max_position_embeddings=max_position_embeddings,
+                           seq_len=seq_len)
   angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
   angles = jnp.concatenate([angles, angles], axis=-1)
+  if scaling is not None and scaling.rope_type == 'yarn':
+    amp = rope_scaling.yarn_attention_factor(scaling.factor, scaling.attention_factor, scaling.mscale,
+                                             scaling.mscale_all_dim)
+    return jnp.cos(angles) * amp, jnp.sin(angles) * amp
   return jnp.cos(angles), jnp.sin(angles)
 
 
@@ -459,10 +528,16 @@ class LlamaAttention(nnx.Module):
     linear = functools.partial(nnx.Linear, use_bias=config.attention_bias, dtype=config.dtype,
                                param_dtype=config.param_dtype, rngs=rngs)
     d, h, kv, dh = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    self.q_proj = linear(d, h * dh)
-    self.k_proj = linear(d, kv * dh)
-    self.v_proj = linear(d, kv * dh)
+    if config.fused_projections:  # Phi-3: one projection whose output rows are q, then k, then v.
+      self.qkv_proj = linear(d, (h + 2 * kv) * dh)
+    else:
+      self.q_proj = linear(d, h * dh)
+      self.k_proj = linear(d, kv * dh)
+      self.v_proj = linear(d, kv * dh)
     self.o_proj = linear(h * dh, d, use_bias=config.attention_out_bias)
+    if config.qk_norm:  # Qwen3: RMSNorm over each head's Dh features of q and k, before the rotation.
+      self.q_norm = _rms_norm(config, rngs, dh)
+      self.k_norm = _rms_norm(config, rngs, dh)
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
                cache_kv: tuple[jax.Array, jax.Array] | None = None, cache_index: jax.Array | None = None,
@@ -483,9 +558,16 @@ class LlamaAttention(nnx.Module):
       ([B, T, D] output, the updated whole cache (k, v) or None).
     """
     b, t, _ = x.shape
-    q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
-    k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-    v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    if hasattr(self, 'qkv_proj'):
+      q, k, v = jnp.split(self.qkv_proj(x), [self.num_heads * self.head_dim,
+                                             (self.num_heads + self.num_kv_heads) * self.head_dim], axis=-1)
+    else:
+      q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+    q = q.reshape(b, t, self.num_heads, self.head_dim)
+    k = k.reshape(b, t, self.num_kv_heads, self.head_dim)
+    v = v.reshape(b, t, self.num_kv_heads, self.head_dim)
+    if hasattr(self, 'q_norm'):
+      q, k = self.q_norm(q), self.k_norm(k)
     q = apply_rotary(q, cos, sin)
     k = apply_rotary(k, cos, sin)
     if cache_kv is not None:
@@ -508,18 +590,25 @@ class LlamaMLP(nnx.Module):
   def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
     linear = functools.partial(nnx.Linear, use_bias=config.mlp_bias, dtype=config.dtype,
                                param_dtype=config.param_dtype, rngs=rngs)
-    self.gate_proj = linear(config.hidden_size, config.intermediate_size)
-    self.up_proj = linear(config.hidden_size, config.intermediate_size)
+    if config.fused_projections:  # Phi-3: one projection whose output rows are gate, then up.
+      self.gate_up_proj = linear(config.hidden_size, 2 * config.intermediate_size)
+    else:
+      self.gate_proj = linear(config.hidden_size, config.intermediate_size)
+      self.up_proj = linear(config.hidden_size, config.intermediate_size)
     self.down_proj = linear(config.intermediate_size, config.hidden_size)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    if hasattr(self, 'gate_up_proj'):
+      gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
+    else:
+      gate, up = self.gate_proj(x), self.up_proj(x)
+    return self.down_proj(jax.nn.silu(gate) * up)
 
 
-def _rms_norm(config: LlamaConfig, rngs: nnx.Rngs) -> nnx.RMSNorm:
+def _rms_norm(config: LlamaConfig, rngs: nnx.Rngs, features: int | None = None) -> nnx.RMSNorm:
   # nnx.RMSNorm computes x * rsqrt(mean(x^2) + eps) * scale with float32 statistics: LLaMA's formula. Using the
   # stock module (parameter `scale`) lets norm adaptors target it by type.
-  return nnx.RMSNorm(config.hidden_size, epsilon=config.rms_norm_eps, dtype=config.dtype,
+  return nnx.RMSNorm(features or config.hidden_size, epsilon=config.rms_norm_eps, dtype=config.dtype,
                      param_dtype=config.param_dtype, rngs=rngs)
 
 
@@ -652,7 +741,8 @@ class Llama(nnx.Module):
     if positions.shape != (b, t):
       raise ValueError(f'positions shape {positions.shape} does not match input_ids shape {(b, t)}.')
     masks = attention_masks(config, key_mask, query_slots)
-    cos, sin = rotary_cos_sin(positions, config.head_dim, config.rope_theta, scaling=config.rope_scaling)
+    cos, sin = rotary_cos_sin(positions, config.head_dim, config.rope_theta, scaling=config.rope_scaling,
+                              max_position_embeddings=config.max_position_embeddings)
 
     x = self.model.embed_tokens(input_ids)
     cache_kv = None if cache is None else (cache.k, cache.v)

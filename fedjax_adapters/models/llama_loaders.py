@@ -55,6 +55,9 @@ def hf_param_table(config: LlamaConfig) -> list[tuple[str, tuple[str | int, ...]
                  ('self_attn', 'v_proj', config.attention_bias), ('self_attn', 'o_proj', config.attention_out_bias),
                  ('mlp', 'gate_proj', config.mlp_bias), ('mlp', 'up_proj', config.mlp_bias),
                  ('mlp', 'down_proj', config.mlp_bias))
+  if config.fused_projections:  # Phi-3 (no biases)
+    projections = (('self_attn', 'qkv_proj', False), ('self_attn', 'o_proj', False),
+                   ('mlp', 'gate_up_proj', False), ('mlp', 'down_proj', False))
   table = [('model.embed_tokens.weight', ('model', 'embed_tokens', 'embedding'), False)]
   for i in range(config.num_hidden_layers):
     prefix = f'model.layers.{i}'
@@ -62,6 +65,9 @@ def hf_param_table(config: LlamaConfig) -> list[tuple[str, tuple[str | int, ...]
       table.append((f'{prefix}.{sub}.{proj}.weight', ('model', 'layers', i, sub, proj, 'kernel'), True))
       if biased:
         table.append((f'{prefix}.{sub}.{proj}.bias', ('model', 'layers', i, sub, proj, 'bias'), False))
+    if config.qk_norm:
+      for norm in ('q_norm', 'k_norm'):
+        table.append((f'{prefix}.self_attn.{norm}.weight', ('model', 'layers', i, 'self_attn', norm, 'scale'), False))
     for norm in ('input_layernorm', 'post_attention_layernorm'):
       table.append((f'{prefix}.{norm}.weight', ('model', 'layers', i, norm, 'scale'), False))
   table.append(('model.norm.weight', ('model', 'norm', 'scale'), False))

@@ -1,0 +1,155 @@
+"""Newer decoder families against transformers' PyTorch models on tiny random configs: Qwen3 (q/k RMSNorm per
+head, per-layer sliding window). Each model is made and saved by transformers (``save_pretrained``), loaded by our
+loader, and compared over a sequence longer than the sliding window (logits and greedy tokens); then PEFT LoRAs
+with the family's module names go both ways (ours exported and served by PEFT, PEFT's imported into ours).
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from fedjax_adapters import interop
+from fedjax_adapters.models import llama_loaders
+from fedjax_adapters.models.llama import LlamaConfig, greedy_decode
+from fedjax_adapters.nn import AdapterSpec
+from test_interop_peft import adapted_llama, ours, torch_base
+
+WINDOW = 4
+# Two prompts of 12 tokens (3 windows), the second left padded.
+IDS = np.array([[5, 9, 3, 17, 4, 22, 30, 11, 2, 8, 40, 6], [0, 0, 0, 7, 1, 13, 21, 33, 14, 9, 27, 3]], np.int64)
+MASK = np.array([[1] * 12, [0, 0, 0] + [1] * 9], np.int64)
+POSITIONS = np.maximum(np.cumsum(MASK, axis=-1) - 1, 0)
+REAL = MASK.astype(bool)
+# The largest |logit difference| to transformers float32 each family is held to (stated in docs/nn.md).
+ATOL = 1e-4
+
+TINY_HF = dict(vocab_size=48, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5, max_position_embeddings=64)
+HF_FAMILIES = {
+    # head_dim 16 != hidden / heads = 8, as in Qwen3 checkpoints; layer 1 slides (max_window_layers=1).
+    'qwen3': (transformers.Qwen3Config, transformers.Qwen3ForCausalLM,
+              dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1, tie_word_embeddings=True)),
+    # Fused qkv_proj (rows q, k, v with GQA) and gate_up_proj (rows gate, up); window on every layer.
+    'phi3': (transformers.Phi3Config, transformers.Phi3ForCausalLM, dict(sliding_window=WINDOW, pad_token_id=0)),
+}
+
+
+def _randomize(hf, seed):
+  """Weights of unit scale (transformers' init, N(0, 0.02), gives near-constant logits that would hide mistakes):
+  norms ``1 + 0.3 N(0, 1)``, projections ``N(0, 1 / fan_in)``, embeddings and biases ``0.5 N(0, 1)``."""
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in hf.named_parameters():
+      noise = torch.randn(p.shape, generator=gen)
+      if name.endswith('norm.weight'):
+        p.copy_(1 + 0.3 * noise)
+      elif p.ndim == 2 and 'embed_tokens' not in name:
+        p.copy_(noise / p.shape[1] ** 0.5)
+      else:
+        p.copy_(0.5 * noise)
+
+
+def save_hf_family(family, folder, seed=0):
+  """A tiny random model of ``family`` made and saved by transformers; returns the torch model (float32, eager)."""
+  config_cls, model_cls, extra = HF_FAMILIES[family]
+  torch.manual_seed(seed)
+  hf = model_cls(config_cls(**TINY_HF, **extra, attn_implementation='eager')).eval()
+  _randomize(hf, seed)
+  hf.save_pretrained(str(folder))
+  return hf
+
+
+@functools.partial(jax.jit, static_argnames='graphdef')
+def _forward_jit(graphdef, state, ids, mask, positions):
+  return nnx.merge(graphdef, state)(ids, mask, positions=positions)
+
+
+def forward(model, ids=IDS, mask=MASK, positions=POSITIONS):
+  graphdef, state = nnx.split(model)
+  return np.asarray(_forward_jit(graphdef, state, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32),
+                                 jnp.asarray(positions, jnp.int32)))
+
+
+def torch_logits(hf, ids=IDS, mask=MASK, positions=POSITIONS):
+  with torch.no_grad():
+    return hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+              position_ids=torch.tensor(positions)).logits.numpy()
+
+
+@pytest.fixture(scope='module', params=sorted(HF_FAMILIES))
+def family(request, tmp_path_factory):
+  folder = tmp_path_factory.mktemp(request.param)
+  hf = save_hf_family(request.param, folder)
+  model, config = llama_loaders.load_hf_checkpoint(folder)
+  return request.param, folder, hf, model, config
+
+
+def test_family_loads_from_transformers_and_matches_its_logits_and_greedy_tokens(family):
+  name, folder, hf, model, config = family
+  assert config.model_type == name
+  expected = torch_logits(hf)
+  diff = np.abs(forward(model)[REAL] - expected[REAL]).max()
+  assert diff < ATOL, (name, diff)
+  # Greedy decoding from the 12-token prompts (longer than the window) with the KV cache against HF's generate.
+  prompts = IDS[:1]
+  with torch.no_grad():
+    hf_tokens = hf.generate(torch.tensor(prompts), attention_mask=torch.ones_like(torch.tensor(prompts)),
+                            max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+  tokens = greedy_decode(model, jnp.asarray(prompts, jnp.int32), jnp.ones(prompts.shape, jnp.int32),
+                         max_new_tokens=6, eos_id=-1, pad_id=0)
+  np.testing.assert_array_equal(np.asarray(tokens), hf_tokens.numpy()[:, prompts.shape[1]:])
+  # Our writer gives back the same folder contents transformers wrote.
+  again = llama_loaders.save_hf_checkpoint(folder.parent / f'{name}_ours', model)
+  np.testing.assert_allclose(torch_logits(torch_base(again))[REAL], expected[REAL], atol=1e-5, rtol=0)
+
+
+def test_the_family_feature_changes_the_logits(family):
+  # The comparison above could pass for a feature that never acts: switching it off must move the logits.
+  name, folder, hf, _, config = family
+  model, _ = llama_loaders.load_hf_checkpoint(folder)  # a fresh copy: the fixture's model stays intact
+  if config.fused_projections:  # the halves of gate_up_proj swapped: the row order matters
+    for layer in model.model.layers:
+      kernel = layer.mlp.gate_up_proj.kernel
+      kernel.set_value(jnp.roll(kernel.get_value(), config.intermediate_size, axis=1))
+  if config.qk_norm:
+    for layer in model.model.layers:
+      for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+        norm.scale.set_value(jnp.ones_like(norm.scale.get_value()) * 3.0)  # RMSNorm(x) * 3 != HF's q/k norm
+  assert np.abs(forward(model)[REAL] - torch_logits(hf)[REAL]).max() > 1e-2, name
+
+
+PEFT_TARGETS = {'qwen3': ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'],
+                'phi3': ['qkv_proj', 'o_proj', 'gate_up_proj', 'down_proj']}
+
+
+def test_peft_round_trip_with_the_family_module_names(family, tmp_path):
+  name, _, _, _, config = family
+  targets = PEFT_TARGETS[name]
+  spec = AdapterSpec(target=r'.*\.(' + '|'.join(targets) + ')', rank=4, alpha=16.0, num_global=1, num_local=0,
+                     bias=False, conv=False, init='kaiming', dropout=0.0)
+  mdef, parts = adapted_llama(spec, seed=3, config=config)
+  base_dir = llama_loaders.save_hf_checkpoint(tmp_path / 'base', llama_loaders.llama_from_base_parts(config,
+                                                                                                      parts['base']))
+  mine = lambda p: ours(mdef, p, 1.0, 0.0, ids=IDS, mask=MASK)[REAL]
+  # Export: PEFT serves our adaptors under the family's module names and reproduces our logits.
+  interop.export_global_adapter(tmp_path / 'ours', parts, alpha=16.0)
+  peft_config, _ = interop.load_peft_adapter(tmp_path / 'ours')
+  assert sorted(peft_config['target_modules']) == sorted(targets)
+  served = PeftModel.from_pretrained(torch_base(base_dir), str(tmp_path / 'ours'))
+  np.testing.assert_allclose(torch_logits(served)[REAL], mine(parts), atol=ATOL, rtol=0)
+  # Import: a LoRA PEFT made on the transformers model goes into our adaptors and gives PEFT's logits.
+  torch.manual_seed(1)
+  published = get_peft_model(torch_base(base_dir), LoraConfig(r=4, lora_alpha=6, target_modules=targets,
+                                                              init_lora_weights=False))
+  published.save_pretrained(str(tmp_path / 'published'))
+  adapters = interop.import_lora(tmp_path / 'published', parts['adapters'], alpha=16.0)
+  expected = torch_logits(published)[REAL]
+  np.testing.assert_allclose(mine(dict(parts, adapters=adapters)), expected, atol=ATOL, rtol=0)
+  with published.disable_adapter():
+    assert np.abs(torch_logits(published)[REAL] - expected).max() > 1e-2  # the LoRA matters
