@@ -687,8 +687,8 @@ REMAT_POLICIES = {
 def set_remat(model: Llama, policy: str | None) -> Llama:
   """Turns activation rematerialization per decoder layer on (``policy`` in :data:`REMAT_POLICIES`) or off (None).
 
-  With remat, the backward pass recomputes each layer's activations instead of keeping them (``nnx.remat``);
-  outputs and gradients are unchanged. Applies to the Python layer loop without a KV cache (training).
+  With remat, the backward pass recomputes each layer's activations instead of keeping them;
+  outputs and gradients are unchanged (``jax.checkpoint``). Applies to the Python layer loop without a KV cache (training).
   """
   if policy is not None and policy not in REMAT_POLICIES:
     raise ValueError(f'unknown remat policy {policy!r}; expected one of {sorted(REMAT_POLICIES)} or None.')
@@ -697,10 +697,16 @@ def set_remat(model: Llama, policy: str | None) -> Llama:
 
 
 def _remat_layer(layer, x, cos, sin, mask, i, policy):
-  """``layer(x, ...)[0]`` under ``nnx.remat`` with ``REMAT_POLICIES[policy]``."""
-  fn = nnx.remat(lambda lyr, x, cos, sin, mask: lyr(x, cos, sin, mask, None, None, i)[0],
-                 policy=REMAT_POLICIES[policy])
-  return fn(layer, x, cos, sin, mask)
+  """``layer(x, ...)[0]`` under ``jax.checkpoint`` with ``REMAT_POLICIES[policy]``.
+
+  The layer goes in as (graphdef, state) so the checkpointed function is pure (as in ``_scan_layers``, a change a
+  layer makes to its own variables is dropped; the LLaMA layers and adapter wrappers make none).
+  """
+  graphdef, state = nnx.split(layer)
+
+  def run(state, x, cos, sin, mask):
+    return nnx.merge(graphdef, state)(x, cos, sin, mask, None, None, i)[0]
+  return jax.checkpoint(run, policy=REMAT_POLICIES[policy])(state, x, cos, sin, mask)
 
 
 def _cache_slots(mask: jax.Array, cache: KVCache | None) -> tuple[jax.Array, jax.Array, Any]:
