@@ -105,3 +105,12 @@ def test_quantized_base_equals_model_with_dequantized_kernels():
   mdef, parts = split_model(model)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(parts['adapters']))
   assert all(x.dtype != jnp.int8 for x in jax.tree.leaves(parts['base']))
+
+
+def test_quantizing_before_adapt_equals_quantizing_after():
+  spec = AdapterSpec(target=r'.*(q_proj|v_proj)', rank=4, num_global=1, num_local=1)
+  before = quantized.quantize_linears(random_llama(LlamaConfig(**TINY), 0))
+  adapt(before, spec, key=jax.random.key(1))
+  after = quantized.quantize_linears(adapt(random_llama(LlamaConfig(**TINY), 0), spec, key=jax.random.key(1)))
+  assert sum(isinstance(m, L.AdaptedLinear) for _, m in nnx.iter_graph(before)) == 4
+  np.testing.assert_array_equal(_forward(before), _forward(after))

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fedjax_adapters.nn.adapt import register_linear
 from fedjax_adapters.nn import layers as L
 
 _ADAPTOR_VARS = (L.GlobalAdapter, L.LocalAdapter, L.RouterLogits)
@@ -89,8 +90,13 @@ class QuantizedLinear(nnx.Module):
     return y
 
 
+register_linear(QuantizedLinear, L.AdaptedLinear)  # LoRA wraps a quantized base layer as it wraps nnx.Linear
+
+
 def quantize_linears(model: nnx.Module, *, skip: tuple[str, ...] = ('lm_head',)) -> nnx.Module:
   """Replaces every ``nnx.Linear`` in ``model`` (LoRA wrappers' bases included) by :class:`QuantizedLinear`, in place.
+
+  Works before or after :func:`fedjax_adapters.nn.adapt` (adapt wraps a :class:`QuantizedLinear` with LoRA too).
 
   Args:
     model: an NNX model, adapted or not.
