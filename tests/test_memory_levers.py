@@ -114,3 +114,14 @@ def test_quantizing_before_adapt_equals_quantizing_after():
   after = quantized.quantize_linears(adapt(random_llama(LlamaConfig(**TINY), 0), spec, key=jax.random.key(1)))
   assert sum(isinstance(m, L.AdaptedLinear) for _, m in nnx.iter_graph(before)) == 4
   np.testing.assert_array_equal(_forward(before), _forward(after))
+
+
+def test_bf16_base_computing_in_bf16_is_close_to_f32():
+  ref = _forward(_adapted())
+  model = quantized.cast_frozen(_adapted(), jnp.bfloat16, compute=True)
+  assert all(m.dtype == jnp.bfloat16 for _, m in nnx.iter_graph(model) if isinstance(m, nnx.Linear))
+  out = _forward(model)
+  assert out.dtype == jnp.float32  # logits are at least float32
+  # Stated tolerance: bf16 activations as well as weights (8 mantissa bits each); within 3% of the logits' scale.
+  err = float(jnp.max(jnp.abs(out - ref)) / jnp.max(jnp.abs(ref)))
+  assert 0 < err < 3e-2, err

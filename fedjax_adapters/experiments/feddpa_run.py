@@ -84,7 +84,7 @@ def build_algorithm(method: str, cfg, base, levers: memory.Levers | None = None)
     if levers.quantize == 'int8':
       quantized.quantize_linears(base)
     if levers.base_dtype != 'f32':
-      quantized.cast_frozen(base, memory.BASE_DTYPES[levers.base_dtype])
+      quantized.cast_frozen(base, memory.BASE_DTYPES[levers.base_dtype], compute=True)
     llama.set_remat(base, levers.remat)
   graphdef, base_state = nnx.split(base)
 

@@ -120,16 +120,24 @@ def quantize_linears(model: nnx.Module, *, skip: tuple[str, ...] = ('lm_head',))
   return model
 
 
-def cast_frozen(model: nnx.Module, dtype: Any) -> nnx.Module:
+def cast_frozen(model: nnx.Module, dtype: Any, *, compute: bool = False) -> nnx.Module:
   """Casts every base ``nnx.Param`` of ``model`` to ``dtype`` in place; adaptor variables keep their dtype.
 
   Args:
-    model: an NNX model, usually after :func:`fedjax_adapters.nn.adapt`.
+    model: an NNX model, before or after :func:`fedjax_adapters.nn.adapt` (adaptors added later take the base
+      layers' ``param_dtype``, which stays as it was: float32).
     dtype: storage dtype of the frozen base (e.g. ``jnp.bfloat16``).
+    compute: also run the base layers in ``dtype`` (their ``dtype`` attribute): no full-precision copy of the
+      weights is made for the matmuls, and activations shrink too. Without it a float32 layer promotes the stored
+      kernel to float32, which XLA may materialize for the whole base at once.
 
   Returns:
     The same model object.
   """
+  if compute:
+    for _, node in nnx.iter_graph(model):
+      if isinstance(node, nnx.Module) and not isinstance(node, L.AdaptedLayer) and getattr(node, 'dtype', None):
+        node.dtype = dtype
   for _, var in nnx.iter_graph(model):
     if isinstance(var, nnx.Param) and not isinstance(var, _ADAPTOR_VARS):
       value = var.get_value()

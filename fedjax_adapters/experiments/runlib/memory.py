@@ -51,7 +51,7 @@ def apply_levers(model: nnx.Module, levers: Levers) -> nnx.Module:
   if levers.quantize == 'int8':
     quantized.quantize_linears(model)
   if levers.base_dtype != 'f32':
-    quantized.cast_frozen(model, BASE_DTYPES[levers.base_dtype])
+    quantized.cast_frozen(model, BASE_DTYPES[levers.base_dtype], compute=True)
   llama.set_remat(model, levers.remat)
   return model
 
