@@ -42,6 +42,9 @@ RUNNER = 'feddpa'
 MAX_ROUNDS = 2 ** 31 - 1
 MAX_EPOCHS = 1000
 HIDDEN_SIZES = {'tiny': 32, 'smollm2': 576}  # the built-in models (configs.MODELS); feddpa_run.load_base builds them
+BASE_DTYPES = ('f32', 'bf16')   # runlib.memory.BASE_DTYPES (kept here: no JAX before the plan is checked)
+REMAT_POLICIES = ('full', 'dots', 'dots_no_batch')   # models.llama.REMAT_POLICIES
+QUANTIZE = ('int8',)
 METHODS = ('centralized', 'fedit', 'local', 'feddpa_t', 'feddpa_f')
 DEFAULT_METHODS = ('fedit', 'local', 'feddpa_t', 'feddpa_f')
 
@@ -108,6 +111,18 @@ def build_parser() -> cli.Parser:
   for name, (flags, kind, text) in _FLAGS.items():
     extra = {'choices': kind} if isinstance(kind, tuple) else {'type': kind}
     t.add_argument(*flags, dest=name, default=argparse.SUPPRESS, help=f'{text} ({_defaults(name)})', **extra)
+  m = p.add_argument_group('memory levers and the memory report (docs/accelerators.md)')
+  m.add_argument('--base-dtype', choices=BASE_DTYPES, default='f32',
+                 help='storage dtype of the frozen base; LoRA and AdamW state stay float32 (default: f32)')
+  m.add_argument('--remat', choices=REMAT_POLICIES, default=None,
+                 help='recompute each decoder layer in the backward pass (full: save nothing; dots: save matmuls)')
+  m.add_argument('--quantize', choices=QUANTIZE, default=None,
+                 help='int8 per-channel frozen base linears, dequantized inside the matmul (QLoRA-style)')
+  m.add_argument('--device-memory', type=cli.positive_float, default=None, metavar='GB',
+                 help="memory to fit the training step in, GB (default: the device's own; the CPU reports none)")
+  m.add_argument('--dry-run', action='store_true',
+                 help="compile one training step from abstract shapes, print XLA's memory analysis and the largest "
+                      'clients per step that fit, and exit')
   t.add_argument('--epochs', dest='num_epochs', type=cli.int_at_least(1), default=argparse.SUPPRESS,
                  action=cli.Renamed, new='--num-epochs', help=argparse.SUPPRESS)
   return p
@@ -274,10 +289,14 @@ def make_plan(args) -> dict:
               checkpoint_every=args.checkpoint_every, keep=args.keep_checkpoints,
               bootstrap_samples=args.bootstrap_samples, json=args.json, quiet=args.quiet, out=args.out,
               data=args.data, export_peft=args.export_peft, writers=cli.check_writers(args.writer))
+  plan.update(levers={'base_dtype': args.base_dtype, 'remat': args.remat, 'quantize': args.quantize},
+              dry_run=args.dry_run, device_memory=args.device_memory)
   if args.print_config:
     return plan
   plan['data'] = check_data(args.data, cfg)
   check_model(cfg)
+  if args.dry_run:
+    return plan
   if args.export_peft:
     plan['export_peft'] = cli.probe_writable_dir(args.export_peft, '--export-peft')
   cli.check_outputs(plan, f'feddpa-{cfg.name}')  # --out is created last

@@ -15,17 +15,19 @@ status.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from typing import Any, NamedTuple
 
+import gguf
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from fedjax_adapters.experiments.configs import feddpa as configs
-from fedjax_adapters.experiments.runlib import loop, strict_json
+from fedjax_adapters.experiments.runlib import loop, memory, strict_json
 from fedjax_adapters.experiments.runlib.cli import UserError
 from fedjax_adapters.experiments.runlib.environment import environment
 from fedjax_adapters.experiments.runlib.progress import Progress
@@ -36,12 +38,12 @@ from fedjax_adapters.data import feddpa as fdata
 from fedjax_adapters.data.dolly import load_instruction_data
 from fedjax_adapters.federated import client_data, make_round, sequential_clients
 from fedjax_adapters.metrics import rouge
-from fedjax_adapters.models import llama
-from fedjax_adapters.models.llama_loaders import (load_gguf, load_hf_checkpoint, load_tokenizer, save_hf_checkpoint,
+from fedjax_adapters.models import llama, quantized
+from fedjax_adapters.models.llama_loaders import (gguf_config, load_gguf, load_hf_checkpoint, load_tokenizer, save_hf_checkpoint,
                                                   smollm2_gguf_path)
 
 RUNNER = 'feddpa'
-_PLAN_KEYS = ('methods', 'seeds', 'checkpoint_every', 'keep', 'bootstrap_samples', 'data')
+_PLAN_KEYS = ('methods', 'seeds', 'checkpoint_every', 'keep', 'bootstrap_samples', 'data', 'levers')
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -74,8 +76,16 @@ def train_sets(method: str, data: fdata.FedDPAData, cfg) -> list[list]:
   return [[e for ex in sets for e in ex]] if method == 'centralized' else sets
 
 
-def build_algorithm(method: str, cfg, base) -> F.FedDPA:
-  """FedDPA's ``variant`` for ``method`` (Centralized is FedIT on one pooled client), on the pretrained ``base``."""
+def build_algorithm(method: str, cfg, base, levers: memory.Levers | None = None) -> F.FedDPA:
+  """FedDPA's ``variant`` for ``method`` (Centralized is FedIT on one pooled client), on the pretrained ``base``
+  with the memory ``levers`` applied to it (the adaptors FedDPA adds stay float32)."""
+  if levers is not None and levers != memory.Levers():
+    base = nnx.clone(base)
+    if levers.quantize == 'int8':
+      quantized.quantize_linears(base)
+    if levers.base_dtype != 'f32':
+      quantized.cast_frozen(base, memory.BASE_DTYPES[levers.base_dtype], compute=True)
+    llama.set_remat(base, levers.remat)
   graphdef, base_state = nnx.split(base)
 
   def model_fn(rngs):
@@ -141,6 +151,7 @@ class Context:
   progress: Progress
   compiled: dict = dataclasses.field(default_factory=dict)
   peft_base: str | None = None   # the base model folder the exported adapters name (written once per process)
+  levers: memory.Levers | None = None   # memory levers applied to the frozen base (--base-dtype, --remat, --quantize)
 
   def jitted(self, alg: F.FedDPA) -> tuple:
     """``(embed, weights)`` of ``alg`` compiled once per algorithm: embeddings ``[B, D]`` and decoding weights."""
@@ -247,7 +258,7 @@ def make_unit(ctx: Context, method: str, seed: int) -> tuple[loop.Unit, Any]:
   and the server optimizer only); the base is put back for every round and evaluation.
   """
   cfg = ctx.cfg
-  alg = build_algorithm(method, cfg, ctx.base)
+  alg = build_algorithm(method, cfg, ctx.base, ctx.levers)
   train = client_data(fdata.client_training_arrays(ctx.tokenizer, train_sets(method, ctx.data, cfg),
                                                    max_length=cfg.max_length))
   k = int(train.count.shape[0])
@@ -386,7 +397,8 @@ def load_context(plan: dict, progress: Progress) -> Context:
   progress.print(f'config {cfg.name}: base {cfg.model} loaded in {time.perf_counter() - t0:.0f} s; '
                  f'{data.num_clients} clients, {len(data.test)} test prompts in batches of widths '
                  f'{[int(x["input_ids"].shape[1]) for x in batches.inputs]}; devices {jax.devices()}')
-  return Context(cfg, data, tokenizer, base, batches, None, progress)
+  return Context(cfg, data, tokenizer, base, batches, None, progress,
+                 levers=memory.Levers(**(plan.get('levers') or {})))
 
 
 def export_base(plan: dict, ctx: Context) -> str:
@@ -420,6 +432,57 @@ def export_unit(plan: dict, ctx: Context, method: str, seed: int, finish, like) 
   return folder
 
 
+def _gb(n) -> str:
+  return f'{n / 1e9:.2f} GB'
+
+
+def model_config(cfg) -> llama.LlamaConfig:
+  """The LLaMA config of ``cfg.model`` without loading its weights (the tiny model as :func:`load_base` builds it)."""
+  source = cfg.model
+  try:
+    if source == 'tiny':
+      return load_base(cfg)[0].config
+    if source in configs.MODELS or str(source).endswith('.gguf'):
+      return gguf_config(gguf.GGUFReader(str(smollm2_gguf_path() if source in configs.MODELS else source)))
+    with open(os.path.join(source, 'config.json')) as f:
+      return llama.LlamaConfig.from_hf_dict(json.load(f))
+  except (ValueError, OSError) as e:
+    raise UserError(f'--model {source}: {" ".join(str(e).split())}') from None
+
+
+def memory_report(plan: dict, progress: Progress) -> dict | None:
+  """Compiles one vmapped training step from abstract shapes and fits clients per step into the device's memory.
+
+  Runs for ``--dry-run``, ``--device-memory`` or a device that reports its memory (not the CPU). Raises UserError
+  when the clients trained at once (all of them with ``backend='vmap'``, else one) do not fit.
+  """
+  cfg, levers = plan['cfg'], memory.Levers(**(plan.get('levers') or {}))
+  device = plan.get('device_memory')
+  device = int(device * 1e9) if device else memory.device_memory_bytes()
+  if not plan.get('dry_run') and device is None:
+    return None
+  clients = load_instruction_data(plan['data']).num_clients if cfg.backend == 'vmap' else 1
+  spec = F.lm_spec(target=cfg.target, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout)
+  report = memory.memory_model(model_config(cfg), spec, levers, batch_size=cfg.batch_size, seq_len=cfg.max_length,
+                               device_bytes=device)
+  need = report['fixed_bytes'] + clients * report['per_client_bytes']
+  report.update(clients_per_step=clients, needed_bytes=need, levers=dataclasses.asdict(levers),
+                backend=jax.default_backend())
+  one = report['one']
+  progress.always(f'memory ({jax.default_backend()} memory_analysis, one step, batch {cfg.batch_size} x '
+                  f'{cfg.max_length} tokens): 1 client: arguments {_gb(one["argument_bytes"])}, outputs '
+                  f'{_gb(one["output_bytes"])}, temporaries {_gb(one["temp_bytes"])}, total {_gb(one["total_bytes"])}; '
+                  f'{_gb(report["fixed_bytes"])} + {_gb(report["per_client_bytes"])} per client; {clients} client(s) '
+                  f'per step need {_gb(need)}; device {"unknown" if device is None else _gb(device)}; largest clients '
+                  f'per step that fit: {report["max_clients"]}')
+  if device is not None and need > device:
+    raise UserError(f'one training step of {clients} client(s) needs an estimated {_gb(need)} ({jax.default_backend()} '
+                    f'memory_analysis) but the device has {_gb(device)} (at most {report["max_clients"]} client(s) '
+                    f'fit); levers: --base-dtype bf16, --remat full, --quantize int8, --backend sequential, a smaller '
+                    '--batch-size or --max-length')
+  return report
+
+
 def run(plan: dict, argv: list[str]) -> tuple[dict, int]:
   """Trains and evaluates every unfinished (method, seed) of ``plan``; returns the results and the exit status.
 
@@ -427,6 +490,9 @@ def run(plan: dict, argv: list[str]) -> tuple[dict, int]:
   SIGINT / SIGTERM stopped the run (after checkpointing the unit in progress).
   """
   cfg, progress = plan['cfg'], Progress(quiet=plan['quiet'])
+  report = memory_report(plan, progress)
+  if plan.get('dry_run'):
+    return {'memory': report}, 0
   ctx = load_context(plan, progress)  # before the run directory: a model that fails to load leaves no run behind
   held = open_run(plan, cfg, argv, progress)
   ctx.run_dir = held.dir

@@ -750,8 +750,12 @@ class Llama(nnx.Module):
     if scan_layers:
       x, cache_kv = self._scan_layers(splits, x, cos, sin, masks, cache_kv, cache_index)
     else:
+      policy = getattr(self, 'remat_policy', None)
       for i, layer in enumerate(self.model.layers):
-        x, cache_kv = layer(x, cos, sin, _layer_mask(masks, config, i), cache_kv, cache_index, i)
+        if policy is not None and cache is None:
+          x = _remat_layer(layer, x, cos, sin, _layer_mask(masks, config, i), i, policy)
+        else:
+          x, cache_kv = layer(x, cos, sin, _layer_mask(masks, config, i), cache_kv, cache_index, i)
     hidden = self.model.norm(x)
     logits = self.logits(hidden)
 
@@ -761,6 +765,38 @@ class Llama(nnx.Module):
     if cache is not None:
       outputs += (KVCache(k=cache_kv[0], v=cache_kv[1], mask=key_mask, index=cache.index + t),)
     return outputs[0] if len(outputs) == 1 else outputs
+
+
+REMAT_POLICIES = {
+    'full': None,  # save nothing: recompute the whole layer in the backward pass
+    'dots': jax.checkpoint_policies.checkpoint_dots,
+    'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def set_remat(model: Llama, policy: str | None) -> Llama:
+  """Turns activation rematerialization per decoder layer on (``policy`` in :data:`REMAT_POLICIES`) or off (None).
+
+  With remat, the backward pass recomputes each layer's activations instead of keeping them;
+  outputs and gradients are unchanged (``jax.checkpoint``). Applies to the Python layer loop without a KV cache (training).
+  """
+  if policy is not None and policy not in REMAT_POLICIES:
+    raise ValueError(f'unknown remat policy {policy!r}; expected one of {sorted(REMAT_POLICIES)} or None.')
+  model.remat_policy = policy
+  return model
+
+
+def _remat_layer(layer, x, cos, sin, mask, i, policy):
+  """``layer(x, ...)[0]`` under ``jax.checkpoint`` with ``REMAT_POLICIES[policy]``.
+
+  The layer goes in as (graphdef, state) so the checkpointed function is pure (as in ``_scan_layers``, a change a
+  layer makes to its own variables is dropped; the LLaMA layers and adapter wrappers make none).
+  """
+  graphdef, state = nnx.split(layer)
+
+  def run(state, x, cos, sin, mask):
+    return nnx.merge(graphdef, state)(x, cos, sin, mask, None, None, i)[0]
+  return jax.checkpoint(run, policy=REMAT_POLICIES[policy])(state, x, cos, sin, mask)
 
 
 def _cache_slots(mask: jax.Array, cache: KVCache | None) -> tuple[jax.Array, jax.Array, Any]:

@@ -98,6 +98,13 @@ _NORMS = (nnx.LayerNorm, nnx.RMSNorm, nnx.BatchNorm)
 _LINEAR = ((nnx.Linear, L.AdaptedLinear), (nnx.LinearGeneral, L.AdaptedLinearGeneral), (nnx.Einsum, L.AdaptedEinsum))
 
 
+def register_linear(base_cls: type, wrapper: type) -> None:
+  """Lets :func:`adapt` wrap layers of ``base_cls`` (e.g. a quantized linear with ``nnx.Linear``'s attributes)."""
+  global _LINEAR
+  if all(b is not base_cls for b, _ in _LINEAR):
+    _LINEAR = _LINEAR + ((base_cls, wrapper),)
+
+
 def _kind(node, spec: AdapterSpec):
   """The wrapper class ``spec`` would put around ``node``, or None."""
   for base_cls, wrapper in _LINEAR:

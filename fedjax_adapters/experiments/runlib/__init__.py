@@ -10,6 +10,8 @@ Modules (importing this package imports no JAX, so a runner's ``--help`` stays f
 * :mod:`~fedjax_adapters.experiments.runlib.progress`: a progress bar per method/seed on a terminal, plain lines otherwise.
 * :mod:`~fedjax_adapters.experiments.runlib.loop`: trains one (method, seed) unit with checkpoints, resume, SIGINT/SIGTERM
   handling and divergence checks (imports JAX).
+* :mod:`~fedjax_adapters.experiments.runlib.memory`: the compiled memory of one FedDPA training step from abstract shapes
+  (XLA's ``memory_analysis``), the memory levers, and the clients per step that fit a device (imports JAX).
 
 ``docs/experiments.md`` describes the run directory's files.
 """

@@ -1,0 +1,61 @@
+"""The FedDPA runner's memory report (--dry-run), its refusal of a step that does not fit, and the lever flags.
+
+The figures come from XLA's memory_analysis of the compiled step: the test compiles the same step itself and
+compares, and sizes the refusal's device from the report it just read.
+"""
+import os
+
+import pytest
+
+from fedjax_adapters.experiments import feddpa as exp
+from fedjax_adapters.experiments import feddpa_run
+from fedjax_adapters.experiments.configs import feddpa as configs
+from fedjax_adapters.experiments.runlib import memory
+from fedjax_adapters.algorithms import feddpa as F
+from fedjax_adapters.models import llama
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = os.path.join(ROOT, '..', 'shared', 'data', 'feddpa', 'dataset1')
+SMALL = ['--data', DATA, '--preset', 'smoke', '--batch-size', '1', '--max-length', '16']
+
+
+@pytest.fixture(scope='module')
+def dry_run():
+  return exp.main(SMALL + ['--dry-run', '--base-dtype', 'bf16', '--remat', 'full'])['memory']
+
+
+def test_dry_run_reports_the_compiled_steps_memory_analysis(dry_run, capsys):
+  cfg = configs.CONFIGS['smoke'].replace(batch_size=1, max_length=16)
+  spec = F.lm_spec(target=cfg.target, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout)
+  levers = memory.Levers('bf16', 'full')
+  one = memory.compiled_memory(feddpa_run.model_config(cfg), spec, levers, clients=1, batch_size=1, seq_len=16)
+  assert dry_run['one'] == one and one['temp_bytes'] > 0
+  assert dry_run['per_client_bytes'] == dry_run['two']['total_bytes'] - one['total_bytes'] > 0
+  assert dry_run['clients_per_step'] == 8  # smoke trains all of Dataset 1's clients at once (vmap)
+  assert dry_run['needed_bytes'] == dry_run['fixed_bytes'] + 8 * dry_run['per_client_bytes']
+  assert dry_run['levers'] == {'base_dtype': 'bf16', 'remat': 'full', 'quantize': None}
+
+
+def test_a_step_that_does_not_fit_is_refused_in_one_line(dry_run, capsys):
+  # A device with room for 3 of the 8 clients (from the figures the dry run just read).
+  gb = (dry_run['fixed_bytes'] + 3.5 * dry_run['per_client_bytes']) / 1e9
+  with pytest.raises(SystemExit) as e:
+    exp.main(SMALL + ['--dry-run', '--base-dtype', 'bf16', '--remat', 'full', '--device-memory', str(gb)])
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and err.startswith('error: one training step of 8 client(s) needs')
+  assert 'at most 3 client(s) fit' in err and '--quantize int8' in err and '--remat full' in err
+
+
+@pytest.mark.parametrize('flag', [['--remat', 'bogus'], ['--base-dtype', 'f16'], ['--quantize', 'int3'],
+                                  ['--device-memory', '-1']])
+def test_bad_lever_values_are_refused(flag, capsys):
+  with pytest.raises(SystemExit) as e:
+    exp.main(SMALL + ['--dry-run'] + flag)
+  assert e.value.code == 2 and flag[1] in capsys.readouterr().err
+
+
+def test_runner_lever_names_match_the_library():
+  assert exp.REMAT_POLICIES == tuple(llama.REMAT_POLICIES)
+  assert exp.BASE_DTYPES == tuple(memory.BASE_DTYPES)
+  assert exp.QUANTIZE == tuple(q for q in memory.QUANTIZE if q)
