@@ -73,3 +73,29 @@ def test_fedsa_lora_b_never_reaches_the_server(data):
     close(jax.tree.map(lambda x: x[i], new.clients), c)
   b = new.clients['adapters']['layers'][2]['global_b']
   assert not np.allclose(b[0], b[1]) and not np.allclose(b, 0)
+
+
+# --- Ditto ------------------------------------------------------------------------------------------------------
+
+def test_ditto_step_is_the_hand_computed_proximal_gradient_step(data):
+  lr, lam = 0.1, 0.7
+  alg = algorithms.ditto(mlp, loss='mse', lam=lam, lr=lr, batch_size=4, spec=SPEC)  # client 0: 4 rows, one step
+  state = alg.init(jax.random.key(0), K)
+  noise = lambda t, s: jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.key(s), x.shape), t)
+  w0 = noise(state.global_params, 1)  # nonzero B, so every factor gets a gradient
+  v0 = noise(jax.tree.map(lambda x: x[0], state.clients), 2)  # v != w: the proximal term acts
+  (out, v1, _) = jax.jit(alg.client_update)(state.frozen, w0, v0, client(data, 0), client_key(state, 0))
+  x, y = data.x[0], data.y[0]
+
+  def task(adapters):
+    pred, _ = alg.model.apply({**state.frozen, 'adapters': adapters}, x)
+    return jnp.mean(jnp.mean(jnp.square(pred - y), -1))
+
+  step = lambda p, g: jax.tree.map(lambda a, b: a - lr * b, p, g)
+  grad_v = jax.grad(task)(v0['adapters'])
+  prox = jax.tree.map(lambda v, w: lam * (v - w), v0['adapters'], w0['adapters'])
+  close(v1['adapters'], step(v0['adapters'], jax.tree.map(jnp.add, grad_v, prox)))
+  close(out.params['adapters'], step(w0['adapters'], jax.grad(task)(w0['adapters'])))
+  # Predictions are the personal model's.
+  np.testing.assert_allclose(alg.predict(state.frozen, w0, v1, x),
+                             alg.model.apply({**state.frozen, 'adapters': v1['adapters']}, x)[0], rtol=1e-6)

@@ -6,6 +6,7 @@ serves per-client predictions (``fedjax_adapters.federated.predict``).
 """
 from fedjax_adapters.algorithms.common import (LOSSES, LossInputs, batch_metrics, per_example_loss,
                                                sq_distance, summarize, supervised, task_loss)
+from fedjax_adapters.algorithms.ditto import ditto, ditto_loss
 from fedjax_adapters.algorithms.ensemble import ensemble, ensemble_optimizer
 from fedjax_adapters.algorithms.fedavg import fedavg
 from fedjax_adapters.algorithms.fedsa_lora import fedsa_lora
@@ -17,5 +18,5 @@ from fedjax_adapters.algorithms.lora_parts import (dense_factors_only, factor_pa
 
 __all__ = ['LOSSES', 'LossInputs', 'batch_metrics', 'per_example_loss', 'sq_distance', 'summarize',
            'supervised', 'task_loss', 'ensemble', 'ensemble_optimizer', 'fedavg', 'floral', 'floral_optimizer',
-           'local_adaptor', 'local_adaptor_optimizer', 'lora_fedavg', 'uniform_weights', 'fedsa_lora',
+           'local_adaptor', 'local_adaptor_optimizer', 'lora_fedavg', 'uniform_weights', 'fedsa_lora', 'ditto', 'ditto_loss',
            'dense_factors_only', 'factor_pairs', 'is_a', 'mask_factors', 'merge_dicts', 'rank_mask', 'select_leaves']
