@@ -99,3 +99,67 @@ def test_ditto_step_is_the_hand_computed_proximal_gradient_step(data):
   # Predictions are the personal model's.
   np.testing.assert_allclose(alg.predict(state.frozen, w0, v1, x),
                              alg.model.apply({**state.frozen, 'adapters': v1['adapters']}, x)[0], rtol=1e-6)
+
+
+# --- FLoRA ------------------------------------------------------------------------------------------------------
+
+RANKS = (1, 2, 2, 1)
+
+
+@pytest.fixture(scope='module')
+def flora_round(data):
+  alg = algorithms.flora(mlp, loss='mse', lr=0.1, batch_size=2, num_epochs=2, spec=AdapterSpec(rank=2, alpha=2.0),
+                         ranks=RANKS)
+  state = alg.init(jax.random.key(0), K)
+  return alg, state, make_round(alg, clients_per_round=K)(state, data)[0]
+
+
+def test_stacked_product_is_the_weighted_mean_of_client_products():
+  rng = np.random.default_rng(3)
+  a, b, p = rng.normal(size=(3, 4, 2)), rng.normal(size=(3, 2, 5)), rng.dirichlet(np.ones(3))
+  np.testing.assert_allclose(algorithms.stacked_product(jnp.asarray(a), jnp.asarray(b), jnp.asarray(p)),
+                             sum(p[k] * a[k] @ b[k] for k in range(3)), rtol=1e-5, atol=1e-6)
+
+
+def test_flora_padded_round_equals_a_per_client_loop_at_true_ranks(data, flora_round):
+  alg, state, new = flora_round
+  init = state.global_params['adapters']
+  counts = np.asarray(data.count, np.float64)
+  expected = jax.tree.map(np.asarray, state.global_params['base'])
+  hand = hand_updates(alg, state, data)
+  for k, r in enumerate(RANKS):
+    # The client's true-rank LoRA (alpha / r_k), started from the first r_k components of the padded init.
+    true = algorithms.lora_fedavg(mlp, loss='mse', lr=0.1, batch_size=2, num_epochs=2,
+                                  spec=AdapterSpec(rank=r, alpha=2.0, conv=False))
+    start = {'adapters': jax.tree_util.tree_map_with_path(
+        lambda p, x: x[..., :r] if str(p[-1].key) == 'global_a' else x[:, :r], init)}
+    frozen = {'base': state.global_params['base'], 'stats': state.global_params['stats']}
+    out, _, _ = jax.jit(true.client_update)(frozen, start, {}, client(data, k), client_key(state, k))
+    padded = hand[k][0].params['adapters']['layers']
+    for layer, node in out.params['adapters']['layers'].items():
+      close(padded[layer]['global_a'][..., :r], node['global_a'])
+      close(padded[layer]['global_b'][:, :r], node['global_b'])
+      # masked components get no gradient: they stay at their init
+      np.testing.assert_array_equal(padded[layer]['global_a'][..., r:], init['layers'][layer]['global_a'][..., r:])
+      np.testing.assert_array_equal(padded[layer]['global_b'][:, r:], 0)
+    for layer, node in out.params['adapters']['layers'].items():
+      delta = (2.0 / r) * np.asarray(node['global_a'][0], np.float64) @ np.asarray(node['global_b'][0], np.float64)
+      expected['layers'][layer]['base']['kernel'] = expected['layers'][layer]['base']['kernel'] + (
+          counts[k] / counts.sum()) * delta
+  close(new.global_params['base'], expected, rtol=1e-5, atol=1e-6)
+  assert all(np.all(x == 0) for p, x in jax.tree_util.tree_flatten_with_path(new.global_params['adapters'])[0]
+             if str(p[-1].key) == 'global_b')  # LoRA re-initialized: B = 0
+
+
+def test_flora_merge_uses_the_layers_own_scaling(flora_round):
+  alg, state, _ = flora_round
+  adapters = jax.tree.map(lambda x: x + 0.5, state.global_params['adapters'])
+  base = state.global_params['base']
+  merged = jax.tree.map(lambda x: x, base)
+  for layer, node in adapters['layers'].items():
+    merged['layers'][layer]['base']['kernel'] = base['layers'][layer]['base']['kernel'] + (2.0 / 2) * (
+        node['global_a'][0] @ node['global_b'][0])
+  x = jnp.ones((2, 3))
+  zero = jax.tree.map(jnp.zeros_like, adapters)
+  close(alg.model.apply({**state.global_params, 'adapters': adapters}, x)[0],
+        alg.model.apply({**state.global_params, 'base': merged, 'adapters': zero}, x)[0])
