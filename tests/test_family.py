@@ -9,7 +9,7 @@ from flax import nnx
 from fedjax_adapters import algorithms
 from fedjax_adapters.algorithms import lora_parts
 from fedjax_adapters.data.federated import stack_clients
-from fedjax_adapters.federated import client_data, make_round
+from fedjax_adapters.federated import ClientOutput, client_data, make_round
 from fedjax_adapters.nn import AdapterSpec
 
 K = 4
@@ -163,3 +163,66 @@ def test_flora_merge_uses_the_layers_own_scaling(flora_round):
   zero = jax.tree.map(jnp.zeros_like, adapters)
   close(alg.model.apply({**state.global_params, 'adapters': adapters}, x)[0],
         alg.model.apply({**state.global_params, 'base': merged, 'adapters': zero}, x)[0])
+
+
+# --- HetLoRA ----------------------------------------------------------------------------------------------------
+
+def test_product_sq_norm_is_the_frobenius_norm_of_the_product():
+  rng = np.random.default_rng(4)
+  a, b = rng.normal(size=(4, 3)), rng.normal(size=(3, 5))
+  np.testing.assert_allclose(algorithms.product_sq_norm(jnp.asarray(a), jnp.asarray(b)),
+                             np.linalg.norm(a @ b) ** 2, rtol=1e-5)
+
+
+def wide(rngs):
+  return nnx.Sequential(nnx.Linear(3, 6, rngs=rngs), jax.nn.relu, nnx.Linear(6, 4, rngs=rngs))
+
+
+def test_hetlora_padded_aggregation_equals_the_formula():
+  ranks, gamma = (1, 2, 2, 3), 0.5
+  alg = algorithms.hetlora(wide, loss='mse', lr=0.1, batch_size=2, ranks=ranks, prune_gamma=gamma,
+                           spec=AdapterSpec(alpha=3.0))  # R = 3: scale 1
+  state = alg.init(jax.random.key(0), K)
+  rng = np.random.default_rng(5)
+  ids = np.array([3, 1, 0])  # client 2 not sampled; slot order differs from ids
+  w = np.array([2.0, 1.0, 3.0])
+  params = jax.tree.map(lambda x: rng.normal(size=(3,) + x.shape).astype(np.float32), state.global_params['adapters'])
+  r = np.array([ranks[i] for i in ids])
+  act = (np.arange(3)[None] < r[:, None]).astype(np.float64)
+  norm = np.zeros(3)
+  for node in params['layers'].values():
+    for k in range(3):
+      norm[k] += np.linalg.norm((node['global_a'][k, 0] * act[k]) @ (node['global_b'][k, 0] * act[k][:, None])) ** 2
+  p = np.sqrt(norm) / np.sqrt(norm).sum()
+  # Pretend clients 3 and 0 shrank their tails (the start's tails are > 0) and client 1 did not.
+  tails = np.array([0.0, 1e9, 0.0], np.float32)
+  outs = ClientOutput(
+      {'adapters': params, 'ranks': state.global_params['ranks']}, jnp.asarray(w),
+      {'id': jnp.asarray(ids, jnp.float32), 'tail': jnp.asarray(tails), 'norm': jnp.asarray(norm, jnp.float32)})
+  start = dict(state.global_params, adapters=jax.tree.map(lambda x: x + 0.5, state.global_params['adapters']))
+  new, _ = alg.aggregator.aggregate(start, outs, jnp.asarray(w), ())
+  for layer, node in params['layers'].items():
+    a = sum(p[k] * node['global_a'][k] * act[k] for k in range(3))
+    b = sum(p[k] * node['global_b'][k] * act[k][:, None] for k in range(3))
+    close(new['adapters']['layers'][layer]['global_a'], a)
+    close(new['adapters']['layers'][layer]['global_b'], b)
+  # Self-pruning: floor(0.5 * 3) = 1 for client 3, max(1, floor(0.5 * 1)) = 1 for client 0; 1 and 2 keep theirs.
+  np.testing.assert_array_equal(new['ranks'], [1, 2, 2, 1])
+
+
+def test_hetlora_round_trains_only_each_clients_ranks(data):
+  ranks = (1, 2, 3, 2)
+  alg = algorithms.hetlora(mlp, loss='mse', lr=0.1, batch_size=2, ranks=ranks, prune_gamma=0.5, prune_lambda=0.1,
+                           spec=AdapterSpec(alpha=3.0, target=r'layers\.0'))  # 3 -> 5: ranks up to 3
+  state = alg.init(jax.random.key(0), K)
+  state = state._replace(global_params=dict(state.global_params, adapters=jax.tree.map(
+      lambda x: x + 0.1, state.global_params['adapters'])))
+  for k, (out, _) in enumerate(hand_updates(alg, state, data)):
+    for layer, node in out.params['adapters']['layers'].items():
+      start = state.global_params['adapters']['layers'][layer]
+      np.testing.assert_array_equal(node['global_a'][..., ranks[k]:], start['global_a'][..., ranks[k]:])
+      np.testing.assert_array_equal(node['global_b'][:, ranks[k]:], start['global_b'][:, ranks[k]:])
+      assert not np.allclose(node['global_b'][:, :ranks[k]], start['global_b'][:, :ranks[k]])
+  new, _ = make_round(alg, clients_per_round=K)(state, data)
+  assert np.all(np.asarray(new.global_params['ranks']) <= np.asarray(ranks))
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(new.global_params))
