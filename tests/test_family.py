@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from fedjax_adapters import algorithms
-from fedjax_adapters.algorithms import lora_parts
+from fedjax_adapters.algorithms.fedalt import as_global
 from fedjax_adapters.data.federated import stack_clients
 from fedjax_adapters.federated import ClientOutput, client_data, make_round
 from fedjax_adapters.nn import AdapterSpec
@@ -226,3 +226,38 @@ def test_hetlora_round_trains_only_each_clients_ranks(data):
   new, _ = make_round(alg, clients_per_round=K)(state, data)
   assert np.all(np.asarray(new.global_params['ranks']) <= np.asarray(ranks))
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(new.global_params))
+
+
+# --- FedALT -----------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def fedalt_alg():
+  return algorithms.fedalt(mlp, loss='mse', lr=0.1, batch_size=2, input_dim=3,
+                           spec=AdapterSpec(rank=2, alpha=2.0, num_local=1))
+
+
+def test_fedalt_rest_of_world_excludes_the_clients_own(data, fedalt_alg):
+  alg = fedalt_alg
+  state = alg.init(jax.random.key(0), K)
+  table = jax.tree.map(lambda t: t + jax.random.normal(jax.random.key(7), t.shape), state.global_params['table'])
+  for k in range(K):
+    others = jax.tree.map(lambda t: np.mean(np.delete(np.asarray(t), k, axis=0), axis=0), table)
+    close(algorithms.rest_of_world(table, jnp.int32(k)), others)
+    # With the gate shut (g(x) ~ 0) the client's model is the base plus the rest-of-world LoRA only.
+    c = jax.tree.map(lambda x: x[k], state.clients)
+    c = dict(c, gate={'w': c['gate']['w'], 'b': jnp.float32(-60.0)})
+    want = alg.model.apply({**state.frozen, 'adapters': as_global(others),
+                            'local': jax.tree.map(jnp.zeros_like, c['own'])}, data.x[k])[0]
+    close(alg.predict(state.frozen, {'table': table}, c, data.x[k]), want)
+
+
+def test_fedalt_round_replaces_the_table_rows_of_clients_that_trained(data, fedalt_alg):
+  alg = fedalt_alg
+  state = alg.init(jax.random.key(0), K)
+  table = jax.tree.map(lambda t: t + 0.3 * jax.random.normal(jax.random.key(8), t.shape), state.global_params['table'])
+  state = state._replace(global_params={'table': table}, clients=dict(state.clients, own=table))  # own = last sent
+  new, _ = make_round(alg, clients_per_round=K)(state, data)
+  for k, (_, c) in enumerate(hand_updates(alg, state, data)):
+    close(jax.tree.map(lambda t: t[k], new.global_params['table']), c['own'])
+    close(jax.tree.map(lambda t: t[k], new.clients), c)
+    assert not np.allclose(c['gate']['w'], 0)  # the gate trains
