@@ -261,3 +261,46 @@ def test_fedalt_round_replaces_the_table_rows_of_clients_that_trained(data, feda
     close(jax.tree.map(lambda t: t[k], new.global_params['table']), c['own'])
     close(jax.tree.map(lambda t: t[k], new.clients), c)
     assert not np.allclose(c['gate']['w'], 0)  # the gate trains
+
+
+# --- API fixes from trying it as a new user ---------------------------------------------------------------------
+
+def test_feddpa_personalize_names_the_type_it_wants():
+  from fedjax_adapters.algorithms import feddpa
+  from fedjax_adapters.data.federated import FederatedData
+  fed = FederatedData(np.zeros((2, 3, 4), np.float32), np.zeros((2, 3), np.int32), np.array([3, 2], np.int32))
+  with pytest.raises(TypeError, match='ClientData.*got FederatedData'):
+    feddpa.personalize(None, None, fed)
+
+
+def test_peft_export_of_a_non_language_model_loads_in_peft_as_a_plain_torch_module(tmp_path):
+  import torch
+  from peft import PeftModel
+  from fedjax_adapters import interop
+  alg = algorithms.lora_fedavg(mlp, loss='mse', lr=0.1, batch_size=2, spec=SPEC)
+  state = alg.init(jax.random.key(0), 1)
+  adapters = jax.tree.map(lambda x: x + 0.2, state.global_params['adapters'])
+  parts = {**state.frozen, 'adapters': adapters}
+  interop.export_global_adapter(tmp_path / 'lora', parts, alpha=2.0)
+  import json
+  assert json.loads((tmp_path / 'lora' / 'adapter_config.json').read_text())['task_type'] is None
+
+  class Torch(torch.nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.layers = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.ReLU(), torch.nn.Linear(5, 2))
+
+    def forward(self, x):
+      return self.layers(x)
+
+  net = Torch()
+  with torch.no_grad():
+    for i in (0, 2):
+      net.layers[i].weight.copy_(torch.tensor(np.asarray(parts['base']['layers'][i]['base']['kernel']).T))
+      net.layers[i].bias.copy_(torch.tensor(np.asarray(parts['base']['layers'][i]['base']['bias'])))
+  model = PeftModel.from_pretrained(net, str(tmp_path / 'lora'))
+  x = np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32)
+  with torch.no_grad():
+    got = model(torch.tensor(x)).numpy()
+  np.testing.assert_allclose(got, alg.model.apply(parts, x)[0], rtol=1e-5, atol=1e-5)
+  assert interop.default_task_type({'embed': {'embedding': np.zeros((3, 2))}}) == 'CAUSAL_LM'
