@@ -304,3 +304,27 @@ def test_peft_export_of_a_non_language_model_loads_in_peft_as_a_plain_torch_modu
     got = model(torch.tensor(x)).numpy()
   np.testing.assert_allclose(got, alg.model.apply(parts, x)[0], rtol=1e-5, atol=1e-5)
   assert interop.default_task_type({'embed': {'embedding': np.zeros((3, 2))}}) == 'CAUSAL_LM'
+
+
+# --- Every member: predictions equal evaluation after a round -----------------------------------------------------
+
+FAMILY = {
+    'fedsa_lora': lambda: algorithms.fedsa_lora(mlp, loss='mse', lr=0.1, batch_size=2, spec=SPEC),
+    'ditto': lambda: algorithms.ditto(mlp, loss='mse', lr=0.1, batch_size=2, lam=0.5, spec=SPEC),
+    'flora': lambda: algorithms.flora(mlp, loss='mse', lr=0.1, batch_size=2, spec=AdapterSpec(rank=2, alpha=2.0),
+                                      ranks=RANKS),
+    'hetlora': lambda: algorithms.hetlora(mlp, loss='mse', lr=0.1, batch_size=2, ranks=RANKS, prune_gamma=0.5,
+                                          spec=AdapterSpec(alpha=2.0)),
+}
+
+
+@pytest.mark.parametrize('name', sorted(FAMILY) + ['fedalt'])
+def test_predictions_equal_evaluation(name, data, request):
+  from fedjax_adapters.federated import evaluate, predict
+  alg = request.getfixturevalue('fedalt_alg') if name == 'fedalt' else FAMILY[name]()
+  state = alg.init(jax.random.key(0), K)
+  state, _ = make_round(alg, clients_per_round=K)(state, data)
+  out = np.asarray(predict(alg, state, data))
+  mask = np.arange(out.shape[1])[None] < np.asarray(data.count)[:, None]
+  per_row = np.mean(np.square(out - np.asarray(data.y)), -1)
+  np.testing.assert_allclose(np.asarray(evaluate(alg, state, data)['loss']), np.sum(per_row * mask, 1), rtol=1e-5)
