@@ -328,3 +328,18 @@ def test_predictions_equal_evaluation(name, data, request):
   mask = np.arange(out.shape[1])[None] < np.asarray(data.count)[:, None]
   per_row = np.mean(np.square(out - np.asarray(data.y)), -1)
   np.testing.assert_allclose(np.asarray(evaluate(alg, state, data)['loss']), np.sum(per_row * mask, 1), rtol=1e-5)
+
+
+# --- The FLoRAL runner ------------------------------------------------------------------------------------------
+
+def test_the_floral_runner_builds_every_family_member_and_rejects_flora_on_a_language_model():
+  from fedjax_adapters.experiments import floral_tasks
+  from fedjax_adapters.experiments.configs import floral as configs
+  task = configs.TASKS['synthetic_mlp']
+  fed = floral_tasks.load_data(task, 0)
+  for name in configs.FAMILY_KINDS:
+    assert floral_tasks.build_algorithm(name, task, fed).name == name
+  assert floral_tasks.family_ranks(8, 4) == [8, 4, 2, 8]
+  lm = configs.TASKS['shakespeare']
+  with pytest.raises(ValueError, match="flora, hetlora: .*'next_token_lm'"):
+    configs.check_methods(lm, ['fedavg', 'flora', 'hetlora'])

@@ -39,9 +39,10 @@ def as_global(local: dict) -> dict:
           for k, v in local.items()}
 
 
-def gate(params: dict, x: jax.Array) -> jax.Array:
-  """``sigmoid(flatten(x) @ w + b)``: ``[B]`` weight of the client's own LoRA per example."""
-  flat = x.reshape(x.shape[0], -1).astype(params['w'].dtype)
+def gate(params: dict, x) -> jax.Array:
+  """``sigmoid(flatten(x) @ w + b)``: ``[B]`` weight of the client's own LoRA per example (``x``: an array or a
+  pytree of arrays ``[B, ...]``, its leaves flattened and concatenated)."""
+  flat = jnp.concatenate([l.reshape(l.shape[0], -1).astype(params['w'].dtype) for l in jax.tree.leaves(x)], -1)
   return jax.nn.sigmoid(flat @ params['w'] + params['b'])
 
 
@@ -53,7 +54,8 @@ def fedalt(model_fn: mb.ModelFn, *, loss: str | LossFn, batch_size: int, input_d
 
   Args:
     model_fn, loss, batch_size, num_epochs, shuffle, eval_loss, train_arg: as :func:`lora_fedavg`.
-    input_dim: the flattened size of one input (the gate's width), e.g. 784 for 28 x 28 images.
+    input_dim: the flattened size of one input (the gate's width), e.g. 784 for 28 x 28 images (a pytree input:
+      the sum over its leaves).
     lr: client SGD learning rate; or ``client_optimizer`` (on the own LoRA and the gate).
     spec: the LoRA of every layer (default :class:`AdapterSpec`); one local slot (own) and one global (RoW).
   """
