@@ -293,17 +293,29 @@ def test_peft_export_of_a_non_language_model_loads_in_peft_as_a_plain_torch_modu
     def forward(self, x):
       return self.layers(x)
 
-  net = Torch()
-  with torch.no_grad():
-    for i in (0, 2):
-      net.layers[i].weight.copy_(torch.tensor(np.asarray(parts['base']['layers'][i]['base']['kernel']).T))
-      net.layers[i].bias.copy_(torch.tensor(np.asarray(parts['base']['layers'][i]['base']['bias'])))
-  model = PeftModel.from_pretrained(net, str(tmp_path / 'lora'))
+  def peft_outputs(folder, x):
+    net = Torch()
+    with torch.no_grad():
+      for i in (0, 2):
+        net.layers[i].weight.copy_(torch.tensor(np.asarray(parts['base']['layers'][i]['base']['kernel']).T))
+        net.layers[i].bias.copy_(torch.tensor(np.asarray(parts['base']['layers'][i]['base']['bias'])))
+    with torch.no_grad():
+      return PeftModel.from_pretrained(net, str(folder))(torch.tensor(x)).numpy()
+
   x = np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32)
-  with torch.no_grad():
-    got = model(torch.tensor(x)).numpy()
-  np.testing.assert_allclose(got, alg.model.apply(parts, x)[0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(peft_outputs(tmp_path / 'lora', x), alg.model.apply(parts, x)[0], rtol=1e-5, atol=1e-5)
   assert interop.default_task_type({'embed': {'embedding': np.zeros((3, 2))}}) == 'CAUSAL_LM'
+  # A FedSA-LoRA client's LoRA (shared A, its own B) and a Ditto client's personal LoRA export the same way.
+  for name in ('fedsa_lora', 'ditto'):
+    member = FAMILY[name]()
+    state = member.init(jax.random.key(0), 2)
+    state = state._replace(clients=jax.tree.map(lambda c: c + 0.3, state.clients))
+    client = jax.tree.map(lambda c: c[1], state.clients)
+    personal = (algorithms.merge_dicts(state.global_params['adapters'], client['adapters']) if name == 'fedsa_lora'
+                else client['adapters'])
+    interop.export_global_adapter(tmp_path / name, {**state.frozen, 'adapters': personal}, alpha=2.0)
+    np.testing.assert_allclose(peft_outputs(tmp_path / name, x), member.predict(state.frozen, state.global_params,
+                                                                                client, jnp.asarray(x)), rtol=1e-5, atol=1e-5)
 
 
 # --- Every member: predictions equal evaluation after a round -----------------------------------------------------
