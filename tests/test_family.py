@@ -314,8 +314,8 @@ def test_peft_export_of_a_non_language_model_loads_in_peft_as_a_plain_torch_modu
     personal = (algorithms.merge_dicts(state.global_params['adapters'], client['adapters']) if name == 'fedsa_lora'
                 else client['adapters'])
     interop.export_global_adapter(tmp_path / name, {**state.frozen, 'adapters': personal}, alpha=2.0)
-    np.testing.assert_allclose(peft_outputs(tmp_path / name, x), member.predict(state.frozen, state.global_params,
-                                                                                client, jnp.asarray(x)), rtol=1e-5, atol=1e-5)
+    ours = member.predict(state.frozen, state.global_params, client, jnp.asarray(x))
+    np.testing.assert_allclose(peft_outputs(tmp_path / name, x), ours, rtol=1e-5, atol=1e-5)
 
 
 # --- Every member: predictions equal evaluation after a round -----------------------------------------------------

@@ -21,6 +21,8 @@ from fedjax_adapters.algorithms.lora_parts import (adapters_only, dense_factors_
 
 __all__ = ['LOSSES', 'LossInputs', 'batch_metrics', 'per_example_loss', 'sq_distance', 'summarize',
            'supervised', 'task_loss', 'ensemble', 'ensemble_optimizer', 'fedavg', 'floral', 'floral_optimizer',
-           'local_adaptor', 'local_adaptor_optimizer', 'lora_fedavg', 'uniform_weights', 'fedsa_lora', 'ditto', 'ditto_loss', 'flora', 'stacked_product', 'hetlora', 'fedalt', 'rest_of_world',
-           'product_sq_norm',
-           'adapters_only', 'dense_factors_only', 'factor_pairs', 'is_a', 'mask_factors', 'merge_dicts', 'rank_mask', 'select_leaves']
+           'local_adaptor', 'local_adaptor_optimizer', 'lora_fedavg', 'uniform_weights',
+           # the personalized-LoRA family (docs/family.md) and the pieces it shares
+           'fedsa_lora', 'ditto', 'ditto_loss', 'flora', 'stacked_product', 'hetlora', 'product_sq_norm', 'fedalt',
+           'rest_of_world', 'adapters_only', 'dense_factors_only', 'factor_pairs', 'is_a', 'mask_factors',
+           'merge_dicts', 'rank_mask', 'select_leaves']

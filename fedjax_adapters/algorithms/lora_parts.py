@@ -57,8 +57,8 @@ def rank_mask(ranks: Sequence[int], max_rank: int | None = None) -> np.ndarray:
 def mask_factors(adapters: dict, mask: jax.Array, b_scale: jax.Array | float = 1.0) -> dict:
   """Dense LoRA factors with rank components off: ``a [C, d_in, R] * mask``, ``b [C, R, d_out] * mask * b_scale``.
 
-  ``mask: [R]`` (a layer of smaller rank ``r`` uses ``mask[:r]``); ``b_scale`` (e.g. ``R / r_k``) turns the layer's ``alpha / R`` scaling into the client's own ``alpha / r_k``;
-  a bias adaptor, if any, is left as it is.
+  ``mask: [R]`` (a layer of smaller rank ``r`` uses ``mask[:r]``); ``b_scale`` (e.g. ``R / r_k``) turns the
+  layer's ``alpha / R`` scaling into the client's own ``alpha / r_k``; a bias adaptor, if any, is left as it is.
   """
   def one(path, x):
     name = str(path[-1].key)
