@@ -18,7 +18,7 @@ _NAMES = {
     'fedjax_adapters.adapters': ('conv_delta', 'dense_delta', 'dual_delta', 'embed_delta', 'norm_delta',
                                  'resolve_rank', 'router_probs'),
     'fedjax_adapters.algorithms': ('LossInputs', 'ensemble', 'fedavg', 'floral', 'local_adaptor', 'lora_fedavg',
-                                   'summarize'),
+                                   'summarize', 'ditto', 'fedalt', 'fedsa_lora', 'flora', 'hetlora'),
     'fedjax_adapters.data.federated': ('FederatedData', 'FederatedDataset', 'stack_clients'),
     'fedjax_adapters.federated': ('Aggregator', 'Algorithm', 'ClientData', 'ClientInfo', 'ClientMapping',
                                   'ClientOutput', 'Round', 'RoundInfo', 'ServerState', 'UpdateGuard',

@@ -290,9 +290,10 @@ def test_there_is_a_task_for_every_table_column_and_both_offline_tasks():
     configs.validate(task)
     if task.dataset in configs.TFDS_DATASETS:
       assert name.endswith('_reduced') == (task.reduce == 0.05)
-  # Every method's paper row exists in every column.
+  # Every method's paper row exists in every column (the LoRA family's methods are not in FLoRAL's table).
   for method in configs.METHODS.values():
-    assert all(method.paper_row in configs.PAPER[c] for c in configs.COLUMNS)
+    assert method.paper_row is not None or method.kind in configs.FAMILY_KINDS
+    assert method.paper_row is None or all(method.paper_row in configs.PAPER[c] for c in configs.COLUMNS)
 
 
 def test_paper_table_spot_checks():

@@ -521,6 +521,9 @@ def personalize(alg: FedDPA, state: ServerState, data: ClientData, *,
   ``sequential_clients()`` bounds memory to one client; same result). Client ``k`` fine-tunes with the key
   ``fold_in(fold_in(state.key, 0xF), k)``.
   """
+  if not isinstance(data, ClientData):
+    raise TypeError(f'personalize needs the clients\' training data as a ClientData (fa.client_data(data.train)); '
+                    f'got {type(data).__name__}.')
   if alg.personalize_phase is None:
     return state
   k = int(data.count.shape[0])

@@ -92,7 +92,8 @@ def new_results(task: configs.FloralTask, plan: dict) -> dict:
   if task.column is not None:
     paper = configs.PAPER[task.column]
     out['paper'] = {'column': task.column, 'unit': 'test accuracy %, mean (std)',
-                    'methods': {m: list(paper[configs.METHODS[m].paper_row]) for m in plan['methods']}}
+                    'methods': {m: list(paper[configs.METHODS[m].paper_row]) for m in plan['methods']
+                                if configs.METHODS[m].paper_row}}  # the LoRA family has no paper row
   return out
 
 

@@ -9,6 +9,7 @@ the model (:mod:`fedjax_adapters.experiments.vision_input`).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import tempfile
@@ -18,7 +19,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from fedjax_adapters.experiments.configs.floral import METHODS, NATURAL_DATASETS, FloralTask, natural_files
+from fedjax_adapters.experiments.configs.floral import (FAMILY_KINDS, METHODS, NATURAL_DATASETS, FloralTask,
+                                                        max_rank, natural_files)
 from fedjax_adapters.experiments.vision_input import VisionInput
 from fedjax_adapters import algorithms
 from fedjax_adapters.data import natural, text, tff_h5, vision
@@ -28,6 +30,7 @@ from fedjax_adapters.data.generated import write_natural
 from fedjax_adapters.data.synthetic import synthetic_task
 from fedjax_adapters.models import VGG8, CifarCNN, MLP
 from fedjax_adapters.models.token_lm import NextTokenLM
+from fedjax_adapters.nn.adapt import AdapterSpec
 from fedjax_adapters.optim import label_tree
 
 _SMOKE_TRAIN, _SMOKE_TEST = 16, 8  # random images per smoke client
@@ -217,6 +220,8 @@ def build_algorithm(method: str, task: FloralTask, data: FederatedDataset):
   if spec.kind == 'local_adaptor':
     return algorithms.local_adaptor(fn, rank=task.rank, lora_lr=task.lora_lr, precondition=task.precondition,
                                     bias_init=task.bias_init, server_optimizer=server, **common)
+  if spec.kind in FAMILY_KINDS:
+    return family_algorithm(spec, task, data, fn, common)
   if spec.kind == 'ensemble':
     return algorithms.ensemble(fn, num_members=c, server_optimizer=server, **router, **common)
   server = server_optimizer(task.server_optimizer, task.server_lr, task.server_adaptor_lr)
@@ -224,3 +229,26 @@ def build_algorithm(method: str, task: FloralTask, data: FederatedDataset):
                            bias_init=task.bias_init, server_optimizer=server,
                            aggregation_temperature=task.aggregation_temperature, balance_rate=task.balance_rate,
                            **router, **common)
+
+
+def family_ranks(rank: int, num_clients: int) -> list[int]:
+  """FLoRA's / HetLoRA's heterogeneous client ranks: client k gets ``max(1, rank // 2 ** (k % 3))``."""
+  return [max(1, rank // 2 ** (k % 3)) for k in range(num_clients)]
+
+
+def family_algorithm(method, task: FloralTask, data: FederatedDataset, fn, common: dict):
+  """A member of the personalized-LoRA family (docs/family.md) on ``task``: rank ``min(method.rank, max rank)``,
+  alpha = rank (scale 1 at the largest rank), the task's client SGD rate."""
+  r = min(int(method.rank), max_rank(task) or int(method.rank))
+  spec = AdapterSpec(rank=r, alpha=float(r), conv=method.kind not in ('flora', 'hetlora'))
+  k = data.train.num_clients
+  if method.kind == 'fedsa_lora':
+    return algorithms.fedsa_lora(fn, spec=spec, **common)
+  if method.kind == 'ditto':
+    return algorithms.ditto(fn, spec=spec, **common)
+  if method.kind == 'flora':
+    return algorithms.flora(fn, spec=spec, ranks=family_ranks(r, k), **common)
+  if method.kind == 'hetlora':
+    return algorithms.hetlora(fn, spec=spec, ranks=family_ranks(r, k), prune_gamma=0.5, prune_lambda=0.01, **common)
+  width = sum(int(np.prod(np.shape(leaf)[2:])) for leaf in jax.tree.leaves(data.train.x))
+  return algorithms.fedalt(fn, spec=dataclasses.replace(spec, num_local=1), input_dim=width, **common)

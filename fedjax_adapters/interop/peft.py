@@ -484,17 +484,31 @@ def import_lora(folder: PathLike, tree: Mapping, *, group: str = 'global', alpha
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def default_task_type(base: Mapping | None) -> str | None:
+  """``'CAUSAL_LM'`` for a language model (its base has an embedding table), else None (any torch module): what
+  ``PeftModel.from_pretrained`` can load for the model."""
+  names = [str(p[-1].key) for p, _ in jax.tree_util.tree_flatten_with_path(base or {})[0]]
+  return 'CAUSAL_LM' if 'embedding' in names else None
+
+
+def _task_type(task_type: str | None, parts: Mapping) -> str | None:
+  return default_task_type(parts.get('base')) if task_type == 'auto' else task_type
+
+
 def export_global_adapter(folder: PathLike, parts: Mapping, *, alpha: float | None, mix=None,
-                          task_type: str | None = 'CAUSAL_LM',
+                          task_type: str | None = 'auto',
                           base_model_name_or_path: str | None = None) -> pathlib.Path:
-  """The global adaptors (FedIT's / FedDPA's global LoRA) as a PEFT folder; ``mix`` weighs C > 1 adaptors."""
+  """The global adaptors (FedIT's / FedDPA's global LoRA) as a PEFT folder; ``mix`` weighs C > 1 adaptors.
+
+  ``task_type='auto'`` (the default of every export here) is :func:`default_task_type` of ``parts['base']``.
+  """
   layers = lora_layers(parts, group='global', alpha=alpha, mix=mix)
-  return save_peft_adapter(folder, layers, base=parts.get('base'), task_type=task_type,
+  return save_peft_adapter(folder, layers, base=parts.get('base'), task_type=_task_type(task_type, parts),
                            base_model_name_or_path=base_model_name_or_path)
 
 
 def export_local_adapter(folder: PathLike, parts: Mapping, *, alpha: float | None, client: int | None = None,
-                         task_type: str | None = 'CAUSAL_LM',
+                         task_type: str | None = 'auto',
                          base_model_name_or_path: str | None = None) -> pathlib.Path:
   """A client's local LoRA (FedDPA) as a PEFT folder.
 
@@ -502,12 +516,12 @@ def export_local_adapter(folder: PathLike, parts: Mapping, *, alpha: float | Non
   from which client k is taken.
   """
   layers = lora_layers(parts, group='local', alpha=alpha, client=client)
-  return save_peft_adapter(folder, layers, base=parts.get('base'), task_type=task_type,
+  return save_peft_adapter(folder, layers, base=parts.get('base'), task_type=_task_type(task_type, parts),
                            base_model_name_or_path=base_model_name_or_path)
 
 
 def export_mixed_adapter(folder: PathLike, parts: Mapping, *, alpha: float | None, global_weight: float,
-                         local_weight: float, client: int | None = None, task_type: str | None = 'CAUSAL_LM',
+                         local_weight: float, client: int | None = None, task_type: str | None = 'auto',
                          base_model_name_or_path: str | None = None) -> pathlib.Path:
   """Global and local LoRA at fixed weights as one LoRA of rank 2r: ``w_g dG + w_l dL`` (exact).
 
@@ -516,7 +530,7 @@ def export_mixed_adapter(folder: PathLike, parts: Mapping, *, alpha: float | Non
   """
   layers = concat_loras(lora_layers(parts, group='global', alpha=alpha, weight=global_weight),
                         lora_layers(parts, group='local', alpha=alpha, weight=local_weight, client=client))
-  return save_peft_adapter(folder, layers, base=parts.get('base'), task_type=task_type,
+  return save_peft_adapter(folder, layers, base=parts.get('base'), task_type=_task_type(task_type, parts),
                            base_model_name_or_path=base_model_name_or_path)
 
 

@@ -97,9 +97,10 @@ class Method:
   """One row of the comparison.
 
   Attributes:
-    kind: which algorithm builds it: ``'fedavg'``, ``'local_adaptor'``, ``'ensemble'`` or ``'floral'``.
+    kind: which algorithm builds it: ``'fedavg'``, ``'local_adaptor'``, ``'ensemble'``, ``'floral'`` or one of
+      :data:`FAMILY_KINDS`.
     label: the row's name in tables and plots.
-    rank: FLoRAL's rank budget rho (``floral`` only; 0.01 = "FLoRAL 1 %").
+    rank: FLoRAL's rank budget rho (``floral``; 0.01 = "FLoRAL 1 %"), or the family's largest integer rank.
     oracle: the router is fixed to each client's true cluster instead of learned.
     paper_row: the row of :data:`PAPER` this method reproduces.
   """
@@ -124,7 +125,18 @@ METHODS: dict[str, Method] = {
     # The synthetic table's names for FLoRAL 1 % (the same algorithm and settings as floral_1 / floral_1_oracle).
     'floral': Method('floral', 'FLoRAL (learned router)', rank=0.01, paper_row='floral_1'),
     'floral_oracle': Method('floral', 'FLoRAL (oracle router)', rank=0.01, oracle=True, paper_row='floral_1_oracle'),
+    # The personalized-LoRA family (docs/family.md): a LoRA of integer rank min(8, the model's max rank) on the
+    # task's model, whose base these methods freeze (FLoRA merges into it); FLoRA / HetLoRA give client k the rank
+    # r // 2 ** (k % 3) (at least 1).
+    'fedsa_lora': Method('fedsa_lora', 'FedSA-LoRA', rank=8),
+    'ditto': Method('ditto', 'Ditto (LoRA)', rank=8),
+    'flora': Method('flora', 'FLoRA', rank=8),
+    'hetlora': Method('hetlora', 'HetLoRA', rank=8),
+    'fedalt': Method('fedalt', 'FedALT', rank=8),
 }
+FAMILY_KINDS = ('fedsa_lora', 'ditto', 'flora', 'hetlora', 'fedalt')
+# FLoRA and HetLoRA merge / pad dense [d_in, d_out] LoRA factors: models whose adapted layers are all such.
+DENSE_LORA_MODELS = ('linear', 'mlp_10_20_1', 'mlp', 'cifar_cnn', 'vgg8', 'emnist_cnn')
 # Methods whose clients hold router logits (their router probabilities are logged at every evaluation).
 ROUTED_KINDS = ('ensemble', 'floral')
 TABLE_METHODS = ('fedavg', 'local_adaptor', 'ensemble', 'ensemble_oracle', 'floral_1', 'floral_1_oracle', 'floral_10',
@@ -308,7 +320,12 @@ def default_methods(task: FloralTask) -> tuple[str, ...]:
 
 
 def check_methods(task: FloralTask, methods) -> None:
-  """Oracle routers need true clusters, which natural partitions do not have; raises ValueError naming them."""
+  """Oracle routers need true clusters, which natural partitions do not have, and FLoRA / HetLoRA need dense
+  layers; raises ValueError naming the methods."""
+  dense = [m for m in methods if METHODS[m].kind in ('flora', 'hetlora')]
+  if dense and task.model not in DENSE_LORA_MODELS:
+    raise ValueError(f'{", ".join(dense)}: merge dense LoRA factors into [d_in, d_out] kernels, which model '
+                     f'{task.model!r} does not have in every adapted layer; choose another method.')
   oracles = [m for m in methods if METHODS[m].oracle]
   if task.dataset in NATURAL_DATASETS and oracles:
     raise ValueError(f'{", ".join(oracles)}: an oracle router needs true clusters, and the {task.dataset} clients '
