@@ -182,3 +182,51 @@ def test_bad_delta_raises_naming_the_value(delta):
     pa.epsilon(1.0, 3, delta=delta, sampling='poisson', num_clients=10, clients_per_round=2)
   with pytest.raises(ValueError, match='sampling must be one of'):
     pa.epsilon(1.0, 3, delta=0.1, sampling='uniform', num_clients=10, clients_per_round=2)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The FLoRAL runner's --dp-* flags
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _run(argv):
+  from fedjax_adapters.experiments import floral  # pylint: disable=g-import-not-at-top
+  try:
+    return 0, floral.main(argv)
+  except SystemExit as e:
+    return e.code, None
+
+
+SMOKE = ['--task', 'mnist_offline_label_shift', '--smoke', '--quiet']
+
+
+def test_runner_reports_epsilon_per_round_as_dp_accounting_computes_it(tmp_path):
+  import json  # pylint: disable=g-import-not-at-top
+  out = tmp_path / 'run'
+  code, res = _run(SMOKE + ['--methods', 'floral_oracle', '--out', str(out), '--dp-clip', '0.5',
+                            '--dp-noise-multiplier', '1.2', '--dp-sampling', 'poisson'])
+  assert code == 0 and res['status'] == 'done'
+  dp = res['dp']
+  k, m = dp['num_clients'], dp['clients_per_round']
+  assert dp['delta'] == 1.0 / k and dp['noise_multiplier'] == 1.2 and dp['rounds'] == res['rounds']
+  lines = [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines()]
+  for line in lines:
+    acc = dp_accounting.rdp.RdpAccountant()
+    acc.compose(dp_accounting.PoissonSampledDpEvent(m / k, dp_accounting.GaussianDpEvent(1.2)), line['round'])
+    assert line['dp_epsilon'] == acc.get_epsilon(1.0 / k)
+  assert dp['epsilon'] == lines[-1]['dp_epsilon'] and lines[0]['dp_epsilon'] < lines[-1]['dp_epsilon']
+
+
+@pytest.mark.parametrize('flags,words', [
+    (['--dp-clip', '0'], '--dp-clip'),
+    (['--dp-clip', '1', '--dp-noise-multiplier', '-1'], '--dp-noise-multiplier'),
+    (['--dp-clip', '1', '--dp-noise-multiplier', '1', '--dp-delta', '1.5'], '--dp-delta'),
+    (['--dp-clip', '1'], 'needs --dp-noise-multiplier or --dp-epsilon'),
+    (['--dp-noise-multiplier', '1'], '--dp-noise-multiplier needs --dp-clip'),
+    (['--dp-clip', '1', '--dp-epsilon', '1e9'], 'dp epsilon 1000000000.0 is unreachable'),
+])
+def test_bad_dp_flags_are_one_line_errors_before_training(capsys, tmp_path, flags, words):
+  code, _ = _run(SMOKE + ['--methods', 'fedavg', '--out', str(tmp_path / 'run')] + flags)
+  err = capsys.readouterr().err
+  assert code == 2 and err.startswith('error: ') and err.count('\n') == 1 and words in err, err
+  assert not (tmp_path / 'run').exists()
