@@ -184,6 +184,39 @@ def test_bad_delta_raises_naming_the_value(delta):
     pa.epsilon(1.0, 3, delta=0.1, sampling='uniform', num_clients=10, clients_per_round=2)
 
 
+class TwoLayer(nnx.Module):
+  def __init__(self, rngs):
+    self.hidden = nnx.Linear(6, 8, rngs=rngs)
+    self.out = nnx.Linear(8, 3, rngs=rngs)
+
+  def __call__(self, x):
+    return self.out(jax.nn.relu(self.hidden(x)))
+
+
+def test_feddpa_global_lora_is_privatized_and_its_local_lora_untouched():
+  from fedjax_adapters.algorithms.feddpa import feddpa, lm_spec  # pylint: disable=g-import-not-at-top
+  from fedjax_adapters.federated import ClientData  # pylint: disable=g-import-not-at-top
+  alg = feddpa(TwoLayer, variant='feddpa_t', spec=lm_spec(target=r'(hidden|out)', rank=2, alpha=4.0, dropout=0.0),
+               loss='xent', forward=lambda m, x: m(x), embed=lambda m, x: x, lr=3e-2, batch_size=4, num_epochs=1)
+  rng = np.random.default_rng(0)
+  data = ClientData(jnp.asarray(rng.normal(size=(K, 8, 6)), jnp.float32),
+                    jnp.asarray(rng.integers(0, 3, size=(K, 8)), jnp.int32), jnp.full((K,), 8, jnp.int32))
+  dp = alg.replace(aggregator=dp_aggregator(alg.aggregator, DPConfig(clip=0.01, noise_multiplier=2.0,
+                                                                     expected_clients=M)))
+  s = alg.init(jax.random.key(0), K)
+  a, b = s, dp.init(jax.random.key(0), K)
+  plain, private = make_round(alg, clients_per_round=M), make_round(dp, clients_per_round=M)
+  for _ in range(2):  # FedDPA-T trains the local LoRA from a client's second participation
+    (a, _), (b, _) = plain(a, data, client_ids=IDS[:M] % K), private(b, data, client_ids=IDS[:M] % K)
+  b_local = jax.tree.map(np.asarray, b.clients)
+  # The local adapters follow the (different) global adapters, so compare one round from the same state instead.
+  a1, _ = plain(b._replace(agg_state=a.agg_state), data, client_ids=IDS[:M] % K)
+  b1, _ = private(b, data, client_ids=IDS[:M] % K)
+  jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a1.clients, b1.clients)
+  assert not all(np.array_equal(x, y) for x, y in zip(np_tree(a1.global_params), np_tree(b1.global_params)))
+  assert not all(np.array_equal(x, y) for x, y in zip(np_tree(b_local), np_tree(b1.clients)))
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The FLoRAL runner's --dp-* flags
 # ----------------------------------------------------------------------------------------------------------------------
