@@ -71,6 +71,12 @@ def calibrate_noise(target_epsilon: float, *, delta: float, rounds: int, samplin
     raise ValueError(f'dp epsilon must be a finite number > 0; got {target_epsilon}.')
   if rounds < 1:
     raise ValueError(f'rounds must be >= 1 to calibrate noise; got {rounds}.')
+  floor = epsilon(MIN_NOISE_MULTIPLIER, rounds, delta=delta, sampling=sampling, num_clients=num_clients,
+                  clients_per_round=clients_per_round)
+  if floor <= target_epsilon:
+    raise ValueError(f'dp epsilon {target_epsilon} is reached with less noise than the calibration searches (noise '
+                     f'multiplier {MIN_NOISE_MULTIPLIER} already gives epsilon {floor:.3g}); give the noise multiplier '
+                     'instead.')
   try:
     return float(dp_accounting.calibrate_dp_mechanism(
         lambda: make_accountant(sampling),
