@@ -135,6 +135,21 @@ def test_chunked_round_equals_vmap_with_dp_on(floral_rounds):
                np_tree(want.global_params))
 
 
+def test_host_store_round_adds_the_same_noise_as_the_device_round(floral_rounds):
+  from fedjax_adapters.federated.host_store import host_data, host_init, make_host_round  # pylint: disable=g-import-not-at-top
+  _, dp, _, private = floral_rounds
+  rng = np.random.default_rng(0)
+  fd = stack_clients([rng.normal(size=(4, 4)).astype(np.float32) for _ in range(K)],
+                     [rng.normal(size=(4, 2)).astype(np.float32) for _ in range(K)])
+  dev, _ = private(dp.init(jax.random.key(4), K), client_data(fd))
+  host_state, store = host_init(dp, jax.random.key(4), K)
+  host_state, _ = make_host_round(dp, clients_per_round=M)(host_state, store, host_data(fd))
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), np_tree(host_state.global_params),
+               np_tree(dev.global_params))
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), np_tree(store.tree),
+               np_tree(dev.clients))
+
+
 def test_no_noise_and_a_huge_clip_equal_the_plain_round_with_uniform_weights():
   alg = algorithms.fedavg(mlp, loss='mse', lr=0.05, batch_size=2)
   plain = alg.replace(aggregator=uniform_weights(alg.aggregator))
