@@ -11,6 +11,8 @@ def cell(path):
   if not path.exists():
     return 'not run'
   r = json.loads(path.read_text())
+  if not r['methods']:
+    return r.get('status', '?')
   m = next(iter(r['methods'].values()))
   acc = m['test_accuracy']
   if acc is None:
