@@ -181,6 +181,21 @@ def case_guard():
   assert_close(got, want)
 
 
+def case_dp():
+  """With user-level DP on, the sharded round adds the same noise (the server key) and equals the 1-device round."""
+  from fedjax_adapters.federated import DPConfig, dp_aggregator  # pylint: disable=g-import-not-at-top
+  alg, data, _, _ = reference(16)
+  dp = alg.replace(aggregator=dp_aggregator(alg.aggregator, DPConfig(clip=0.1, noise_multiplier=1.0,
+                                                                     expected_clients=M), mixture_keys=('adapters',)))
+  state = dp.init(jax.random.key(0), 16)
+  want, _ = make_round(dp, clients_per_round=M)(state, data)
+  got, _ = make_round(dp, clients_per_round=M, mapping=sharded_clients(sharding.client_mesh()))(state, data)
+  assert_close(got, want)
+  plain, _ = make_round(alg, clients_per_round=M)(alg.init(jax.random.key(0), 16), data)
+  assert not all(np.allclose(_np(a), _np(b)) for a, b in zip(jax.tree.leaves(plain.global_params),
+                                                              jax.tree.leaves(got.global_params)))  # DP acted
+
+
 def expect_error(fn, *needles):
   try:
     fn()

@@ -103,6 +103,10 @@ def test_eight_devices_nonfinite_client_is_rejected(runs):
   _case(runs, 'guard')
 
 
+def test_eight_devices_dp_round_adds_the_same_noise_as_one_device(runs):
+  _case(runs, 'dp')
+
+
 def test_eight_devices_errors_say_how_to_fix(runs):
   _case(runs, 'errors')
 

@@ -31,7 +31,7 @@ import sys
 import typing
 
 from fedjax_adapters.experiments.configs import floral as configs
-from fedjax_adapters.experiments.runlib import cli
+from fedjax_adapters.experiments.runlib import cli, dp_flags
 from fedjax_adapters.experiments.runlib.cli import UserError
 
 RUNNER = 'floral'
@@ -129,6 +129,7 @@ def build_parser() -> cli.Parser:
   cli.add_run_arguments(g)
   cli.add_settings_arguments(p, configs.FloralTask, what='task setting')
   hints = typing.get_type_hints(configs.FloralTask)
+  dp_flags.add_flags(p)
   t = p.add_argument_group('training settings (default: the task\'s, i.e. the public code\'s settings)')
   for name, text in _FLAG_HELP.items():
     flags = _FLAG_NAMES.get(name, ('--' + name.replace('_', '-'),))
@@ -233,7 +234,8 @@ def make_plan(args) -> dict:
               checkpoint_every=args.checkpoint_every or max(1, rounds // 10), keep=args.keep_checkpoints,
               max_rejected_rounds=args.max_rejected_rounds, compiled_loop=args.compiled_loop,
               data_dir=args.data_dir and cli.existing_dir(args.data_dir, '--data-dir'), json=args.json,
-              quiet=args.quiet, out=args.out, writers=cli.check_writers(args.writer))
+              quiet=args.quiet, out=args.out, writers=cli.check_writers(args.writer),
+              dp=dp_flags.make_dp_plan(args, num_clients=task.num_clients, fraction=task.fraction, rounds=rounds))
   if args.print_config:
     return plan
   if task.dataset in configs.TFDS_DATASETS and not task.smoke:

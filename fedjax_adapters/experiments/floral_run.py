@@ -19,15 +19,16 @@ from fedjax_adapters import algorithms, experiment
 from fedjax_adapters.adapters.mixture import aggregation_probs
 from fedjax_adapters.experiments import floral_tasks
 from fedjax_adapters.experiments.configs import floral as configs
-from fedjax_adapters.experiments.runlib import loop
+from fedjax_adapters.experiments.runlib import dp_flags, loop
 from fedjax_adapters.experiments.runlib.environment import environment
 from fedjax_adapters.experiments.runlib.progress import Progress
-from fedjax_adapters.federated import chunked_clients, client_data, clients_per_round, evaluate, make_round
+from fedjax_adapters.federated import (chunked_clients, client_data, clients_per_round, dp_aggregator, evaluate,
+                                       make_round, poisson_sampling)
 
 RUNNER = 'floral'
 CONV_MODELS = ('cifar_cnn', 'vgg8')
 _PLAN_KEYS = ('methods', 'seeds', 'eval_every', 'checkpoint_every', 'keep', 'max_rejected_rounds', 'compiled_loop',
-              'data_dir')
+              'data_dir', 'dp')
 
 
 def test_metrics(task: configs.FloralTask, summary: dict) -> dict[str, float]:
@@ -68,10 +69,13 @@ def make_unit(method: str, seed: int, task: configs.FloralTask, data, plan: dict
     # Conv models on a CPU: one client per step of the compiled round (benchmarks/README.md: all clients vmapped at
     # once ran 17 % slower than the client-by-client loop at 4-8 clients; one per step matched or beat it).
     mapping = chunked_clients(1) if task.model in CONV_MODELS and jax.default_backend() == 'cpu' else None
-    round_fn = make_round(alg, clients_per_round=clients_per_round(k, task.fraction), mapping=mapping)
+    alg, sampling = private(alg, method, plan.get('dp'), k, clients_per_round(k, task.fraction))
+    round_fn = make_round(alg, mapping=mapping, **sampling)
     size = experiment.chunk_size(schedule) if plan['compiled_loop'] else None
     cache[key] = (alg, *experiment.round_step(round_fn, train, size))
   alg, step, any_length = cache[key]
+  if plan.get('dp'):
+    step = with_epsilon(step, plan['dp'])
   routed = configs.METHODS[method].kind in configs.ROUTED_KINDS
 
   def headline(record):
@@ -79,6 +83,32 @@ def make_unit(method: str, seed: int, task: configs.FloralTask, data, plan: dict
 
   return loop.Unit(method, seed, init=lambda: alg.init(jax.random.key(seed), k), step=step, any_length=any_length,
                    evaluate=lambda state: evaluation(alg, state, test, task, routed), headline=headline)
+
+
+def private(alg, method: str, dp: dict | None, k: int, m: int):
+  """``alg`` with the DP aggregator of ``dp`` (unchanged when None) and ``make_round``'s sampling arguments."""
+  if not dp:
+    return alg, {'clients_per_round': m}
+  kind = configs.METHODS[method].kind
+  mixture = {'floral': ('adapters',), 'ensemble': ('members',)}.get(kind, ())
+  alg = alg.replace(aggregator=dp_aggregator(alg.aggregator, dp_flags.config(dp), mixture_keys=mixture))
+  if dp['sampling'] == 'poisson':
+    return alg, {'sampling': poisson_sampling(m / k, num_clients=k)}
+  return alg, {'clients_per_round': m}
+
+
+def with_epsilon(step, dp: dict):
+  """``step`` whose per-round summaries (metrics.jsonl) carry ``dp_epsilon`` after that round."""
+  cache = {}
+
+  def run(state, n):
+    state, summaries = step(state, n)
+    last = int(state.round)
+    for i, summary in enumerate(summaries):
+      summary['dp_epsilon'] = dp_flags.epsilon_after(dp, last - len(summaries) + 1 + i, cache)
+    return state, summaries
+
+  return run
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -89,6 +119,8 @@ def make_unit(method: str, seed: int, task: configs.FloralTask, data, plan: dict
 def new_results(task: configs.FloralTask, plan: dict) -> dict:
   out = {'runner': RUNNER, 'task': task.name, 'rounds': task.rounds, 'seeds': plan['seeds'], 'metric': task.metric,
          'config': dataclasses.asdict(task), 'status': 'running', 'methods': {}, 'units': {}, 'data': {}}
+  if plan.get('dp'):
+    out['dp'] = dp_flags.summary(plan['dp'], task.rounds)
   if task.column is not None:
     paper = configs.PAPER[task.column]
     out['paper'] = {'column': task.column, 'unit': 'test accuracy %, mean (std)',

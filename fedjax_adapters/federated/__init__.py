@@ -13,6 +13,7 @@ from fedjax_adapters.federated.host_store import (HostClientStore, evaluate_host
                                                   make_host_round)
 from fedjax_adapters.federated.mapping import (ClientMapping, chunked_clients, sequential_clients, sharded_clients,
                                                vmap_clients)
+from fedjax_adapters.federated.privacy import DPConfig, DPState, dp_aggregator
 from fedjax_adapters.federated.round import Adversary, Round, make_round, round_client_ids, round_sample, run_rounds
 from fedjax_adapters.federated.sampling import (Sampling, clients_per_round, fixed_sampling, poisson_sampling,
                                                 poisson_slots, sample_clients)
@@ -29,4 +30,4 @@ __all__ = ['Aggregator', 'Reducer', 'RoundInfo', 'coordinate_median', 'mean_aggr
            'vmap_clients', 'Adversary', 'Round', 'make_round', 'round_client_ids', 'round_sample', 'run_rounds',
            'Sampling', 'clients_per_round', 'fixed_sampling', 'poisson_sampling', 'poisson_slots', 'sample_clients',
            'client_mesh', 'client_sharding', 'initialize_distributed', 'replicate', 'replicated_sharding',
-           'shard_clients', 'TiledClients', 'tiled_clients']
+           'shard_clients', 'TiledClients', 'tiled_clients', 'DPConfig', 'DPState', 'dp_aggregator']
