@@ -14,6 +14,7 @@ from fedjax_adapters.federated.host_store import (HostClientStore, evaluate_host
 from fedjax_adapters.federated.mapping import (ClientMapping, chunked_clients, sequential_clients, sharded_clients,
                                                vmap_clients)
 from fedjax_adapters.federated.round import Adversary, Round, make_round, round_client_ids, round_sample, run_rounds
+from fedjax_adapters.federated import attacks, robust
 from fedjax_adapters.federated.robust import (REDUCERS, bulyan, centered_clipping, geometric_median, krum,
                                               norm_bounded_mean, reducer_from_name, trimmed_mean)
 from fedjax_adapters.federated.sampling import (Sampling, clients_per_round, fixed_sampling, poisson_sampling,
@@ -31,5 +32,5 @@ __all__ = ['Aggregator', 'Reducer', 'RoundInfo', 'coordinate_median', 'mean_aggr
            'vmap_clients', 'Adversary', 'Round', 'make_round', 'round_client_ids', 'round_sample', 'run_rounds',
            'Sampling', 'clients_per_round', 'fixed_sampling', 'poisson_sampling', 'poisson_slots', 'sample_clients',
            'client_mesh', 'client_sharding', 'initialize_distributed', 'replicate', 'replicated_sharding',
-           'shard_clients', 'TiledClients', 'tiled_clients', 'REDUCERS', 'bulyan', 'centered_clipping',
+           'shard_clients', 'TiledClients', 'tiled_clients', 'attacks', 'robust', 'REDUCERS', 'bulyan', 'centered_clipping',
            'geometric_median', 'krum', 'norm_bounded_mean', 'reducer_from_name', 'trimmed_mean']
