@@ -51,3 +51,31 @@ def test_smoke_run_with_attack_and_defense(tmp_path):
   config['plan']['robust']['aggregator'] = 'krum:-1'
   with pytest.raises(robust_flags.UserError, match='x: --aggregator'):
     robust_flags.from_plan(config['plan'], 'x')
+
+
+# FedDPA runner
+from fedjax_adapters.experiments import feddpa  # noqa: E402
+from test_experiments_feddpa import DATA  # noqa: E402
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['--attack', 'label_flip', '--attack-fraction', '0.2'], 'label_flip needs class labels'),
+    (['--aggregator', 'bulyan:-2'], 'num_byzantine must be an integer >= 0, got -2'),
+])
+def test_feddpa_bad_flags_one_line_exit_2(tmp_path, capsys, argv, message):
+  with pytest.raises(SystemExit) as e:
+    feddpa.main(['--data', DATA, '--preset', 'smoke', '--out', str(tmp_path / 'run'), '--quiet'] + argv)
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith('error: ') and message in err and '\n' not in err
+  assert not (tmp_path / 'run').exists()
+
+
+def test_feddpa_smoke_with_attack_and_defense(tmp_path):
+  out = tmp_path / 'run'
+  feddpa.main(['--data', DATA, '--preset', 'smoke', '--out', str(out), '--quiet', '--methods', 'fedit',
+               '--bootstrap-samples', '50', '--attack', 'ipm:2', '--attack-fraction', '0.25', '--aggregator',
+               'trimmed_mean:0.25'])
+  config = json.loads((out / 'config.json').read_text())
+  assert config['plan']['robust'] == {'aggregator': 'trimmed_mean:0.25', 'attack': 'ipm:2', 'attack_fraction': 0.25}
+  assert json.loads((out / 'results.json').read_text())['status'] == 'done'
