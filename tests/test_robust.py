@@ -259,3 +259,10 @@ def test_vmapped_round_equals_sequential_for_each_reducer(linear_task):
     moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), s_v.agg_state[name],
                          s_v.agg_state['prev'])
     assert max(jax.tree.leaves(moved)) > 1e-4, name  # each reducer moved off the round's start (no fallback)
+
+
+@pytest.mark.parametrize('name', sorted(robust.REDUCERS))
+def test_empty_group_passes_through(name):
+  # a params group without leaves (e.g. FLoRAL's shared part of a fully adapted model) comes back as it is
+  got = robust.reducer_from_name(name)({'a': {}}, jnp.ones(3), {'a': {}})
+  assert got == {'a': {}}

@@ -41,7 +41,9 @@ def test_smoke_run_with_attack_and_defense(tmp_path):
   out = tmp_path / 'run'
   common = SMOKE + ['--methods', 'fedavg', '--attack', 'sign_flip:10', '--attack-fraction', '0.5']
   attacked = floral.main(common + ['--out', str(out)])
-  defended = floral.main(common + ['--aggregator', 'median', '--out', str(tmp_path / 'def')])
+  defended = floral.main(common + ['--aggregator', 'krum:1', '--methods', 'fedavg', 'floral_1', '--out',
+                                   str(tmp_path / 'def')])
+  assert defended['status'] == 'done'  # FLoRAL's per-adaptor Krum (and its empty shared group) runs too
   plain = floral.main(SMOKE + ['--methods', 'fedavg', '--out', str(tmp_path / 'plain')])
   config = json.loads((out / 'config.json').read_text())
   assert config['plan']['robust'] == {'aggregator': None, 'attack': 'sign_flip:10', 'attack_fraction': 0.5}

@@ -47,6 +47,13 @@ def _finish(vec: Array, any_live: Array, fallback: Any) -> Any:
   return _apply_update(jnp.where(any_live, vec, 0.0), fallback)
 
 
+def _skip_empty(reducer: Reducer) -> Reducer:
+  """A reducer that returns an empty pytree (a params group without leaves) as it is."""
+  def wrapped(stacked, weights, fallback):
+    return fallback if not jax.tree.leaves(stacked) else reducer(stacked, weights, fallback)
+  return wrapped
+
+
 def _mean_rows(d: Array, w: Array) -> Array:
   total = jnp.sum(w)
   return jnp.tensordot(w / jnp.where(total > 0, total, 1.0), d, axes=(0, 0))
@@ -81,7 +88,7 @@ def trimmed_mean(fraction: float = 0.1) -> Reducer:
 
     return jax.tree.map(one, stacked, fallback)
 
-  return reducer
+  return _skip_empty(reducer)
 
 
 def geometric_median(iterations: int = 8, smoothing: float = 1e-6) -> Reducer:
@@ -109,7 +116,7 @@ def geometric_median(iterations: int = 8, smoothing: float = 1e-6) -> Reducer:
     z = jax.lax.fori_loop(0, iterations, step, _mean_rows(d, w))
     return _finish(z, jnp.sum(w) > 0, fallback)
 
-  return reducer
+  return _skip_empty(reducer)
 
 
 def _distance_block(block: Array, d: Array, sq: Array) -> Array:
@@ -168,7 +175,7 @@ def krum(num_byzantine: int, num_selected: int | None = 1, chunk: int = 256) -> 
     chosen = live & (rank < m_sel)
     return _finish(_mean_rows(d, jnp.where(chosen, weights, 0).astype(jnp.float32)), jnp.any(live), fallback)
 
-  return reducer
+  return _skip_empty(reducer)
 
 
 def _bulyan_select(dist: Array, live: Array, num_byzantine: int) -> Array:
@@ -226,7 +233,7 @@ def bulyan(num_byzantine: int, chunk: int = 256) -> Reducer:
 
     return jax.tree.map(one, stacked, fallback)
 
-  return reducer
+  return _skip_empty(reducer)
 
 
 def centered_clipping(radius: float, iterations: int = 3) -> Reducer:
@@ -260,7 +267,7 @@ def centered_clipping(radius: float, iterations: int = 3) -> Reducer:
     v = jax.lax.fori_loop(0, iterations, step, jnp.zeros(d.shape[1], jnp.float32))
     return _finish(v, jnp.sum(w) > 0, fallback)
 
-  return reducer
+  return _skip_empty(reducer)
 
 
 def norm_bounded_mean(quantile: float = 0.5) -> Reducer:
@@ -288,7 +295,7 @@ def norm_bounded_mean(quantile: float = 0.5) -> Reducer:
     w = jnp.where(live, weights, 0).astype(jnp.float32)
     return _finish(_mean_rows(d * scale[:, None], w), jnp.any(live), fallback)
 
-  return reducer
+  return _skip_empty(reducer)
 
 
 # name -> (factory, name of its one numeric parameter or None, default): what --aggregator NAME[:param] builds.
