@@ -9,8 +9,8 @@ from flax import nnx
 from fedjax_adapters import algorithms
 from fedjax_adapters.data.federated import stack_clients
 from fedjax_adapters.data.synthetic import synthetic_task
-from fedjax_adapters.federated import (Aggregator, client_data, make_round, mean_aggregator, router_aggregator, sequential_clients,
-                                       vmap_clients)
+from fedjax_adapters.federated import (Aggregator, client_data, make_round, mean_aggregator, router_aggregator,
+                                       sequential_clients, vmap_clients)
 from fedjax_adapters.federated import robust
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -239,7 +239,8 @@ def all_reducers_aggregator():
 
   def aggregate(global_params, outs, weights, agg_state, info=None):
     new, _ = mean.aggregate(global_params, outs, weights, agg_state['mean'], info)
-    return new, {'mean': agg_state['mean'], 'prev': global_params, **{n: r(outs.params, weights, global_params) for n, r in reducers.items()}}
+    reduced = {n: r(outs.params, weights, global_params) for n, r in reducers.items()}
+    return new, {'mean': agg_state['mean'], 'prev': global_params, **reduced}
 
   return Aggregator(lambda gp: {'mean': mean.init(gp), 'prev': gp, **{n: gp for n in reducers}}, aggregate)
 

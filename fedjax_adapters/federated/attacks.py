@@ -15,7 +15,7 @@ Label flipping is a data-side attack: :func:`flip_labels` rewrites the attackers
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
