@@ -54,6 +54,19 @@ def time_round(entry, reps: int) -> tuple[float, float]:
   return (time.process_time() - c0) / reps, (time.perf_counter() - w0) / reps
 
 
+def markdown(out: dict) -> str:
+  """The README table: CPU-second ratio to the mean (wall ratio in brackets) per reducer and cohort size."""
+  sizes = list(out['clients'])
+  lines = ['| reducer | ' + ' | '.join(f'M = {m}: CPU (wall) x mean' for m in sizes) + ' |',
+           '|---|' + '---|' * len(sizes)]
+  for n in NAMES:
+    cells = [f"{out['clients'][m][n]['cpu_ratio']:.2f} ({out['clients'][m][n]['wall_ratio']:.2f})" for m in sizes]
+    lines.append(f'| {n} | ' + ' | '.join(cells) + ' |')
+  base = ', '.join(f"M = {m}: {out['clients'][m]['mean']['cpu_s'] * 1e3:.1f} ms CPU" for m in sizes)
+  return '\n'.join(lines) + f'\n\nThe mean round itself: {base}; load average {out["load_before"]} before, ' \
+      f'{out["load_after"]} after.'
+
+
 def main():
   p = argparse.ArgumentParser()
   p.add_argument('--json', required=True)
@@ -79,6 +92,7 @@ def main():
   os.makedirs(os.path.dirname(args.json) or '.', exist_ok=True)
   with open(args.json, 'w') as f:
     json.dump(out, f, indent=1)
+  print(markdown(out))
 
 
 if __name__ == '__main__':
