@@ -59,7 +59,19 @@ LossFn = Callable[[LossInputs], Any]
 
 
 def per_example_loss(kind: str, out: jax.Array, y: jax.Array) -> jax.Array:
-  """``[B]`` losses: ``'mse'`` (mean squared error over output dims) or ``'xent'`` (integer labels)."""
+  """``[B]`` losses: ``'mse'`` (mean squared error over output dims) or ``'xent'`` (integer labels).
+
+  Raises:
+    ValueError: naming both shapes, if ``'mse'`` targets do not have the outputs' shape (numpy would broadcast
+      ``[B, 1]`` against ``[B, 3]`` silently) or ``'xent'`` labels are not ``outputs.shape[:-1]`` (checked at trace
+      time: shapes are static, so the round still compiles once).
+  """
+  if kind == 'mse' and out.shape != y.shape:
+    raise ValueError(f"loss 'mse' needs targets of the model outputs' shape {tuple(out.shape)}; got targets "
+                     f"{tuple(y.shape)} (per batch).")
+  if kind == 'xent' and y.shape != out.shape[:-1]:
+    raise ValueError(f"loss 'xent' needs integer labels of shape {tuple(out.shape[:-1])} for outputs "
+                     f"{tuple(out.shape)} (one label per example, no trailing axis); got labels {tuple(y.shape)}.")
   if kind == 'mse':
     return jnp.mean(jnp.square(out - y).reshape(out.shape[0], -1), axis=-1)
   if kind == 'xent':

@@ -6,14 +6,14 @@ import optax
 
 from fedjax_adapters.algorithms import model_based as mb
 from fedjax_adapters.algorithms.common import LossFn, supervised
-from fedjax_adapters.federated.aggregators import mean_aggregator
+from fedjax_adapters.federated.aggregators import mean_aggregator, weighted_mean
 from fedjax_adapters.federated.algorithm import Algorithm
 
 
 def fedavg(model_fn: mb.ModelFn, *, loss: str | LossFn, batch_size: int, lr: float | None = None,
            client_optimizer: optax.GradientTransformation | None = None, num_epochs: int = 1, shuffle: bool = False,
            server_optimizer: optax.GradientTransformation | None = None, eval_loss: str | None = None,
-           train_arg: str | None = None) -> Algorithm:
+           train_arg: str | None = None, reducer=None) -> Algorithm:
   """FedAvg of a whole model.
 
   Args:
@@ -22,6 +22,7 @@ def fedavg(model_fn: mb.ModelFn, *, loss: str | LossFn, batch_size: int, lr: flo
     batch_size, num_epochs, shuffle: local training.
     lr: client SGD learning rate; or pass ``client_optimizer`` (any optax transformation of the params).
     server_optimizer: on the pseudo-gradient (default SGD lr 1 = plain averaging).
+    reducer: how the clients' params become one (default the weighted mean; e.g. ``federated.robust.krum(2)``).
     eval_loss: ``'mse'`` or ``'xent'``, the metrics reported when ``loss`` is a callable.
     train_arg: name of the model's train-mode keyword (e.g. ``'train'``), if any.
   """
@@ -43,4 +44,4 @@ def fedavg(model_fn: mb.ModelFn, *, loss: str | LossFn, batch_size: int, lr: flo
 
   return supervised(name='fedavg', init_params=init_params, forward=forward, loss=loss, optimizer=optimizer,
                     batch_size=batch_size, num_epochs=num_epochs, shuffle=shuffle,
-                    aggregator=mean_aggregator(server_optimizer), eval_loss=eval_loss, model=mdef)
+                    aggregator=mean_aggregator(server_optimizer, reducer=reducer or weighted_mean), eval_loss=eval_loss, model=mdef)

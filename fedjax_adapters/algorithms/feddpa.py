@@ -49,7 +49,7 @@ from fedjax_adapters.algorithms import model_based as mb
 from fedjax_adapters.algorithms.common import LossInputs, batch_metrics, task_loss
 from fedjax_adapters.algorithms.lora_fedavg import uniform_weights
 from fedjax_adapters.federated import evaluation, mapping as mapping_lib
-from fedjax_adapters.federated.aggregators import Aggregator, mean_aggregator
+from fedjax_adapters.federated.aggregators import Aggregator, mean_aggregator, weighted_mean
 from fedjax_adapters.federated.algorithm import Algorithm, ServerState
 from fedjax_adapters.federated.client_update import Batch, ClientData, ClientOutput, make_client_update
 from fedjax_adapters.nn.adapt import AdapterSpec, ModelDef
@@ -359,7 +359,8 @@ def feddpa(model_fn: mb.ModelFn, *, variant: str = 'feddpa_t', spec: AdapterSpec
            num_epochs: int = 10, num_rows: int | None = None, mix_weight: float = 0.5, lam: float = 0.5,
            weight_target: str = 'global', embed_adapter: str = 'local', weight_decay: float = 0.0,
            clip: float | None = 1.0, schedule: str = 'linear', uniform_aggregation: bool = True,
-           server_optimizer: optax.GradientTransformation | None = None, eval_batch_size: int = 16) -> FedDPA:
+           server_optimizer: optax.GradientTransformation | None = None, eval_batch_size: int = 16,
+           reducer=None) -> FedDPA:
   """Builds FedDPA (or a baseline) for any NNX model; the defaults are the paper's causal-LM setting.
 
   Args:
@@ -379,6 +380,8 @@ def feddpa(model_fn: mb.ModelFn, *, variant: str = 'feddpa_t', spec: AdapterSpec
     lam, weight_target, embed_adapter: the instance-wise weights (module docstring).
     weight_decay, clip, schedule: switches of the built-in optimizer (0, 1.0, linear as in the paper).
     uniform_aggregation: average clients uniformly (public code) instead of by example count.
+    reducer: a robust :data:`~fedjax_adapters.federated.Reducer` in place of the (weighted) mean of the global
+      adapters (``federated.robust``; docs/robustness.md).
     server_optimizer: on the pseudo-gradient (default SGD lr 1 = plain averaging).
     eval_batch_size: rows per evaluation / prediction step.
   """
@@ -409,7 +412,7 @@ def feddpa(model_fn: mb.ModelFn, *, variant: str = 'feddpa_t', spec: AdapterSpec
                'seen': jnp.zeros((num_clients,), jnp.int32)}
     return {'base': parts['base']}, {'adapters': parts['adapters']}, clients
 
-  mean = mean_aggregator(server_optimizer)
+  mean = mean_aggregator(server_optimizer, reducer=reducer or weighted_mean)
   aggregator = keep_global() if weights.global_phase is None else (uniform_weights(mean) if uniform_aggregation
                                                                      else mean)
   client_update = dual_client_update(phase(weights.local_phase, 'client'), phase(weights.global_phase, 'global'),

@@ -86,7 +86,7 @@ def floral(model_fn: mb.ModelFn, *, num_adaptors: int, loss: str | LossFn, batch
            conv: bool = True, bias: bool = True, norm: bool = False, embed: bool = False,
            bias_init: str = 'uniform', server_optimizer: optax.GradientTransformation | None = None,
            aggregation_temperature: float | None = None, balance_rate: float = 0.0, eval_loss: str | None = None,
-           train_arg: str | None = None) -> Algorithm:
+           train_arg: str | None = None, reducer=None) -> Algorithm:
   """FLoRAL with a learned router, or the oracle router when ``oracle_clusters`` (``[K]``) is given.
 
   The client state is ``{'logits': [C]}``; the global params ``{'base', 'stats', 'adapters'}``.
@@ -117,6 +117,8 @@ def floral(model_fn: mb.ModelFn, *, num_adaptors: int, loss: str | LossFn, batch
       (the paper): no offsets.
     eval_loss: the metrics reported when ``loss`` is a callable.
     train_arg: name of the model's train-mode keyword, if any.
+    reducer: None (the paper's router-weighted means) or a robust :data:`~fedjax_adapters.federated.Reducer`
+      applied to the shared leaves with ``p(k)`` and to each adaptor with ``p(k|c)`` (docs/robustness.md).
   """
   if num_adaptors < 1:
     raise ValueError(f'num_adaptors must be >= 1; got {num_adaptors}.')
@@ -126,7 +128,7 @@ def floral(model_fn: mb.ModelFn, *, num_adaptors: int, loss: str | LossFn, batch
   if not balance_rate >= 0:
     raise ValueError(f'balance_rate must be >= 0 (0: off); got {balance_rate}.')
   t_agg = temperature if aggregation_temperature is None else aggregation_temperature
-  aggregator = router_aggregator(('adapters',), server_optimizer=server_optimizer)
+  aggregator = router_aggregator(('adapters',), server_optimizer=server_optimizer, reducer=reducer)
   if balance_rate:
     aggregator = balanced_aggregator(aggregator, num_adaptors, balance_rate)
   spec = AdapterSpec.floral(num_adaptors, rank=rank, target=target, linear=linear, conv=conv, bias=bias, norm=norm,

@@ -35,7 +35,7 @@ import sys
 import typing
 
 from fedjax_adapters.experiments.configs import feddpa as configs
-from fedjax_adapters.experiments.runlib import cli
+from fedjax_adapters.experiments.runlib import cli, robust_flags
 from fedjax_adapters.experiments.runlib.cli import UserError
 
 RUNNER = 'feddpa'
@@ -104,6 +104,7 @@ def build_parser() -> cli.Parser:
   g.add_argument('--bootstrap-samples', type=cli.int_at_least(1), default=10_000,
                  help='paired bootstrap resamples of the test prompts (default: 10000)')
   cli.add_run_arguments(g)
+  robust_flags.add_arguments(p)
   cli.add_settings_arguments(p, configs.FedDPAConfig)
   p.add_argument('--config-file', default=None, action=cli.Renamed, new='--config FILE',
                  help=argparse.SUPPRESS)
@@ -247,6 +248,7 @@ def _resume_plan(args) -> dict:
   plan.update(out=path, resuming=True, **cli.resume_options(args, config, path),
               export_peft=args.export_peft and cli.probe_writable_dir(args.export_peft, '--export-peft'))
   plan['cfg'] = settings_from_config(config, where)
+  plan['robust'] = _check_robust(robust_flags.from_plan(plan, where))
   check_data(plan.get('data'), plan['cfg'])
   check_model(plan['cfg'])
   return plan
@@ -280,6 +282,14 @@ def model_hidden_size(model: str) -> int | None:
   return size if isinstance(size, int) else None
 
 
+def _check_robust(robust: dict) -> dict:
+  """Label flipping needs class labels; FedDPA's tasks are next-token generation."""
+  if (robust['attack'] or '').startswith('label_flip'):
+    raise UserError('--attack label_flip needs class labels; FedDPA trains on instruction text (choose an update '
+                    'attack: sign_flip, scaling, gaussian, alie, ipm)')
+  return robust
+
+
 def make_plan(args) -> dict:
   """Everything a run needs, validated, before JAX is imported (errors raise UserError)."""
   if args.resume:
@@ -288,7 +298,8 @@ def make_plan(args) -> dict:
   plan = dict(cfg=cfg, methods=cli.check_methods(args.methods, METHODS), seeds=_seeds(args),
               checkpoint_every=args.checkpoint_every, keep=args.keep_checkpoints,
               bootstrap_samples=args.bootstrap_samples, json=args.json, quiet=args.quiet, out=args.out,
-              data=args.data, export_peft=args.export_peft, writers=cli.check_writers(args.writer))
+              data=args.data, export_peft=args.export_peft, writers=cli.check_writers(args.writer),
+              robust=_check_robust(robust_flags.from_args(args)))
   plan.update(levers={'base_dtype': args.base_dtype, 'remat': args.remat, 'quantize': args.quantize},
               dry_run=args.dry_run, device_memory=args.device_memory)
   if args.print_config:

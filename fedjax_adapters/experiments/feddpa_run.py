@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from fedjax_adapters.experiments.configs import feddpa as configs
-from fedjax_adapters.experiments.runlib import loop, memory, strict_json
+from fedjax_adapters.experiments.runlib import loop, memory, robust_flags, strict_json
 from fedjax_adapters.experiments.runlib.cli import UserError
 from fedjax_adapters.experiments.runlib.environment import environment
 from fedjax_adapters.experiments.runlib.progress import Progress
@@ -43,7 +43,7 @@ from fedjax_adapters.models.llama_loaders import (gguf_config, load_gguf, load_h
                                                   smollm2_gguf_path)
 
 RUNNER = 'feddpa'
-_PLAN_KEYS = ('methods', 'seeds', 'checkpoint_every', 'keep', 'bootstrap_samples', 'data', 'levers')
+_PLAN_KEYS = ('methods', 'seeds', 'checkpoint_every', 'keep', 'bootstrap_samples', 'data', 'levers', 'robust')
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -76,7 +76,7 @@ def train_sets(method: str, data: fdata.FedDPAData, cfg) -> list[list]:
   return [[e for ex in sets for e in ex]] if method == 'centralized' else sets
 
 
-def build_algorithm(method: str, cfg, base, levers: memory.Levers | None = None) -> F.FedDPA:
+def build_algorithm(method: str, cfg, base, levers: memory.Levers | None = None, reducer=None) -> F.FedDPA:
   """FedDPA's ``variant`` for ``method`` (Centralized is FedIT on one pooled client), on the pretrained ``base``
   with the memory ``levers`` applied to it (the adaptors FedDPA adds stay float32)."""
   if levers is not None and levers != memory.Levers():
@@ -95,7 +95,7 @@ def build_algorithm(method: str, cfg, base, levers: memory.Levers | None = None)
   spec = F.lm_spec(target=cfg.target, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout)
   return F.feddpa(model_fn, variant='fedit' if method == 'centralized' else method, spec=spec, lr=cfg.lr,
                   batch_size=cfg.batch_size, num_epochs=cfg.num_epochs, mix_weight=cfg.mix_weight, lam=cfg.lam,
-                  weight_target=cfg.weight_target, embed_adapter=cfg.embed_adapter)
+                  weight_target=cfg.weight_target, embed_adapter=cfg.embed_adapter, reducer=reducer)
 
 
 class PromptBatches(NamedTuple):
@@ -152,6 +152,7 @@ class Context:
   compiled: dict = dataclasses.field(default_factory=dict)
   peft_base: str | None = None   # the base model folder the exported adapters name (written once per process)
   levers: memory.Levers | None = None   # memory levers applied to the frozen base (--base-dtype, --remat, --quantize)
+  robust: dict = dataclasses.field(default_factory=dict)  # --aggregator / --attack (runlib.robust_flags)
 
   def jitted(self, alg: F.FedDPA) -> tuple:
     """``(embed, weights)`` of ``alg`` compiled once per algorithm: embeddings ``[B, D]`` and decoding weights."""
@@ -258,14 +259,14 @@ def make_unit(ctx: Context, method: str, seed: int) -> tuple[loop.Unit, Any]:
   and the server optimizer only); the base is put back for every round and evaluation.
   """
   cfg = ctx.cfg
-  alg = build_algorithm(method, cfg, ctx.base, ctx.levers)
+  alg = build_algorithm(method, cfg, ctx.base, ctx.levers, reducer=robust_flags.reducer(ctx.robust))
   train = client_data(fdata.client_training_arrays(ctx.tokenizer, train_sets(method, ctx.data, cfg),
                                                    max_length=cfg.max_length))
   k = int(train.count.shape[0])
   # On a CPU the clients' activations and 49k-vocabulary logits do not fit side by side, and one client already
   # fills the cores: the sequential mapping runs the same client update one client at a time.
   mapping = sequential_clients() if cfg.backend == 'sequential' else None
-  round_fn = make_round(alg, clients_per_round=k, mapping=mapping)
+  round_fn = make_round(alg, clients_per_round=k, mapping=mapping, adversary=robust_flags.adversary(ctx.robust, k, seed))
   frozen = {}
   loss_key = 'global' if alg.weights.global_phase is not None else 'local'
 
@@ -398,7 +399,7 @@ def load_context(plan: dict, progress: Progress) -> Context:
                  f'{data.num_clients} clients, {len(data.test)} test prompts in batches of widths '
                  f'{[int(x["input_ids"].shape[1]) for x in batches.inputs]}; devices {jax.devices()}')
   return Context(cfg, data, tokenizer, base, batches, None, progress,
-                 levers=memory.Levers(**(plan.get('levers') or {})))
+                 levers=memory.Levers(**(plan.get('levers') or {})), robust=plan.get('robust') or {})
 
 
 def export_base(plan: dict, ctx: Context) -> str:

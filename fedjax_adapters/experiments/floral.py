@@ -31,7 +31,7 @@ import sys
 import typing
 
 from fedjax_adapters.experiments.configs import floral as configs
-from fedjax_adapters.experiments.runlib import cli, dp_flags
+from fedjax_adapters.experiments.runlib import cli, dp_flags, robust_flags
 from fedjax_adapters.experiments.runlib.cli import UserError
 
 RUNNER = 'floral'
@@ -127,6 +127,7 @@ def build_parser() -> cli.Parser:
                       '1.75-2.4x faster on the MNIST MLP on a CPU (default: on; --no-compiled-loop dispatches every '
                       'round from Python)')
   cli.add_run_arguments(g)
+  robust_flags.add_arguments(p)
   cli.add_settings_arguments(p, configs.FloralTask, what='task setting')
   hints = typing.get_type_hints(configs.FloralTask)
   dp_flags.add_flags(p)
@@ -207,7 +208,19 @@ def plan_from_config(config: dict, where: str) -> dict:
     raise UserError(f'{where}: plan.compiled_loop must be true or false, got {plan.get("compiled_loop")!r}')
   if plan.get('data_dir') is not None:
     plan['data_dir'] = cli.existing_dir(str(plan['data_dir']), f'{where}: plan.data_dir')
+  plan['robust'] = robust_flags.from_plan(plan, where)
   return plan
+
+
+def _check_robust(robust: dict, task: configs.FloralTask, methods: list[str]) -> dict:
+  """--aggregator replaces the weighted mean of the fedavg and floral kinds; label flipping needs class labels."""
+  other = [m for m in methods if configs.METHODS[m].kind not in ('fedavg', 'floral')]
+  if robust['aggregator'] is not None and other:
+    raise UserError(f'--aggregator applies to the fedavg and floral methods; {", ".join(other)} keep their own '
+                    f'aggregation (choose --methods among the others)')
+  if (robust['attack'] or '').startswith('label_flip') and task.loss != 'xent':
+    raise UserError(f"--attack label_flip needs a classification task (loss 'xent'); {task.name} uses {task.loss}")
+  return robust
 
 
 def _resume_plan(args) -> dict:
@@ -235,7 +248,8 @@ def make_plan(args) -> dict:
               max_rejected_rounds=args.max_rejected_rounds, compiled_loop=args.compiled_loop,
               data_dir=args.data_dir and cli.existing_dir(args.data_dir, '--data-dir'), json=args.json,
               quiet=args.quiet, out=args.out, writers=cli.check_writers(args.writer),
-              dp=dp_flags.make_dp_plan(args, num_clients=task.num_clients, fraction=task.fraction, rounds=rounds))
+              dp=dp_flags.make_dp_plan(args, num_clients=task.num_clients, fraction=task.fraction, rounds=rounds),
+              robust=_check_robust(robust_flags.from_args(args), task, methods))
   if args.print_config:
     return plan
   if task.dataset in configs.TFDS_DATASETS and not task.smoke:

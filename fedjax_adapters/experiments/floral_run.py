@@ -19,7 +19,7 @@ from fedjax_adapters import algorithms, experiment
 from fedjax_adapters.adapters.mixture import aggregation_probs
 from fedjax_adapters.experiments import floral_tasks
 from fedjax_adapters.experiments.configs import floral as configs
-from fedjax_adapters.experiments.runlib import dp_flags, loop
+from fedjax_adapters.experiments.runlib import dp_flags, loop, robust_flags
 from fedjax_adapters.experiments.runlib.environment import environment
 from fedjax_adapters.experiments.runlib.progress import Progress
 from fedjax_adapters.federated import (chunked_clients, client_data, clients_per_round, dp_aggregator, evaluate,
@@ -28,7 +28,7 @@ from fedjax_adapters.federated import (chunked_clients, client_data, clients_per
 RUNNER = 'floral'
 CONV_MODELS = ('cifar_cnn', 'vgg8')
 _PLAN_KEYS = ('methods', 'seeds', 'eval_every', 'checkpoint_every', 'keep', 'max_rejected_rounds', 'compiled_loop',
-              'data_dir', 'dp')
+              'data_dir', 'dp', 'robust')
 
 
 def test_metrics(task: configs.FloralTask, summary: dict) -> dict[str, float]:
@@ -57,20 +57,22 @@ def evaluation(alg, state, test, task: configs.FloralTask, routed: bool) -> dict
 def make_unit(method: str, seed: int, task: configs.FloralTask, data, plan: dict, cache: dict,
               schedule: loop.Schedule) -> loop.Unit:
   """The :class:`loop.Unit` of ``method`` and ``seed`` (the compiled round is shared through ``cache``)."""
-  train, test = client_data(data.train), client_data(data.test)
+  robust = plan.get('robust') or {}
+  y = robust_flags.poison_labels(robust, np.asarray(data.train.y), int(np.max(data.train.y)) + 1, seed)
+  train, test = client_data(data.train._replace(y=y)), client_data(data.test)
   # A client never has more rows than the padded maximum, so a larger batch only adds masked padding rows: capping
   # it there leaves every update unchanged and saves the work (the offline MNIST: 10 rows, batch 32).
   rows = jax.tree.leaves(train.x)[0].shape[1]
   task = dataclasses.replace(task, batch_size=min(task.batch_size, rows))
   k = data.train.num_clients
-  key = (method, task.batch_size, tuple(np.asarray(data.clusters).tolist()))
+  key = (method, task.batch_size, tuple(np.asarray(data.clusters).tolist()), seed if robust.get('attack') else None)
   if key not in cache:
-    alg = floral_tasks.build_algorithm(method, task, data)
+    alg = floral_tasks.build_algorithm(method, task, data, reducer=robust_flags.reducer(robust))
     # Conv models on a CPU: one client per step of the compiled round (benchmarks/README.md: all clients vmapped at
     # once ran 17 % slower than the client-by-client loop at 4-8 clients; one per step matched or beat it).
     mapping = chunked_clients(1) if task.model in CONV_MODELS and jax.default_backend() == 'cpu' else None
     alg, sampling = private(alg, method, plan.get('dp'), k, clients_per_round(k, task.fraction))
-    round_fn = make_round(alg, mapping=mapping, **sampling)
+    round_fn = make_round(alg, mapping=mapping, adversary=robust_flags.adversary(robust, k, seed), **sampling)
     size = experiment.chunk_size(schedule) if plan['compiled_loop'] else None
     cache[key] = (alg, *experiment.round_step(round_fn, train, size))
   alg, step, any_length = cache[key]

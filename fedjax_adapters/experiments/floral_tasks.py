@@ -203,8 +203,9 @@ def server_optimizer(kind: str, lr: float, adaptor_lr: float | None = None) -> o
       lambda g: {k: label_tree(v, 'adapters' if k == 'adapters' else 'rest') for k, v in g.items()})
 
 
-def build_algorithm(method: str, task: FloralTask, data: FederatedDataset):
-  """The algorithm of ``method`` (a key of :data:`METHODS`) on ``task``; ``data`` gives the oracle clusters."""
+def build_algorithm(method: str, task: FloralTask, data: FederatedDataset, reducer=None):
+  """The algorithm of ``method`` (a key of :data:`METHODS`) on ``task``; ``data`` gives the oracle clusters;
+  ``reducer`` (fedavg and floral kinds only) replaces the server's weighted mean (``--aggregator``)."""
   if method not in METHODS:
     raise ValueError(f'unknown method {method!r}; valid methods: {", ".join(METHODS)}.')
   spec = METHODS[method]
@@ -216,7 +217,7 @@ def build_algorithm(method: str, task: FloralTask, data: FederatedDataset):
                 oracle_clusters=data.clusters if spec.oracle else None)
   server = server_optimizer(task.server_optimizer, task.server_lr)
   if spec.kind == 'fedavg':
-    return algorithms.fedavg(fn, server_optimizer=server, **common)
+    return algorithms.fedavg(fn, server_optimizer=server, reducer=reducer, **common)
   if spec.kind == 'local_adaptor':
     return algorithms.local_adaptor(fn, rank=task.rank, lora_lr=task.lora_lr, precondition=task.precondition,
                                     bias_init=task.bias_init, server_optimizer=server, **common)
@@ -228,7 +229,7 @@ def build_algorithm(method: str, task: FloralTask, data: FederatedDataset):
   return algorithms.floral(fn, num_adaptors=c, rank=spec.rank, lora_lr=task.lora_lr, precondition=task.precondition,
                            bias_init=task.bias_init, server_optimizer=server,
                            aggregation_temperature=task.aggregation_temperature, balance_rate=task.balance_rate,
-                           **router, **common)
+                           reducer=reducer, **router, **common)
 
 
 def family_ranks(rank: int, num_clients: int) -> list[int]:

@@ -38,7 +38,7 @@ SERVER_KEY_TAG = 0xFFFFFFFF
 ADVERSARY_KEY_TAG = 0xFFFFFFFE
 
 # adversary(global_params, outs [M, ...], client_ids [M], client_mask [M], key) -> outs: an experiment's attack on
-# the stacked client outputs, applied before the update screen (fedjax_adapters.attacks builds them).
+# the stacked client outputs, applied before the update screen (fedjax_adapters.federated.attacks builds them).
 Adversary = Callable[[Any, ClientOutput, Array, Array, Array], ClientOutput]
 
 
