@@ -370,11 +370,16 @@ class CompiledRounds:
     return state, jax.tree.map(lambda m: np.asarray(m)[:n], jax.device_get(metrics))
 
 
-def round_step(round_fn, data, size: int | None):
-  """``step(state, n) -> (state, [summary] * n)`` for a :class:`~fedjax_adapters.experiments.runlib.loop.Unit`:
-  ``n`` rounds in one compiled loop when ``size`` is given and the mapping compiles (any ``n <= size``, one
-  compile), else one dispatched round at a time. Returns ``(step, any_length)``."""
-  chunks = CompiledRounds(round_fn, size) if size and round_fn.compiled is not None else None
+def compiled_rounds(round_fn, size: int | None) -> CompiledRounds | None:
+  """The compiled loop of up to ``size`` rounds of ``round_fn`` (None: no ``size``, or the mapping does not compile).
+  Build it once and share it between units of different data: it compiles once for equal shapes."""
+  return CompiledRounds(round_fn, size) if size and round_fn.compiled is not None else None
+
+
+def round_step(round_fn, data, chunks: CompiledRounds | None):
+  """``step(state, n) -> (state, [summary] * n)`` for a :class:`~fedjax_adapters.experiments.runlib.loop.Unit`
+  training on ``data``: ``n`` rounds in one compiled loop when ``chunks`` (:func:`compiled_rounds`) is given (any
+  ``n <= size``), else one dispatched round at a time. Returns ``(step, any_length)``."""
 
   def step(state, n):
     if chunks is not None:
@@ -396,7 +401,8 @@ def chunk_size(schedule: Schedule) -> int:
 def _unit_factory(algorithm, round_fn, train, test, evaluate, schedule: Schedule, method: str):
   num_clients = int(train.count.shape[0])
   record = _evaluation(algorithm, test, evaluate)
-  step, any_length = round_step(round_fn, train, chunk_size(schedule) if schedule.chunk else None)
+  chunks = compiled_rounds(round_fn, chunk_size(schedule) if schedule.chunk else None)
+  step, any_length = round_step(round_fn, train, chunks)
 
   def make(m: str, seed: int) -> Unit:
     del m  # every unit of a run of run() is the same method

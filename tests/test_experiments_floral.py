@@ -42,6 +42,15 @@ def _run(argv):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def test_a_seed_trains_on_its_own_data_when_it_shares_a_compiled_round(tmp_path):
+  """Seeds share the compiled round; seed 1's result must not depend on which seed compiled it (a cached step that
+  kept the first seed's training data once made seed 1 of a two-seed run train on seed 0's partition)."""
+  argv = ['--task', 'synthetic_linear', '--smoke', '--methods', 'fedavg', '--quiet']
+  both = floral.main(argv + ['--seeds', '2', '--out', str(tmp_path / 'both')])
+  alone = floral.main(argv + ['--seeds', '1:2', '--out', str(tmp_path / 'alone')])
+  assert both['units']['fedavg']['1']['test_mse'] == alone['units']['fedavg']['1']['test_mse']
+
+
 def test_smoke_run_writes_a_run_directory_and_the_json(tmp_path):
   # Every branch of build_algorithm (FedAvg, Local Adaptor, Ensemble, FLoRAL), an oracle router and an alias.
   methods = ['fedavg', 'local_adaptor', 'ensemble_oracle', 'floral_oracle']

@@ -74,8 +74,10 @@ def make_unit(method: str, seed: int, task: configs.FloralTask, data, plan: dict
     alg, sampling = private(alg, method, plan.get('dp'), k, clients_per_round(k, task.fraction))
     round_fn = make_round(alg, mapping=mapping, adversary=robust_flags.adversary(robust, k, seed), **sampling)
     size = experiment.chunk_size(schedule) if plan['compiled_loop'] else None
-    cache[key] = (alg, *experiment.round_step(round_fn, train, size))
-  alg, step, any_length = cache[key]
+    cache[key] = (alg, round_fn, experiment.compiled_rounds(round_fn, size))
+  # The compiled round is shared between seeds; each seed's unit trains on its own clients' data.
+  alg, round_fn, chunks = cache[key]
+  step, any_length = experiment.round_step(round_fn, train, chunks)
   if plan.get('dp'):
     step = with_epsilon(step, plan['dp'])
   routed = configs.METHODS[method].kind in configs.ROUTED_KINDS
