@@ -1,7 +1,7 @@
 #!/bin/bash
 # The robustness table: MNIST label shift (offline), FedAvg and FLoRAL 1 %, attacks x defenses, 1 seed (seed 0),
-# reduced to 100 rounds (the task's schedule is 1500) so the grid fits a shared 2-core CPU. Each run goes through the
-# shared CPU slot. Usage: bash experiments/results/robustness/run_grid.sh [OUTDIR]; then summarize.py OUTDIR.
+# reduced to 100 rounds by default (the task schedule is 1500) so the grid fits a 2-core CPU.
+# Usage: bash experiments/results/robustness/run_grid.sh [OUTDIR]; then summarize.py OUTDIR.
 set -u
 OUT=${1:-/tmp/robust_runs}
 ROUNDS=${ROUNDS:-100}  # 100 is too short for MNIST label shift (clean FedAvg 18 %); use 500+ for the table
@@ -11,7 +11,7 @@ run() {  # name, extra flags...
   local name=$1; shift
   [ -f "$OUT/$name/results.json" ] && grep -q '"status": "done"' "$OUT/$name/results.json" && return
   rm -rf "$OUT/$name"
-  /work/wt/xslot timeout 1200 python -m fedjax_adapters.experiments.floral --task mnist_offline_label_shift \
+  timeout 1200 python -m fedjax_adapters.experiments.floral --task mnist_offline_label_shift \
       --methods fedavg floral_1 --rounds "$ROUNDS" --eval-every "$ROUNDS" --seeds 1 --quiet --out "$OUT/$name" "$@" \
       > "$OUT/$name.log" 2>&1
 }
