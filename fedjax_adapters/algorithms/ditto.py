@@ -63,9 +63,7 @@ def ditto(model_fn: mb.ModelFn, *, loss: str | LossFn, batch_size: int, lam: flo
     train_arg: name of the model's train-mode keyword, if any.
   """
   spec = spec or AdapterSpec()
-  if spec.num_global != 1 or spec.num_local or spec.router:
-    raise ValueError(f'ditto trains one LoRA per layer; got num_global={spec.num_global}, '
-                     f'num_local={spec.num_local}, router={spec.router}.')
+  mb.check_one_lora(spec, 'ditto')
   if not float(lam) >= 0:
     raise ValueError(f'ditto needs lam >= 0; got {lam}.')
   mdef, _ = mb.build(model_fn, jax.random.key(0), spec)

@@ -40,9 +40,7 @@ def fedsa_lora(model_fn: mb.ModelFn, *, loss: str | LossFn, batch_size: int, lr:
     every client's ``b`` leaves ``[K, ...]``.
   """
   spec = spec or AdapterSpec()
-  if spec.num_global != 1 or spec.num_local or spec.router:
-    raise ValueError(f'fedsa_lora trains one LoRA per layer; got num_global={spec.num_global}, '
-                     f'num_local={spec.num_local}, router={spec.router}.')
+  mb.check_one_lora(spec, 'fedsa_lora')
   mdef, _ = mb.build(model_fn, jax.random.key(0), spec)
   takes_rngs = mb.takes_call_rngs(mdef)
   optimizer = mb.client_optimizer_or(client_optimizer, lr, lambda: optax.sgd(lr))

@@ -73,9 +73,7 @@ def flora(model_fn: mb.ModelFn, *, loss: str | LossFn, batch_size: int, lr: floa
     ``{'rank_mask': [R], 'b_scale': []}``.
   """
   spec, ranks = client_ranks(spec or AdapterSpec(conv=False), ranks, 'flora')
-  if spec.num_global != 1 or spec.num_local or spec.router or spec.bias:
-    raise ValueError(f'flora stacks one LoRA per layer without bias adaptors; got num_global={spec.num_global}, '
-                     f'num_local={spec.num_local}, router={spec.router}, bias={spec.bias}.')
+  mb.check_one_lora(spec, 'flora', bias=False)
   mdef, parts0 = mb.build(model_fn, jax.random.key(0), spec)
   lp.dense_factors_only(parts0['adapters'], 'flora')
   paths = lp.base_kernel_paths(parts0, 'flora')

@@ -70,9 +70,7 @@ def hetlora(model_fn: mb.ModelFn, *, loss: str | LossFn, batch_size: int, ranks:
     raise ValueError(f'prune_gamma must lie in (0, 1); got {prune_gamma}.')
   spec = AdapterSpec(conv=False) if spec is None else spec
   spec = dataclasses.replace(spec, rank=big)
-  if spec.num_global != 1 or spec.num_local or spec.router or spec.bias:
-    raise ValueError(f'hetlora pads one LoRA per layer without bias adaptors; got num_global={spec.num_global}, '
-                     f'num_local={spec.num_local}, router={spec.router}, bias={spec.bias}.')
+  mb.check_one_lora(spec, 'hetlora', bias=False)
   mdef, parts0 = mb.build(model_fn, jax.random.key(0), spec)
   lp.dense_factors_only(parts0['adapters'], 'hetlora')
   takes_rngs = mb.takes_call_rngs(mdef)

@@ -43,9 +43,7 @@ def lora_fedavg(model_fn: mb.ModelFn, *, loss: str | LossFn, batch_size: int, lr
     train_arg: name of the model's train-mode keyword, if any.
   """
   spec = spec or AdapterSpec()
-  if spec.num_global != 1 or spec.num_local or spec.router:
-    raise ValueError(f'lora_fedavg trains one global LoRA per layer; got num_global={spec.num_global}, '
-                     f'num_local={spec.num_local}, router={spec.router}.')
+  mb.check_one_lora(spec, 'lora_fedavg')
   mdef, _ = mb.build(model_fn, jax.random.key(0), spec)
   takes_rngs = mb.takes_call_rngs(mdef)
   optimizer = mb.client_optimizer_or(client_optimizer, lr, lambda: optax.sgd(lr))

@@ -119,3 +119,11 @@ def check_clusters(clusters, num_clients: int, num_adaptors: int):
   if int(c.min()) < 0 or int(c.max()) >= num_adaptors:
     raise ValueError(f'oracle clusters must lie in [0, {num_adaptors}); got range [{int(c.min())}, {int(c.max())}].')
   return c
+
+
+def check_one_lora(spec: AdapterSpec, name: str, *, bias: bool = True) -> None:
+  """Raises ValueError unless ``spec`` is one global LoRA per layer (no local or routed adaptors; no bias adaptor
+  when ``bias`` is False): what the single-LoRA algorithms (LoRA-FedAvg, FedSA-LoRA, Ditto, FLoRA, HetLoRA) train."""
+  if spec.num_global != 1 or spec.num_local or spec.router or (spec.bias and not bias):
+    raise ValueError(f'{name} trains one global LoRA per layer; got num_global={spec.num_global}, '
+                     f'num_local={spec.num_local}, router={spec.router}' + ('' if bias else f', bias={spec.bias}') + '.')
