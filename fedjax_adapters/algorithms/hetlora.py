@@ -50,6 +50,35 @@ def rank_masks(rank: jax.Array, max_rank: int, gamma: float | None) -> tuple[jax
   return active.astype(jnp.float32), (active & (j >= start)).astype(jnp.float32)
 
 
+def padded_aggregator(spec: AdapterSpec, big: int, prune_gamma: float | None) -> Aggregator:
+  """HetLoRA's server: zero-padding aggregation of the clients' rank-masked factors weighted by their update
+  norms (sparsity weighting), and rank self-pruning of clients whose tail norm shrank."""
+
+  def aggregate(global_params, outs, weights, agg_state, info=None):
+    ids = outs.aux['id'].astype(jnp.int32)
+    rank = global_params['ranks'][ids]
+    active, tail = rank_masks(rank, big, prune_gamma)
+    norm = jnp.where(weights > 0, jnp.sqrt(outs.aux['norm']), 0.0)
+    p = jnp.where(jnp.sum(norm) > 0, norm, (weights > 0).astype(norm.dtype))
+    p = p / jnp.maximum(jnp.sum(p), 1e-30)
+    covered = jnp.einsum('k,kr->r', p, active) > 0
+
+    def pad_mean(path, x, old):
+      name = str(path[-1].key)
+      m = active[:, None, None, :] if name.endswith('_a') else active[:, None, :, None]
+      c = covered[None, None, :] if name.endswith('_a') else covered[None, :, None]
+      return jnp.where(c, jnp.einsum('k,k...->...', p, x * m), old).astype(old.dtype)
+
+    adapters = jax.tree_util.tree_map_with_path(pad_mean, outs.params['adapters'], global_params['adapters'])
+    before = jax.vmap(lambda t: masked_sq_norm(spec, global_params['adapters'], t))(tail)
+    shrunk = (weights > 0) & (outs.aux['tail'] < before) & (prune_gamma is not None)
+    pruned = jnp.maximum(1.0, jnp.floor((prune_gamma or 1.0) * rank))
+    new_ranks = global_params['ranks'].at[ids].add(jnp.where(shrunk, pruned - rank, 0.0))
+    return {'adapters': adapters, 'ranks': new_ranks}, agg_state
+
+  return Aggregator(lambda g: (), aggregate)
+
+
 def hetlora(model_fn: mb.ModelFn, *, loss: str | LossFn, batch_size: int, ranks: Sequence[int],
             lr: float | None = None, spec: AdapterSpec | None = None, prune_gamma: float | None = None,
             prune_lambda: float = 0.0, client_optimizer: optax.GradientTransformation | None = None,
@@ -105,29 +134,7 @@ def hetlora(model_fn: mb.ModelFn, *, loss: str | LossFn, batch_size: int, ranks:
     return {'id': c['id'], 'tail': masked_sq_norm(spec, g['adapters'], masks(g, c)[1]),
             'norm': masked_sq_norm(spec, g['adapters'], masks(g, c)[0])}
 
-  def aggregate(global_params, outs, weights, agg_state, info=None):
-    ids = outs.aux['id'].astype(jnp.int32)
-    rank = global_params['ranks'][ids]
-    active, tail = rank_masks(rank, big, prune_gamma)
-    norm = jnp.where(weights > 0, jnp.sqrt(outs.aux['norm']), 0.0)
-    p = jnp.where(jnp.sum(norm) > 0, norm, (weights > 0).astype(norm.dtype))
-    p = p / jnp.maximum(jnp.sum(p), 1e-30)
-    covered = jnp.einsum('k,kr->r', p, active) > 0
-
-    def pad_mean(path, x, old):
-      name = str(path[-1].key)
-      m = active[:, None, None, :] if name.endswith('_a') else active[:, None, :, None]
-      c = covered[None, None, :] if name.endswith('_a') else covered[None, :, None]
-      return jnp.where(c, jnp.einsum('k,k...->...', p, x * m), old).astype(old.dtype)
-
-    adapters = jax.tree_util.tree_map_with_path(pad_mean, outs.params['adapters'], global_params['adapters'])
-    before = jax.vmap(lambda t: masked_sq_norm(spec, global_params['adapters'], t))(tail)
-    shrunk = (weights > 0) & (outs.aux['tail'] < before) & (prune_gamma is not None)
-    pruned = jnp.maximum(1.0, jnp.floor((prune_gamma or 1.0) * rank))
-    new_ranks = global_params['ranks'].at[ids].add(jnp.where(shrunk, pruned - rank, 0.0))
-    return {'adapters': adapters, 'ranks': new_ranks}, agg_state
-
   return supervised(name='hetlora', init_params=init_params, forward=forward, loss=penalized, optimizer=optimizer,
                     batch_size=batch_size, num_epochs=num_epochs, shuffle=shuffle,
-                    aggregator=Aggregator(lambda g: (), aggregate), output_aux=output_aux, eval_loss=kind,
+                    aggregator=padded_aggregator(spec, big, prune_gamma), output_aux=output_aux, eval_loss=kind,
                     model=mdef, spec=spec)
