@@ -22,6 +22,7 @@ import optax
 from flax import nnx
 
 from fedjax_adapters.nn import AdapterSpec, adapt, split_model
+from fedjax_adapters.experiments.runlib import memory
 
 try:  # being written in parallel; fall back to a stand-in built from nnx.Linear with the same projection names
   from fedjax_adapters.models.llama import Llama, LlamaConfig
@@ -79,6 +80,15 @@ def make_step(mdef, optimizer):
   return step
 
 
+def per_client_slope(rows: list[dict], key: str) -> float | None:
+  """The least-squares slope of ``row[key]`` against ``row['clients']`` (None with fewer than two rows)."""
+  if len(rows) < 2:
+    return None
+  ms = np.array([r['clients'] for r in rows], float)
+  vs = np.array([r[key] for r in rows], float)
+  return float(np.polyfit(ms, vs, 1)[0])
+
+
 def measure(cfg: dict[str, int], clients: list[int], single: bool = True) -> dict[str, Any]:
   t_start = time.perf_counter()
   mdef, frozen, trainable = build(cfg)
@@ -96,13 +106,7 @@ def measure(cfg: dict[str, int], clients: list[int], single: bool = True) -> dic
     t0 = time.perf_counter()
     compiled = vstep.lower(_abstract(frozen), _abstract(trainable, m), _abstract(opt_state, m),
                            _abstract(ids, m), _abstract(mask, m)).compile()
-    mem = compiled.memory_analysis()
-    row = {'clients': m, 'compile_s': time.perf_counter() - t0}
-    for k in ('argument_size_in_bytes', 'output_size_in_bytes', 'temp_size_in_bytes', 'alias_size_in_bytes',
-              'generated_code_size_in_bytes'):
-      row[k.replace('_size_in_bytes', '_bytes')] = int(getattr(mem, k, 0) or 0)
-    row['total_bytes'] = row['argument_bytes'] + row['output_bytes'] + row['temp_bytes'] - row['alias_bytes']
-    rows.append(row)
+    rows.append(dict(memory.memory_row(compiled, code=True), clients=m, compile_s=time.perf_counter() - t0))
 
   # One client without vmap: its temporaries are one client's activations + gradients (+ any base-sized scratch).
   single_temp = None
@@ -110,15 +114,8 @@ def measure(cfg: dict[str, int], clients: list[int], single: bool = True) -> dic
     one = jax.jit(step).lower(_abstract(frozen), _abstract(trainable), _abstract(opt_state), ids, mask).compile()
     single_temp = int(one.memory_analysis().temp_size_in_bytes)
 
-  def slope(key):
-    if len(rows) < 2:
-      return None
-    ms = np.array([r['clients'] for r in rows], float)
-    vs = np.array([r[key] for r in rows], float)
-    return float(np.polyfit(ms, vs, 1)[0])
-
   base_bytes = _nbytes(frozen)
-  slopes = {k: slope(k) for k in ('argument_bytes', 'output_bytes', 'temp_bytes', 'total_bytes')}
+  slopes = {k: per_client_slope(rows, k) for k in ('argument_bytes', 'output_bytes', 'temp_bytes', 'total_bytes')}
   state = per_client['adapters_bytes'] + per_client['optimizer_state_bytes']
   expected_io = {'argument_bytes': state + per_client['data_bytes'], 'output_bytes': state + 4}
   out = {

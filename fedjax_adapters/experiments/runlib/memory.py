@@ -99,10 +99,15 @@ def compiled_memory(config: llama.LlamaConfig, spec: AdapterSpec, levers: Levers
   opt_state = jax.eval_shape(optimizer.init, trainable)
   data = jax.ShapeDtypeStruct((clients, batch_size, seq_len), jnp.int32)
   vstep = jax.jit(jax.vmap(_step(graphdef, optimizer), in_axes=(None, 0, 0, 0, 0)))
-  mem = vstep.lower(frozen, _lead(trainable, clients), _lead(opt_state, clients), data, data).compile()
-  mem = mem.memory_analysis()
-  row = {k.replace('_size_in_bytes', '_bytes'): int(getattr(mem, k, 0) or 0)
-         for k in ('argument_size_in_bytes', 'output_size_in_bytes', 'temp_size_in_bytes', 'alias_size_in_bytes')}
+  return memory_row(vstep.lower(frozen, _lead(trainable, clients), _lead(opt_state, clients), data, data).compile())
+
+
+def memory_row(compiled, *, code: bool = False) -> dict[str, int]:
+  """XLA's ``memory_analysis`` of a compiled program as ``{argument,output,temp,alias}_bytes`` (and
+  ``generated_code_bytes`` with ``code``) plus ``total_bytes`` = argument + output + temp - alias."""
+  mem = compiled.memory_analysis()
+  keys = ('argument', 'output', 'temp', 'alias') + (('generated_code',) if code else ())
+  row = {f'{k}_bytes': int(getattr(mem, f'{k}_size_in_bytes', 0) or 0) for k in keys}
   row['total_bytes'] = row['argument_bytes'] + row['output_bytes'] + row['temp_bytes'] - row['alias_bytes']
   return row
 
