@@ -18,6 +18,7 @@ jsonl file is cut back first, the trackers show those rounds twice (TensorBoard 
 """
 from __future__ import annotations
 
+import abc
 import importlib.util
 import math
 import os
@@ -68,8 +69,9 @@ def scalars(record: dict[str, Any]) -> dict[str, float]:
   return out
 
 
-class _PerUnit:
-  """A writer that opens one tracker run per (method, seed) and closes it when the next unit starts."""
+class _PerUnit(abc.ABC):
+  """A writer that opens one tracker run per (method, seed) and closes it when the next unit starts; a tracker
+  supplies ``open``, ``log`` and ``finish``."""
 
   def __init__(self):
     self._unit, self._handle = None, None
@@ -90,14 +92,17 @@ class _PerUnit:
       self.finish(self._handle)
     self._unit, self._handle = None, None
 
+  @abc.abstractmethod
   def open(self, method: str, seed: int) -> Any:
-    raise NotImplementedError
+    """Supplied by each tracker."""
 
+  @abc.abstractmethod
   def log(self, handle: Any, values: dict[str, float], round_: int) -> None:
-    raise NotImplementedError
+    """Supplied by each tracker."""
 
+  @abc.abstractmethod
   def finish(self, handle: Any) -> None:
-    raise NotImplementedError
+    """Supplied by each tracker."""
 
 
 class TensorBoard(_PerUnit):
