@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fedjax_adapters.models import quantized
 from fedjax_adapters.models.llama import Llama, LlamaConfig, RopeScaling, abstract_llama, rope_inv_freq
 
 PathLike = str | os.PathLike
@@ -88,7 +89,8 @@ _IGNORED = re.compile(r'(.*\.rotary_emb\.inv_freq)$')
 
 
 def llama_from_tensors(config: LlamaConfig, shapes: Mapping[str, tuple[int, ...]],
-                       get_tensor: Callable[[str], np.ndarray], *, source: str = 'checkpoint') -> Llama:
+                       get_tensor: Callable[[str], np.ndarray], *, source: str = 'checkpoint',
+                       make_layer: Callable[[str, nnx.Module], nnx.Module | None] | None = None) -> Llama:
   """Builds a :class:`Llama` from HF-named tensors, checking names and shapes first.
 
   Args:
@@ -96,6 +98,8 @@ def llama_from_tensors(config: LlamaConfig, shapes: Mapping[str, tuple[int, ...]
     shapes: HF name -> shape of every tensor available (HF orientation, [out, in] for linear weights).
     get_tensor: reads one tensor by HF name (called once per parameter, so large files can be read lazily).
     source: where the tensors come from, for error messages.
+    make_layer: optional ``(hf_weight_name, abstract_linear) -> layer or None``; a layer it returns replaces the
+      linear that holds the weight (e.g. one that keeps a file's quantized blocks), and that tensor is not read.
 
   Returns:
     The model, its parameters set from the tensors.
@@ -123,6 +127,10 @@ def llama_from_tensors(config: LlamaConfig, shapes: Mapping[str, tuple[int, ...]
       raise ValueError(f'Tensor {name!r} in {source} has shape {tuple(shapes[name])}, but the config expects '
                        f'{expected}.')
   for name, path, transpose in table:
+    layer = make_layer(name, _variable(model, path[:-1])) if make_layer and transpose else None
+    if layer is not None:
+      setattr(_variable(model, path[:-2]), path[-2], layer)
+      continue
     array = np.asarray(get_tensor(name))
     if transpose:
       array = array.T
@@ -364,6 +372,33 @@ def _dequantize(tensor) -> np.ndarray:
   return gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type).astype(np.float32).reshape(shape)
 
 
+# GGUF block types kept quantized by ``load_gguf(..., keep_quantized=True)``: name -> (bits, zero, has offset).
+GGUF_KEPT_TYPES = {'Q8_0': (8, 128, False), 'Q4_0': (4, 8, False), 'Q4_1': (4, 0, True)}
+
+
+def gguf_blocks(tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int, int] | None:
+  """A Q8_0 / Q4_0 / Q4_1 GGUF tensor's blocks, unexpanded, in HF orientation (rows = output features).
+
+  Returns:
+    ``(values [out, in] uint8, scale [out, in / 32] float16, offset [out, in / 32] or None, bits, zero)`` with
+    ``weight = (values - zero) * scale + offset`` per block of 32 inputs, or None for any other tensor type.
+  """
+  kind = getattr(tensor.tensor_type, 'name', str(tensor.tensor_type))
+  if kind not in GGUF_KEPT_TYPES or len(tensor.shape) != 2:
+    return None
+  bits, zero, has_offset = GGUF_KEPT_TYPES[kind]
+  rows, cols = int(tensor.shape[1]), int(tensor.shape[0])
+  raw = np.asarray(tensor.data, dtype=np.uint8).reshape(rows, cols // 32, -1)
+  scale = raw[..., 0:2].copy().view(np.float16)[..., 0]
+  offset = raw[..., 2:4].copy().view(np.float16)[..., 0] if has_offset else None
+  qs = raw[..., 4 if has_offset else 2:]
+  if bits == 8:
+    values = (qs.view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+  else:  # byte j of a block holds element j (low nibble) and element j + 16 (high nibble)
+    values = np.concatenate([qs & 15, qs >> 4], axis=-1)
+  return values.reshape(rows, cols), scale, offset, bits, zero
+
+
 def llama3_scaling_from_freq_factors(factors: np.ndarray, head_dim: int, theta: float) -> RopeScaling | None:
   """Recovers Llama 3's ``rope_scaling`` from llama.cpp's ``rope_freqs`` divisors (one per rotary frequency).
 
@@ -480,7 +515,7 @@ def gguf_config(reader, *, dtype: Any = jnp.float32) -> LlamaConfig:
   )
 
 
-def load_gguf(path, *, dtype: Any = jnp.float32) -> tuple[Llama, LlamaConfig]:
+def load_gguf(path, *, dtype: Any = jnp.float32, keep_quantized: bool = False) -> tuple[Llama, LlamaConfig]:
   """Loads a LLaMA-family GGUF file (architectures 'llama' and 'qwen2'; any quantisation gguf can dequantize).
 
   The config comes from the metadata (:func:`gguf_config`); the head is tied when there is no ``output.weight``.
@@ -491,6 +526,9 @@ def load_gguf(path, *, dtype: Any = jnp.float32) -> tuple[Llama, LlamaConfig]:
   Args:
     path: the ``.gguf`` file, or an open ``gguf.GGUFReader`` (to share one parse with :func:`load_tokenizer`).
     dtype: dtype of parameters and computation.
+    keep_quantized: linear weights stored as Q8_0, Q4_0 or Q4_1 become
+      :class:`~fedjax_adapters.models.quantized.BlockQuantizedLinear` layers holding the file's blocks (dequantized
+      per call inside the matmul, to exactly the values the default load gives); other tensors load as usual.
 
   Returns:
     (model, config).
@@ -511,8 +549,22 @@ def load_gguf(path, *, dtype: Any = jnp.float32) -> tuple[Llama, LlamaConfig]:
       array = unpermute_gguf_qk(array, config.num_key_value_heads)
     return array
 
+  def make_layer(name, linear):
+    blocks = gguf_blocks(tensors[name]) if keep_quantized else None
+    if blocks is None:
+      return None
+    values, scale, offset, bits, zero = blocks
+    if permuted and re.search(r'self_attn\.[qk]_proj\.weight$', name):
+      heads = config.num_attention_heads if '.q_proj.' in name else config.num_key_value_heads
+      values, scale = unpermute_gguf_qk(values, heads), unpermute_gguf_qk(scale, heads)
+      offset = None if offset is None else unpermute_gguf_qk(offset, heads)
+    values = values.T if bits == 8 else quantized.pack_nibbles(values.T)
+    return quantized.BlockQuantizedLinear(
+        jnp.asarray(values), jnp.asarray(scale.T), None if offset is None else jnp.asarray(offset.T), bits=bits,
+        zero=zero, bias=linear.bias, dtype=linear.dtype, param_dtype=linear.param_dtype)
+
   source = str(path) if not isinstance(path, gguf.GGUFReader) else 'GGUF file'
-  return llama_from_tensors(config, shapes, get_tensor, source=source), config
+  return llama_from_tensors(config, shapes, get_tensor, source=source, make_layer=make_layer), config
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
-"""Reads the run directories of run_grid.sh and prints the markdown table: test accuracy and the worst cluster's
-accuracy (the mean over the clients of the cluster with the lowest mean) per method, attack and defense."""
+"""Reads the run directories of run_grid.sh (named ATTACK-FRACTION-DEFENSE) and prints the markdown table: final test
+accuracy and the worst cluster's accuracy (the example-weighted accuracy of the cluster with the lowest one, per
+seed), mean ± std over the seeds, per method, attack, attacker fraction and defense. A method the run's guard
+stopped (every client rejected for 5 rounds) is shown as diverged with its round."""
 import json
 import os
 import sys
@@ -7,35 +9,57 @@ import sys
 import numpy as np
 
 
-def final_eval(path):
+def final_evals(path):
+  """{(method, seed): eval record} for the last evaluation of each method and seed in metrics.jsonl."""
   evals = {}
   with open(os.path.join(path, 'metrics.jsonl')) as f:
     for line in f:
       r = json.loads(line)
       if 'eval' in r:
-        evals[r['method']] = r['eval']
+        evals[(r['method'], r.get('seed', 0))] = r['eval']
   return evals
+
+
+def worst_cluster(ev, clusters):
+  acc = np.asarray(ev['per_client']['accuracy'])
+  cnt = np.asarray(ev['per_client']['count'])
+  return min(np.sum(acc[clusters == c] * cnt[clusters == c]) / max(np.sum(cnt[clusters == c]), 1)
+             for c in np.unique(clusters))
+
+
+def cell(values):
+  values = 100 * np.asarray(values)
+  return f'{values.mean():.1f}' + (f' ± {values.std():.1f}' if len(values) > 1 else '')
+
+
+def rows_of(path, name):
+  res = json.load(open(os.path.join(path, 'results.json')))
+  attack, frac, defense = name.split('-')
+  evals = final_evals(path)
+  for method, m in res['methods'].items():
+    if m.get('status') == 'failed':
+      rounds = sorted({u.get('round') for u in res['units'][method].values() if u.get('status') == 'failed'})
+      text = f'diverged (round {", ".join(map(str, rounds))})'
+      yield method, attack, frac, defense, text, '—'
+      continue
+    seeds = sorted(s for (meth, s) in evals if meth == method)
+    if not seeds:
+      continue
+    acc = [evals[(method, s)]['test']['test_accuracy'] for s in seeds]
+    worst = [worst_cluster(evals[(method, s)], np.asarray(res['data'][str(s)]['clusters'])) for s in seeds]
+    yield method, attack, frac, defense, cell(acc), cell(worst)
 
 
 def main(out):
   rows = []
   for name in sorted(os.listdir(out)):
     path = os.path.join(out, name)
-    if not os.path.isfile(os.path.join(path, 'results.json')):
-      continue
-    res = json.load(open(os.path.join(path, 'results.json')))
-    clusters = np.asarray(res['data']['0']['clusters'])
-    attack, frac, agg = name.split('-') if name.count('-') == 2 else (name.split('-')[0], '0', name.split('-')[1])
-    for method, ev in final_eval(path).items():
-      acc = np.asarray(ev['per_client']['accuracy'])
-      cnt = np.asarray(ev['per_client']['count'])
-      worst = min(np.sum(acc[clusters == c] * cnt[clusters == c]) / max(np.sum(cnt[clusters == c]), 1)
-                  for c in np.unique(clusters))
-      rows.append((method, attack, frac, agg, ev['test']['test_accuracy'], worst))
-  print('| method | attack | attackers | defense | test accuracy | worst cluster |')
+    if name.count('-') == 2 and os.path.isfile(os.path.join(path, 'results.json')):
+      rows.extend(rows_of(path, name))
+  print('| method | attack | attackers | defense | test accuracy % | worst cluster % |')
   print('|---|---|---|---|---|---|')
-  for m, a, f, g, acc, worst in sorted(rows):
-    print(f'| {m} | {a} | {float(f):.0%} | {g} | {100 * acc:.1f} % | {100 * worst:.1f} % |')
+  for m, a, f, g, acc, worst in sorted(rows, key=lambda r: (r[0], r[3], r[1] != 'none', r[1], r[2])):
+    print(f'| {m} | {a} | {float(f):.0%} | {g} | {acc} | {worst} |')
 
 
 if __name__ == '__main__':
