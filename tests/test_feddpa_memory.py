@@ -36,6 +36,14 @@ def test_dry_run_reports_the_compiled_steps_memory_analysis(dry_run, capsys):
   assert dry_run['levers'] == {'base_dtype': 'bf16', 'remat': 'full', 'quantize': None}
 
 
+def test_quantized_levers_shrink_the_compiled_steps_arguments():
+  cfg = configs.CONFIGS['smoke'].replace(batch_size=1, max_length=16)
+  spec = F.lm_spec(target=cfg.target, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout)
+  args = {q: memory.compiled_memory(feddpa_run.model_config(cfg), spec, memory.Levers(quantize=q), clients=1,
+                                    batch_size=1, seq_len=16)['argument_bytes'] for q in (None, 'int8', 'int4')}
+  assert args[None] > args['int8'] > args['int4'], args
+
+
 def test_a_step_that_does_not_fit_is_refused_in_one_line(dry_run, capsys):
   # A device with room for 3 of the 8 clients (from the figures the dry run just read).
   gb = (dry_run['fixed_bytes'] + 3.5 * dry_run['per_client_bytes']) / 1e9

@@ -44,7 +44,7 @@ MAX_EPOCHS = 1000
 HIDDEN_SIZES = {'tiny': 32, 'smollm2': 576}  # the built-in models (configs.MODELS); feddpa_run.load_base builds them
 BASE_DTYPES = ('f32', 'bf16')   # runlib.memory.BASE_DTYPES (kept here: no JAX before the plan is checked)
 REMAT_POLICIES = ('full', 'dots', 'dots_no_batch')   # models.llama.REMAT_POLICIES
-QUANTIZE = ('int8',)
+QUANTIZE = ('int8', 'int4')
 METHODS = ('centralized', 'fedit', 'local', 'feddpa_t', 'feddpa_f')
 DEFAULT_METHODS = ('fedit', 'local', 'feddpa_t', 'feddpa_f')
 
@@ -118,7 +118,8 @@ def build_parser() -> cli.Parser:
   m.add_argument('--remat', choices=REMAT_POLICIES, default=None,
                  help='recompute each decoder layer in the backward pass (full: save nothing; dots: save matmuls)')
   m.add_argument('--quantize', choices=QUANTIZE, default=None,
-                 help='int8 per-channel frozen base linears, dequantized inside the matmul (QLoRA-style)')
+                 help='quantized frozen base linears, dequantized inside the matmul (QLoRA-style): int8 per output '
+                      'channel, or int4 in blocks of 64 inputs with a scale and an offset')
   m.add_argument('--device-memory', type=cli.positive_float, default=None, metavar='GB',
                  help="memory to fit the training step in, GB (default: the device's own; the CPU reports none)")
   m.add_argument('--dry-run', action='store_true',

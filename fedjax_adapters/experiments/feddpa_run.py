@@ -38,7 +38,7 @@ from fedjax_adapters.data import feddpa as fdata
 from fedjax_adapters.data.dolly import load_instruction_data
 from fedjax_adapters.federated import client_data, make_round, sequential_clients
 from fedjax_adapters.metrics import rouge
-from fedjax_adapters.models import llama, quantized
+from fedjax_adapters.models import llama
 from fedjax_adapters.models.llama_loaders import (gguf_config, load_gguf, load_hf_checkpoint, load_tokenizer, save_hf_checkpoint,
                                                   smollm2_gguf_path)
 
@@ -80,12 +80,7 @@ def build_algorithm(method: str, cfg, base, levers: memory.Levers | None = None,
   """FedDPA's ``variant`` for ``method`` (Centralized is FedIT on one pooled client), on the pretrained ``base``
   with the memory ``levers`` applied to it (the adaptors FedDPA adds stay float32)."""
   if levers is not None and levers != memory.Levers():
-    base = nnx.clone(base)
-    if levers.quantize == 'int8':
-      quantized.quantize_linears(base)
-    if levers.base_dtype != 'f32':
-      quantized.cast_frozen(base, memory.BASE_DTYPES[levers.base_dtype], compute=True)
-    llama.set_remat(base, levers.remat)
+    base = memory.apply_levers(nnx.clone(base), levers)
   graphdef, base_state = nnx.split(base)
 
   def model_fn(rngs):
@@ -479,7 +474,7 @@ def memory_report(plan: dict, progress: Progress) -> dict | None:
   if device is not None and need > device:
     raise UserError(f'one training step of {clients} client(s) needs an estimated {_gb(need)} ({jax.default_backend()} '
                     f'memory_analysis) but the device has {_gb(device)} (at most {report["max_clients"]} client(s) '
-                    f'fit); levers: --base-dtype bf16, --remat full, --quantize int8, --backend sequential, a smaller '
+                    f'fit); levers: --base-dtype bf16, --remat full, --quantize int8 or int4, --backend sequential, a smaller '
                     '--batch-size or --max-length')
   return report
 

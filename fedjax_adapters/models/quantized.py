@@ -15,6 +15,7 @@ QLoRA's NF4 code book is not used). The same class holds GGUF's Q8_0 / Q4_0 / Q4
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -200,7 +201,8 @@ def quantize_linears(model: nnx.Module, *, skip: tuple[str, ...] = ('lm_head',),
     model: an NNX model, adapted or not.
     skip: attribute names left in full precision (default: the output head, as QLoRA keeps it).
     bits: 8 for :class:`QuantizedLinear` (int8 per output channel), 4 for :class:`BlockQuantizedLinear`.
-    block: input rows per block for 4 bits.
+    block: input rows per block for 4 bits (a layer whose input width it does not divide uses the greatest common
+      divisor of the two).
 
   Returns:
     The same model object.
@@ -211,7 +213,11 @@ def quantize_linears(model: nnx.Module, *, skip: tuple[str, ...] = ('lm_head',),
     raise ValueError('quantize_linears found no nnx.Linear layer to quantize.')
   if bits not in (4, 8):
     raise ValueError(f'quantize_linears: bits must be 4 or 8; got {bits!r}.')
-  make = QuantizedLinear if bits == 8 else lambda layer: BlockQuantizedLinear.from_linear(layer, bits=4, block=block)
+  def make(layer):
+    if bits == 8:
+      return QuantizedLinear(layer)
+    return BlockQuantizedLinear.from_linear(layer, bits=4, block=math.gcd(block, layer.in_features))
+
   for path, layer in targets:
     parent = model
     for k in path[:-1]:

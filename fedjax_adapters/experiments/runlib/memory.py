@@ -9,7 +9,8 @@ base), so two compiles (M = 1, 2) give ``fixed + M * per_client`` and the larges
 
 Levers: ``base_dtype`` (storage of the frozen base; LoRA and AdamW state stay float32), ``remat`` (a policy of
 ``llama.REMAT_POLICIES``: recompute each decoder layer in the backward pass), ``quantize='int8'`` (per-channel int8
-base linears, dequantized inside the matmul).
+base linears, dequantized inside the matmul) or ``'int4'`` (4-bit blocks of 64 input rows with a scale and an offset,
+packed two per byte; QLoRA-style).
 """
 from __future__ import annotations
 
@@ -26,13 +27,14 @@ from fedjax_adapters.nn import AdapterSpec, adapt
 from fedjax_adapters.nn import layers as L
 
 BASE_DTYPES = {'f32': jnp.float32, 'bf16': jnp.bfloat16}
-QUANTIZE = (None, 'int8')
+QUANTIZE = (None, 'int8', 'int4')
+INT4_BLOCK = 64  # input rows per 4-bit block (QLoRA's block size)
 _TRAINABLE = (L.GlobalAdapter, L.LocalAdapter)
 
 
 @dataclasses.dataclass(frozen=True)
 class Levers:
-  """Memory levers. base_dtype: ``'f32'`` or ``'bf16'``; remat: None or a policy name; quantize: None or 'int8'."""
+  """Memory levers. base_dtype: ``'f32'`` or ``'bf16'``; remat: None or a policy name; quantize: None, 'int8' or 'int4'."""
   base_dtype: str = 'f32'
   remat: str | None = None
   quantize: str | None = None
@@ -48,8 +50,8 @@ class Levers:
 
 def apply_levers(model: nnx.Module, levers: Levers) -> nnx.Module:
   """Casts / quantizes the frozen base of an adapted LLaMA and sets its remat policy, in place."""
-  if levers.quantize == 'int8':
-    quantized.quantize_linears(model)
+  if levers.quantize is not None:
+    quantized.quantize_linears(model, bits=int(levers.quantize[3:]), block=INT4_BLOCK)
   if levers.base_dtype != 'f32':
     quantized.cast_frozen(model, BASE_DTYPES[levers.base_dtype], compute=True)
   llama.set_remat(model, levers.remat)
