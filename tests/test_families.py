@@ -1,8 +1,11 @@
 """Newer decoder families against transformers' PyTorch models on tiny random configs: Qwen3 (q/k RMSNorm per
-head, per-layer sliding window). Each model is made and saved by transformers (``save_pretrained``), loaded by our
+head, per-layer sliding window), Phi-3 (fused projections; also with longrope), Gemma 2 (four (1 + w) norms per layer,
+GeGLU, soft caps, query_pre_attn_scalar, alternating window) and Gemma 3 text (plus q/k norms, a local rope base,
+rope scaling on the global layers only). Each model is made and saved by transformers (``save_pretrained``), loaded by our
 loader, and compared over a sequence longer than the sliding window (logits and greedy tokens); then PEFT LoRAs
 with the family's module names go both ways (ours exported and served by PEFT, PEFT's imported into ours).
 """
+import dataclasses
 import functools
 
 import jax
@@ -37,6 +40,22 @@ HF_FAMILIES = {
               dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1, tie_word_embeddings=True)),
     # Fused qkv_proj (rows q, k, v with GQA) and gate_up_proj (rows gate, up); window on every layer.
     'phi3': (transformers.Phi3Config, transformers.Phi3ForCausalLM, dict(sliding_window=WINDOW, pad_token_id=0)),
+    # Phi-3 128k style: the 12-token prompts pass original_max_position_embeddings=8, so the long factors apply
+    # (factor 64 / 8, attention factor sqrt(2)); head_dim 16 = hidden / heads, as Phi3Config's check needs.
+    'phi3_longrope': (transformers.Phi3Config, transformers.Phi3ForCausalLM,
+                      dict(hidden_size=64, pad_token_id=0, original_max_position_embeddings=8,
+                           rope_scaling={'type': 'longrope', 'short_factor': [1.0, 1.3, 1.9, 2.6, 3.1, 4.2, 5.0, 6.5],
+                                         'long_factor': [1.1, 2.4, 3.3, 5.7, 8.0, 11.0, 15.5, 21.0]})),
+    # Layer 0 slides, layer 1 is global (HF's default alternation); caps small enough to act on these weights;
+    # query_pre_attn_scalar 24 != head_dim 16.
+    'gemma2': (transformers.Gemma2Config, transformers.Gemma2ForCausalLM,
+               dict(sliding_window=WINDOW, query_pre_attn_scalar=24, attn_logit_softcapping=2.0,
+                    final_logit_softcapping=5.0)),
+    # Local rope base 100 on the sliding layer 0, base 10^4 with linear scaling 4 on the global layer 1.
+    'gemma3_text': (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM,
+                    dict(sliding_window=WINDOW, layer_types=['sliding_attention', 'full_attention'],
+                         query_pre_attn_scalar=24, rope_local_base_freq=100.0,
+                         rope_scaling={'rope_type': 'linear', 'factor': 4.0})),
 }
 
 
@@ -59,7 +78,7 @@ def save_hf_family(family, folder, seed=0):
   """A tiny random model of ``family`` made and saved by transformers; returns the torch model (float32, eager)."""
   config_cls, model_cls, extra = HF_FAMILIES[family]
   torch.manual_seed(seed)
-  hf = model_cls(config_cls(**TINY_HF, **extra, attn_implementation='eager')).eval()
+  hf = model_cls(config_cls(**{**TINY_HF, **extra}, attn_implementation='eager')).eval()
   _randomize(hf, seed)
   hf.save_pretrained(str(folder))
   return hf
@@ -82,17 +101,27 @@ def torch_logits(hf, ids=IDS, mask=MASK, positions=POSITIONS):
               position_ids=torch.tensor(positions)).logits.numpy()
 
 
+_LOADED = {}
+
+
+def _load(name, tmp_path_factory):
+  """(name, folder, torch model, our model, config) of a family, made once per test module."""
+  if name not in _LOADED:
+    folder = tmp_path_factory.mktemp(name)
+    hf = save_hf_family(name, folder)
+    model, config = llama_loaders.load_hf_checkpoint(folder)
+    _LOADED[name] = name, folder, hf, model, config
+  return _LOADED[name]
+
+
 @pytest.fixture(scope='module', params=sorted(HF_FAMILIES))
 def family(request, tmp_path_factory):
-  folder = tmp_path_factory.mktemp(request.param)
-  hf = save_hf_family(request.param, folder)
-  model, config = llama_loaders.load_hf_checkpoint(folder)
-  return request.param, folder, hf, model, config
+  return _load(request.param, tmp_path_factory)
 
 
 def test_family_loads_from_transformers_and_matches_its_logits_and_greedy_tokens(family):
   name, folder, hf, model, config = family
-  assert config.model_type == name
+  assert config.model_type == hf.config.model_type == name.replace("_longrope", "")
   expected = torch_logits(hf)
   diff = np.abs(forward(model)[REAL] - expected[REAL]).max()
   assert diff < ATOL, (name, diff)
@@ -109,9 +138,31 @@ def test_family_loads_from_transformers_and_matches_its_logits_and_greedy_tokens
   np.testing.assert_allclose(torch_logits(torch_base(again))[REAL], expected[REAL], atol=1e-5, rtol=0)
 
 
+# Per family, config changes that switch one of its features off (rebuilt from the same weights).
+FEATURE_SWITCHES = {
+    'qwen3': [], 'phi3': [],
+    'phi3_longrope': [lambda c: dict(rope_scaling=dataclasses.replace(c.rope_scaling,
+                                                                      long_factor=c.rope_scaling.short_factor)),
+                      lambda c: dict(rope_scaling=dataclasses.replace(c.rope_scaling, attention_factor=1.0))],
+    'gemma2': [lambda c: dict(attn_logit_softcapping=None), lambda c: dict(final_logit_softcapping=None),
+               lambda c: dict(query_pre_attn_scalar=float(c.head_dim)), lambda c: dict(hidden_act='silu'),
+               lambda c: dict(layer_types=('full_attention',) * c.num_hidden_layers)],
+    'gemma3_text': [lambda c: dict(rope_local_base_freq=c.rope_theta), lambda c: dict(rope_scaling=None)],
+}
+
+
 def test_the_family_feature_changes_the_logits(family):
   # The comparison above could pass for a feature that never acts: switching it off must move the logits.
-  name, folder, hf, _, config = family
+  name, folder, hf, fixture_model, config = family
+  expected = torch_logits(hf)[REAL]
+  tensors = llama_loaders.to_hf_state_dict(fixture_model)
+  shapes = {k: v.shape for k, v in tensors.items()}
+  for switch in FEATURE_SWITCHES[name]:
+    changed = dataclasses.replace(config, **switch(config))
+    model = llama_loaders.llama_from_tensors(changed, shapes, tensors.__getitem__)
+    assert np.abs(forward(model)[REAL] - expected).max() > 1e-2, (name, switch(config))
+  if not (config.fused_projections or config.qk_norm):
+    return
   model, _ = llama_loaders.load_hf_checkpoint(folder)  # a fresh copy: the fixture's model stays intact
   if config.fused_projections:  # the halves of gate_up_proj swapped: the row order matters
     for layer in model.model.layers:
@@ -124,12 +175,19 @@ def test_the_family_feature_changes_the_logits(family):
   assert np.abs(forward(model)[REAL] - torch_logits(hf)[REAL]).max() > 1e-2, name
 
 
-PEFT_TARGETS = {'qwen3': ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'],
-                'phi3': ['qkv_proj', 'o_proj', 'gate_up_proj', 'down_proj']}
+_SEPARATE = ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj']
+# Families whose LoRAs go both ways through PEFT (phi3_longrope has phi3's modules).
+PEFT_TARGETS = {'qwen3': _SEPARATE, 'phi3': ['qkv_proj', 'o_proj', 'gate_up_proj', 'down_proj'],
+                'gemma2': _SEPARATE, 'gemma3_text': _SEPARATE}
 
 
-def test_peft_round_trip_with_the_family_module_names(family, tmp_path):
-  name, _, _, _, config = family
+@pytest.fixture(scope='module', params=sorted(PEFT_TARGETS))
+def peft_family(request, tmp_path_factory):
+  return _load(request.param, tmp_path_factory)
+
+
+def test_peft_round_trip_with_the_family_module_names(peft_family, tmp_path):
+  name, _, _, _, config = peft_family
   targets = PEFT_TARGETS[name]
   spec = AdapterSpec(target=r'.*\.(' + '|'.join(targets) + ')', rank=4, alpha=16.0, num_global=1, num_local=0,
                      bias=False, conv=False, init='kaiming', dropout=0.0)
