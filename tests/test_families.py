@@ -18,7 +18,7 @@ from flax import nnx
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from fedjax_adapters import interop
-from fedjax_adapters.models import llama_loaders
+from fedjax_adapters.models import llama, llama_loaders
 from fedjax_adapters.models.llama import LlamaConfig, greedy_decode
 from fedjax_adapters.nn import AdapterSpec
 from test_interop_peft import adapted_llama, ours, torch_base
@@ -46,11 +46,12 @@ HF_FAMILIES = {
                       dict(hidden_size=64, pad_token_id=0, original_max_position_embeddings=8,
                            rope_scaling={'type': 'longrope', 'short_factor': [1.0, 1.3, 1.9, 2.6, 3.1, 4.2, 5.0, 6.5],
                                          'long_factor': [1.1, 2.4, 3.3, 5.7, 8.0, 11.0, 15.5, 21.0]})),
-    # Layer 0 slides, layer 1 is global (HF's default alternation); caps small enough to act on these weights;
+    # Layer 0 slides, layer 1 is global (HF's default alternation); caps that bend these weights' scores (median 2,
+    # largest 15) and logits (median 4, largest 29) without flattening them;
     # query_pre_attn_scalar 24 != head_dim 16.
     'gemma2': (transformers.Gemma2Config, transformers.Gemma2ForCausalLM,
-               dict(sliding_window=WINDOW, query_pre_attn_scalar=24, attn_logit_softcapping=2.0,
-                    final_logit_softcapping=5.0)),
+               dict(sliding_window=WINDOW, query_pre_attn_scalar=24, attn_logit_softcapping=5.0,
+                    final_logit_softcapping=15.0)),
     # Local rope base 100 on the sliding layer 0, base 10^4 with linear scaling 4 on the global layer 1.
     'gemma3_text': (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM,
                     dict(sliding_window=WINDOW, layer_types=['sliding_attention', 'full_attention'],
@@ -160,7 +161,8 @@ def test_the_family_feature_changes_the_logits(family):
   for switch in FEATURE_SWITCHES[name]:
     changed = dataclasses.replace(config, **switch(config))
     model = llama_loaders.llama_from_tensors(changed, shapes, tensors.__getitem__)
-    assert np.abs(forward(model)[REAL] - expected).max() > 1e-2, (name, switch(config))
+    logits = model(jnp.asarray(IDS, jnp.int32), jnp.asarray(MASK, jnp.int32), positions=jnp.asarray(POSITIONS))
+    assert np.abs(np.asarray(logits)[REAL] - expected).max() > 1e-2, (name, switch(config))  # eager: no compiles
   if not (config.fused_projections or config.qk_norm):
     return
   model, _ = llama_loaders.load_hf_checkpoint(folder)  # a fresh copy: the fixture's model stays intact
@@ -211,3 +213,61 @@ def test_peft_round_trip_with_the_family_module_names(peft_family, tmp_path):
   np.testing.assert_allclose(mine(dict(parts, adapters=adapters)), expected, atol=ATOL, rtol=0)
   with published.disable_adapter():
     assert np.abs(torch_logits(published)[REAL] - expected).max() > 1e-2  # the LoRA matters
+
+
+def test_longrope_prompts_within_the_original_context_use_the_short_factors(tmp_path_factory):
+  # The family test's prompts reach past original_max_position_embeddings=8 (long factors); these 8-token prompts
+  # (largest position 7) stay within it, so transformers and ours both use the short factors.
+  _, _, hf, model, config = _load('phi3_longrope', tmp_path_factory)
+  ids, mask, positions = IDS[:, 4:], MASK[:, 4:], np.maximum(np.cumsum(MASK[:, 4:], axis=-1) - 1, 0)
+  assert positions.max() + 1 == config.rope_scaling.original_max_position_embeddings
+  real = mask.astype(bool)
+  expected = torch_logits(hf, ids, mask, positions)[real]
+  assert np.abs(forward(model, ids, mask, positions)[real] - expected).max() < ATOL
+  long_only = dataclasses.replace(config, rope_scaling=dataclasses.replace(
+      config.rope_scaling, short_factor=config.rope_scaling.long_factor))
+  tensors = llama_loaders.to_hf_state_dict(model)
+  swapped = llama_loaders.llama_from_tensors(long_only, {k: v.shape for k, v in tensors.items()}, tensors.__getitem__)
+  assert np.abs(forward(swapped, ids, mask, positions)[real] - expected).max() > 1e-2
+
+
+SHORT, LONG = [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 7.0, 9.0], [1.2, 2.5, 4.0, 6.0, 9.0, 12.0, 16.0, 30.0]
+
+
+@pytest.mark.parametrize('hf_dict', [
+    # Phi-3: the factor and the attention factor come from max_position_embeddings / original (64 / 8).
+    dict(model_type='phi3', original_max_position_embeddings=8,
+         rope_scaling={'type': 'longrope', 'short_factor': SHORT, 'long_factor': LONG}),
+    # Elsewhere without a top-level original: the original is max_position_embeddings, the factor is given.
+    dict(model_type='llama', rope_scaling={'rope_type': 'longrope', 'factor': 3.0, 'short_factor': SHORT,
+                                           'long_factor': LONG}),
+    dict(model_type='llama', rope_scaling={'rope_type': 'longrope', 'factor': 3.0, 'attention_factor': 1.25,
+                                           'short_factor': SHORT, 'long_factor': LONG}),
+], ids=['phi3', 'llama_factor', 'llama_attention_factor'])
+def test_longrope_equals_transformers_rope_init_function_and_round_trips(hf_dict):
+  from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+  hf_config = transformers.AutoConfig.for_model(**{**TINY_HF, 'hidden_size': 64, **hf_dict})
+  config = LlamaConfig.from_hf_dict(hf_config.to_dict())
+  original = config.rope_scaling.original_max_position_embeddings
+  for seq_len in (original, original + 1):  # the last length with the short factors, the first with the long
+    expected, attention = ROPE_INIT_FUNCTIONS['longrope'](hf_config, 'cpu', seq_len=seq_len)
+    positions = jnp.full((1, 1), seq_len - 1, jnp.int32)
+    cos, sin = llama.rotary_cos_sin(positions, 16, config.rope_theta, scaling=config.rope_scaling,
+                                    max_position_embeddings=config.max_position_embeddings)
+    angles = (seq_len - 1) * expected.numpy()
+    np.testing.assert_allclose(np.asarray(cos)[0, 0, :8], attention * np.cos(angles), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(sin)[0, 0, :8], attention * np.sin(angles), rtol=1e-5, atol=1e-6)
+  assert LlamaConfig.from_hf_dict(config.to_hf_dict()) == config
+  again = type(hf_config).from_dict(config.to_hf_dict())  # transformers accepts what we write
+  assert ROPE_INIT_FUNCTIONS['longrope'](again, 'cpu')[1] == pytest.approx(attention)
+
+
+def test_phi3_longrope_attention_factor_must_be_phi3s_own():
+  config = LlamaConfig(**{**TINY_HF, 'hidden_size': 64}, model_type='phi3', rope_scaling=dict(
+      rope_type='longrope', factor=8.0, original_max_position_embeddings=8, short_factor=SHORT, long_factor=LONG,
+      attention_factor=1.5))
+  with pytest.raises(ValueError, match='Phi3Config derives the longrope attention factor'):
+    config.to_hf_dict()
+  with pytest.raises(ValueError, match='head_dim / 2 = 8 entries, got 3'):
+    LlamaConfig(**TINY_HF, rope_scaling=dict(rope_type='longrope', factor=2.0, original_max_position_embeddings=8,
+                                             short_factor=[1.0] * 3, long_factor=[2.0] * 3))

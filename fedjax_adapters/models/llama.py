@@ -506,8 +506,10 @@ def config_to_hf(c: LlamaConfig) -> dict[str, Any]:
 def _longrope_to_hf(c: LlamaConfig) -> dict[str, Any]:
   """``rope_scaling`` and the top-level ``original_max_position_embeddings`` of a longrope config.
 
-  transformers derives the factor from the top-level context lengths; Phi3Config also insists on exactly the keys
-  type / short_factor / long_factor, so there the attention factor must be the one transformers derives.
+  A top-level original makes transformers derive the factor from the two context lengths; it is written when the
+  original differs from ``max_position_embeddings``, and always for Phi-3 (whose default would be 4096). Phi3Config
+  also insists on exactly the keys type / short_factor / long_factor, so there the attention factor must be the
+  one transformers derives; elsewhere it is written out.
   """
   r = c.rope_scaling
   original = r.original_max_position_embeddings
@@ -516,7 +518,9 @@ def _longrope_to_hf(c: LlamaConfig) -> dict[str, Any]:
   rs = {'type' if c.model_type == 'phi3' else 'rope_type': 'longrope', 'short_factor': list(r.short_factor),
         'long_factor': list(r.long_factor)}
   if c.model_type != 'phi3':
-    rs.update(factor=factor, attention_factor=attention)
+    rs.update(factor=r.factor, attention_factor=attention)
+    if original == c.max_position_embeddings:  # transformers' fallback; the factor is read from rope_scaling
+      return {'rope_scaling': rs}
   elif abs(attention - rope_scaling.longrope_attention_factor(factor, original)) > 1e-12:
     raise ValueError(f'Phi3Config derives the longrope attention factor from max_position_embeddings / '
                      f'original_max_position_embeddings = {factor}, giving '
