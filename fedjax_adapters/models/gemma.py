@@ -9,7 +9,8 @@ from its config (``model_type`` ``'gemma2'`` or ``'gemma3_text'``):
 * a GeGLU MLP (``gelu`` with the tanh approximation, HF's ``gelu_pytorch_tanh``);
 * attention scores scaled by ``query_pre_attn_scalar ** -0.5`` and optionally soft-capped
   (``cap * tanh(score / cap)``), final logits optionally soft-capped the same way;
-* the embedding output multiplied by ``sqrt(hidden_size)`` rounded to the model's dtype;
+* the embedding output multiplied by ``sqrt(hidden_size)`` rounded to the model's dtype (after the embedding
+  module, so an embedding LoRA's delta is scaled too, as PEFT scales it on Gemma 2 and Gemma 3);
 * sliding-window and global layers alternating (``layer_types``); Gemma 3 adds RMSNorm on each q / k head, and a
   rope base of its own (``rope_local_base_freq``, never scaled) on the sliding layers.
 

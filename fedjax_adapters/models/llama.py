@@ -924,7 +924,7 @@ class Llama(nnx.Module):
     ropes = rotary_per_layer_kind(config, positions)
 
     x = self.model.embed_tokens(input_ids)
-    if config.is_gemma:
+    if config.is_gemma:  # after the (possibly adapted) embedding: PEFT scales an embedding LoRA's delta too
       x = gemma.embed_scale(x, config.hidden_size)
     cache_kv = None if cache is None else (cache.k, cache.v)
     cache_index = None if cache is None else cache.index
