@@ -293,7 +293,7 @@ class LlamaConfig:
   @classmethod
   def from_hf_dict(cls, d: Mapping[str, Any], *, dtype: Any = jnp.float32,
                    param_dtype: Any | None = None) -> LlamaConfig:
-    """Builds a config from a Hugging Face ``config.json`` dict of a Llama, Qwen2 or Mistral model.
+    """Builds a config from a Hugging Face ``config.json`` dict of one of :data:`MODEL_TYPES`.
 
     Args:
       d: the parsed ``config.json``.
@@ -305,7 +305,8 @@ class LlamaConfig:
 
     Raises:
       ValueError: for a key that is missing, or a feature this implementation does not have (another model type,
-        a rope scaling type other than linear / llama3, an activation other than SiLU).
+        a rope scaling type outside :data:`ROPE_TYPES`, an activation other than SiLU (Gemma: tanh GELU),
+        Gemma 1 or Gemma 3 multimodal, named in the message).
     """
     return cls(**config_kwargs_from_hf(d), dtype=dtype, param_dtype=dtype if param_dtype is None else param_dtype)
 

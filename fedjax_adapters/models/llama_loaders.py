@@ -182,7 +182,8 @@ def save_hf_checkpoint(folder: PathLike, model: Llama, *, tokenizer=None) -> pat
   """Writes ``model`` as a Hugging Face folder: ``config.json`` + ``model.safetensors`` (+ the tokenizer's files).
 
   The inverse of :func:`load_hf_checkpoint`; transformers' ``AutoModelForCausalLM.from_pretrained(folder)`` loads
-  it as the matching class (LlamaForCausalLM, Qwen2ForCausalLM or MistralForCausalLM). A model loaded from GGUF is
+  it as the matching class (LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, MistralForCausalLM,
+  Phi3ForCausalLM, Gemma2ForCausalLM or Gemma3ForCausalLM). A model loaded from GGUF is
   written with its dequantized weights. Tensors are stored in float32, except float16 parameters.
 
   Args:
