@@ -18,9 +18,9 @@ from flax import nnx
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from fedjax_adapters import interop
-from fedjax_adapters.models import llama, llama_loaders
+from fedjax_adapters.models import gemma, llama, llama_loaders
 from fedjax_adapters.models.llama import LlamaConfig, greedy_decode
-from fedjax_adapters.nn import AdapterSpec
+from fedjax_adapters.nn import AdapterSpec, adapt
 from test_interop_peft import adapted_llama, ours, torch_base
 
 WINDOW = 4
@@ -273,3 +273,25 @@ def test_phi3_longrope_attention_factor_must_be_phi3s_own():
   with pytest.raises(ValueError, match='head_dim / 2 = 8 entries, got 3'):
     LlamaConfig(**TINY_HF, rope_scaling=dict(rope_type='longrope', factor=2.0, original_max_position_embeddings=8,
                                              short_factor=[1.0] * 3, long_factor=[2.0] * 3))
+
+
+def test_gemma_rms_norm_scales_by_one_plus_weight_and_norm_adaptors_find_it():
+  norm = gemma.GemmaRMSNorm(8, epsilon=1e-6, rngs=nnx.Rngs(0))
+  assert isinstance(norm, nnx.RMSNorm) and not np.asarray(norm.scale[...]).any()  # HF's weight starts at 0
+  weight = np.linspace(-0.5, 0.5, 8, dtype=np.float32)
+  norm.scale.set_value(jnp.asarray(weight))
+  x = np.random.default_rng(0).normal(size=(2, 3, 8)).astype(np.float32)
+  expected = x / np.sqrt(np.mean(x ** 2, axis=-1, keepdims=True) + 1e-6) * (1 + weight)
+  np.testing.assert_allclose(np.asarray(norm(jnp.asarray(x))), expected, rtol=1e-5, atol=1e-6)
+  holder = nnx.Dict(pre_feedforward_layernorm=norm)
+  holder = adapt(holder, AdapterSpec(target=r'.*layernorm', rank=1, norm=True, linear=False), key=jax.random.key(1))
+  assert type(holder['pre_feedforward_layernorm']).__name__ == 'AdaptedNorm'
+
+
+@pytest.mark.parametrize('field,value', [('attn_logit_softcapping', 5.0), ('final_logit_softcapping', 5.0),
+                                         ('query_pre_attn_scalar', 4.0), ('rope_local_base_freq', 10.0),
+                                         ('hidden_act', 'gelu_pytorch_tanh')])
+def test_gemma_fields_are_refused_for_other_families(field, value):
+  with pytest.raises(ValueError, match=f"does not take \\['{field}'\\]"):
+    LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                **{field: value})
