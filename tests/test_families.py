@@ -1,10 +1,13 @@
-"""Newer decoder families against transformers' PyTorch models on tiny random configs: Qwen3 (q/k RMSNorm per
-head, per-layer sliding window), Phi-3 (fused projections; also with longrope), Gemma 2 (four (1 + w) norms per layer,
-GeGLU, soft caps, query_pre_attn_scalar, alternating window) and Gemma 3 text (plus q/k norms, a local rope base,
-rope scaling on the global layers only). Each model is made and saved by transformers (``save_pretrained``), loaded by our
-loader, and compared over a sequence longer than the sliding window (logits and greedy tokens); then PEFT LoRAs
-with the family's module names go both ways (ours exported and served by PEFT, PEFT's imported into ours).
+"""Newer decoder families against transformers' PyTorch models on tiny random configs.
+
+Qwen3 (q/k RMSNorm per head, per-layer sliding window), Phi-3 (fused projections; also with longrope), Gemma 2 (four
+(1 + w) norms per layer, GeGLU, soft caps, query_pre_attn_scalar, alternating window) and Gemma 3 text (plus q/k
+norms, a local rope base, rope scaling on the global layers only). Each model is made and saved by transformers
+(``save_pretrained``), loaded by our loader, and compared over a sequence longer than the sliding window (logits and
+greedy tokens); then PEFT LoRAs with the family's module names go both ways (ours exported and served by PEFT,
+PEFT's imported into ours).
 """
+import copy
 import dataclasses
 import functools
 
@@ -245,11 +248,15 @@ SHORT, LONG = [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 7.0, 9.0], [1.2, 2.5, 4.0, 6.0, 9.0
                                            'long_factor': LONG}),
     dict(model_type='llama', rope_scaling={'rope_type': 'longrope', 'factor': 3.0, 'attention_factor': 1.25,
                                            'short_factor': SHORT, 'long_factor': LONG}),
-], ids=['phi3', 'llama_factor', 'llama_attention_factor'])
+    # Phi3Config's older name for longrope.
+    dict(model_type='phi3', original_max_position_embeddings=8,
+         rope_scaling={'type': 'su', 'short_factor': SHORT, 'long_factor': LONG}),
+], ids=['phi3', 'llama_factor', 'llama_attention_factor', 'phi3_su'])
 def test_longrope_equals_transformers_rope_init_function_and_round_trips(hf_dict):
   from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-  hf_config = transformers.AutoConfig.for_model(**{**TINY_HF, 'hidden_size': 64, **hf_dict})
-  config = LlamaConfig.from_hf_dict(hf_config.to_dict())
+  hf_config = transformers.AutoConfig.for_model(**{**TINY_HF, 'hidden_size': 64, **copy.deepcopy(hf_dict)})
+  # The config.json as written (Phi3Config renames 'su' in its own copy).
+  config = LlamaConfig.from_hf_dict({**hf_config.to_dict(), 'rope_scaling': hf_dict['rope_scaling']})
   original = config.rope_scaling.original_max_position_embeddings
   for seq_len in (original, original + 1):  # the last length with the short factors, the first with the long
     expected, attention = ROPE_INIT_FUNCTIONS['longrope'](hf_config, 'cpu', seq_len=seq_len)

@@ -88,8 +88,9 @@ class RopeScaling:
       short ones otherwise. Its attention factor (on cos / sin) is ``attention_factor``, else
       ``sqrt(1 + ln(factor) / ln(original_max_position_embeddings))`` (1 for ``factor <= 1``).
 
-  ``'longrope'`` is Phi-3's 128k-context rule (LongRoPE). ``'yarn'`` is YaRN (Qwen2.5 / Qwen3 long context); ``'dynamic'`` is dynamic NTK scaling: beyond
-  ``max_position_embeddings`` positions the rope base grows with the largest position of the forward call.
+  ``'longrope'`` is Phi-3's 128k-context rule (LongRoPE). ``'yarn'`` is YaRN (Qwen2.5 / Qwen3 long context);
+  ``'dynamic'`` is dynamic NTK scaling: beyond ``max_position_embeddings`` positions the rope base grows with the
+  largest position of the forward call.
   """
   rope_type: str
   factor: float
@@ -442,10 +443,13 @@ def _rope_scaling_from_hf(d: Mapping[str, Any], model_type: str) -> RopeScaling 
 
   For longrope, a top-level ``original_max_position_embeddings`` (Phi3Config always has one, 4096 by default) sets
   ``factor = max_position_embeddings / original``; without one the original is ``max_position_embeddings`` and
-  ``rope_scaling['factor']`` is used. The attention factor is resolved here, so it survives the round trip.
+  ``rope_scaling['factor']`` is used. The attention factor is resolved here, so it survives the round trip. On
+  Phi-3, types ``'su'`` and ``'yarn'`` are longrope too, as Phi3Config renames them.
   """
   rs = d.get('rope_scaling')
-  if not isinstance(rs, Mapping) or rs.get('rope_type', rs.get('type')) != 'longrope':
+  kind = rs.get('rope_type', rs.get('type')) if isinstance(rs, Mapping) else None
+  # Phi3Config reads the older names 'su' and 'yarn' as longrope.
+  if kind != 'longrope' and not (model_type == 'phi3' and kind in ('su', 'yarn')):
     return RopeScaling.from_hf(rs)
   max_pos = int(d.get('max_position_embeddings', 2048))
   original = d.get('original_max_position_embeddings', 4096 if model_type == 'phi3' else None)
