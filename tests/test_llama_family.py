@@ -160,9 +160,12 @@ def test_config_parsing_and_clear_refusals():
   assert LlamaConfig.from_hf_dict({**TINY, 'model_type': 'qwen2', 'sliding_window': 5}).sliding_window is None
   assert LlamaConfig.from_hf_dict({**TINY, 'model_type': 'mistral'}).sliding_window == 4096  # MistralConfig's
   for overrides, message in [
-      ({'rope_scaling': {'rope_type': 'longrope', 'factor': 4.0}}, "'longrope'.*not supported"),
+      ({'rope_scaling': {'rope_type': 'longrope', 'factor': 4.0}}, r"longrope rope_scaling lacks \['short_factor'"),
+      ({'rope_scaling': {'rope_type': 'su', 'factor': 4.0}}, "'su'.*not supported"),
       ({'rope_scaling': {'rope_type': 'llama3', 'factor': 8.0}}, 'llama3 rope_scaling lacks'),
-      ({'model_type': 'gemma'}, "model_type='gemma'"),
+      ({'model_type': 'gemma'}, 'Gemma 1 .model_type=gemma. is not supported'),
+      ({'model_type': 'gemma3'}, r'Gemma 3 multimodal .*Gemma3ForCausalLM \(model_type=gemma3_text\)'),
+      ({'model_type': 'gemma3_text', 'use_bidirectional_attention': True}, 'use_bidirectional_attention=True'),
       ({'hidden_act': 'gelu'}, "hidden_act='gelu'"),
   ]:
     with pytest.raises(ValueError, match=message):

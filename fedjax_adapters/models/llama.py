@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fedjax_adapters.models import gemma
 from fedjax_adapters.models import rope_scaling
 
 # A large negative number instead of -inf for masked attention scores: a row with every key masked (a padding query)
@@ -42,20 +43,24 @@ from fedjax_adapters.models import rope_scaling
 _MASK_VALUE = float(jnp.finfo(jnp.float32).min)
 
 
-MODEL_TYPES = ('llama', 'qwen2', 'qwen3', 'mistral', 'phi3')
+MODEL_TYPES = ('llama', 'qwen2', 'qwen3', 'mistral', 'phi3') + gemma.GEMMA_MODEL_TYPES
 # Model types whose attention RMS-normalizes each query and key head (``q_norm``, ``k_norm``) before the rotation.
-QK_NORM_MODEL_TYPES = ('qwen3',)
+QK_NORM_MODEL_TYPES = ('qwen3', 'gemma3_text')
 # Model types with fused projections: ``qkv_proj`` (rows q, k, v) and ``gate_up_proj`` (rows gate, up).
 FUSED_MODEL_TYPES = ('phi3',)
 # Model types that slide their window on every layer.
 ALL_SLIDING_MODEL_TYPES = ('mistral', 'phi3')
-ROPE_TYPES = ('linear', 'llama3', 'yarn', 'dynamic')
+ROPE_TYPES = ('linear', 'llama3', 'yarn', 'dynamic', 'longrope')
+# MLP activations by their Hugging Face name (``hidden_act`` / ``hidden_activation``): SwiGLU and GeGLU (tanh gelu).
+ACTIVATIONS = {'silu': jax.nn.silu, 'gelu_pytorch_tanh': functools.partial(jax.nn.gelu, approximate=True)}
 LAYER_TYPES = ('full_attention', 'sliding_attention')
 _LLAMA3_KEYS = ('low_freq_factor', 'high_freq_factor', 'original_max_position_embeddings')
 _YARN_KEYS = ('original_max_position_embeddings', 'beta_fast', 'beta_slow', 'mscale', 'mscale_all_dim',
               'attention_factor', 'truncate')
+_LONGROPE_KEYS = ('original_max_position_embeddings', 'short_factor', 'long_factor', 'attention_factor')
 # The optional keys each rope type reads from ``rope_scaling`` (besides ``factor``).
-_ROPE_KEYS = {'linear': (), 'dynamic': (), 'llama3': _LLAMA3_KEYS, 'yarn': _YARN_KEYS}
+_ROPE_KEYS = {'linear': (), 'dynamic': (), 'llama3': _LLAMA3_KEYS, 'yarn': _YARN_KEYS, 'longrope': _LONGROPE_KEYS}
+_ALL_ROPE_KEYS = tuple(dict.fromkeys(_LLAMA3_KEYS + _YARN_KEYS + _LONGROPE_KEYS))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,9 +83,14 @@ class RopeScaling:
       else ``mscale(factor, mscale) / mscale(factor, mscale_all_dim)`` when both are set, else
       ``0.1 ln(factor) + 1``.
     truncate: yarn only (default True): round the ramp's ends to whole dims.
+    short_factor, long_factor: longrope only (required, Dh/2 numbers each): per-frequency divisors, the long ones
+      used when a forward call reaches beyond ``original_max_position_embeddings`` positions (required too), the
+      short ones otherwise. Its attention factor (on cos / sin) is ``attention_factor``, else
+      ``sqrt(1 + ln(factor) / ln(original_max_position_embeddings))`` (1 for ``factor <= 1``).
 
-  ``'yarn'`` is YaRN (Qwen2.5 / Qwen3 long context); ``'dynamic'`` is dynamic NTK scaling: beyond
-  ``max_position_embeddings`` positions the rope base grows with the largest position of the forward call.
+  ``'longrope'`` is Phi-3's 128k-context rule (LongRoPE). ``'yarn'`` is YaRN (Qwen2.5 / Qwen3 long context);
+  ``'dynamic'`` is dynamic NTK scaling: beyond ``max_position_embeddings`` positions the rope base grows with the
+  largest position of the forward call.
   """
   rope_type: str
   factor: float
@@ -93,6 +103,8 @@ class RopeScaling:
   mscale_all_dim: float | None = None
   attention_factor: float | None = None
   truncate: bool | None = None
+  short_factor: tuple[float, ...] | None = None
+  long_factor: tuple[float, ...] | None = None
 
   def __post_init__(self):
     if self.rope_type not in ROPE_TYPES:
@@ -107,8 +119,9 @@ class RopeScaling:
       if not 0 < self.low_freq_factor < self.high_freq_factor:
         raise ValueError(f'llama3 rope_scaling needs 0 < low_freq_factor < high_freq_factor, got '
                          f'{self.low_freq_factor!r} and {self.high_freq_factor!r}.')
-    extra = [k for k in _LLAMA3_KEYS + _YARN_KEYS if getattr(self, k) is not None
-             and k not in _ROPE_KEYS[self.rope_type]]
+    if self.rope_type == 'longrope':
+      _check_longrope(self)
+    extra = [k for k in _ALL_ROPE_KEYS if getattr(self, k) is not None and k not in _ROPE_KEYS[self.rope_type]]
     if extra:
       raise ValueError(f'{self.rope_type} rope_scaling does not take {sorted(set(extra))}, got {self}.')
 
@@ -133,7 +146,22 @@ class RopeScaling:
     """The ``config.json`` ``rope_scaling`` entry."""
     d = {'rope_type': self.rope_type, 'factor': self.factor}
     d.update({k: getattr(self, k) for k in _ROPE_KEYS[self.rope_type] if getattr(self, k) is not None})
-    return d
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def _check_longrope(r: RopeScaling) -> None:
+  """Checks a longrope scaling's required fields and stores its factor lists as tuples of floats."""
+  missing = [k for k in ('original_max_position_embeddings', 'short_factor', 'long_factor') if getattr(r, k) is None]
+  if missing:
+    raise ValueError(f'longrope rope_scaling lacks {missing}.')
+  for name in ('short_factor', 'long_factor'):
+    values = getattr(r, name)
+    if isinstance(values, (str, bytes)) or not all(isinstance(v, (int, float)) and v > 0 for v in values):
+      raise ValueError(f'longrope {name} must be a list of positive numbers, got {values!r}.')
+    object.__setattr__(r, name, tuple(float(v) for v in values))
+  if len(r.short_factor) != len(r.long_factor):
+    raise ValueError(f'longrope short_factor ({len(r.short_factor)}) and long_factor ({len(r.long_factor)}) differ '
+                     'in length.')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,7 +186,9 @@ class LlamaConfig:
     param_dtype: dtype of the parameters.
     model_type: the Hugging Face class the config corresponds to: ``'llama'`` (LlamaForCausalLM), ``'qwen2'``
       (Qwen2ForCausalLM: q/k/v biases), ``'qwen3'`` (Qwen3ForCausalLM: RMSNorm on each q / k head),
-      ``'mistral'`` (MistralForCausalLM: optional sliding window) or ``'phi3'`` (Phi3ForCausalLM: fused projections).
+      ``'mistral'`` (MistralForCausalLM: optional sliding window), ``'phi3'`` (Phi3ForCausalLM: fused projections),
+      ``'gemma2'`` (Gemma2ForCausalLM) or ``'gemma3_text'`` (Gemma3ForCausalLM; see :mod:`.gemma` for what Gemma
+      changes: (1 + weight) RMSNorms, four norms per layer, GeGLU, soft caps, scaled embeddings).
     attention_bias: biases on q_proj, k_proj and v_proj. None: the model type's (True for qwen2, else False).
     attention_out_bias: a bias on o_proj. None: the model type's (llama: same as ``attention_bias``, else False).
     mlp_bias: biases on gate_proj, up_proj and down_proj (llama only).
@@ -167,6 +197,14 @@ class LlamaConfig:
       ``layer_types`` marks ``'sliding_attention'`` (Mistral: every layer). None: full causal attention.
     layer_types: per layer ``'full_attention'`` or ``'sliding_attention'``; None means every layer slides when
       ``sliding_window`` is set.
+    hidden_act: the MLP's gate activation, ``'silu'`` (SwiGLU) or ``'gelu_pytorch_tanh'`` (GeGLU); None: the model
+      type's (Gemma: GeGLU, else SwiGLU).
+    query_pre_attn_scalar: Gemma only: attention scores are scaled by ``query_pre_attn_scalar ** -0.5``; None (and
+      every other family): ``head_dim ** -0.5``.
+    attn_logit_softcapping: Gemma only: attention scores become ``cap * tanh(score / cap)`` before the mask.
+    final_logit_softcapping: Gemma only: logits become ``cap * tanh(logit / cap)``.
+    rope_local_base_freq: Gemma 3 only (required there): the rope base of the sliding layers, which are never
+      rope-scaled; ``rope_theta`` and ``rope_scaling`` apply to the global layers.
   """
   vocab_size: int
   hidden_size: int
@@ -188,6 +226,11 @@ class LlamaConfig:
   rope_scaling: RopeScaling | Mapping[str, Any] | None = None
   sliding_window: int | None = None
   layer_types: tuple[str, ...] | None = None
+  hidden_act: str | None = None
+  query_pre_attn_scalar: float | None = None
+  attn_logit_softcapping: float | None = None
+  final_logit_softcapping: float | None = None
+  rope_local_base_freq: float | None = None
 
   def __post_init__(self):
     for name in ('vocab_size', 'hidden_size', 'intermediate_size', 'num_hidden_layers', 'num_attention_heads'):
@@ -213,6 +256,8 @@ class LlamaConfig:
       raise ValueError(f'rope_scaling must be a RopeScaling, a dict or None, got {self.rope_scaling!r}.')
     _fill_family_defaults(self)
     _check_sliding_window(self)
+    _check_gemma_fields(self)
+    _check_rope_length(self)
 
   @property
   def num_groups(self) -> int:
@@ -230,6 +275,16 @@ class LlamaConfig:
     return self.model_type in FUSED_MODEL_TYPES
 
   @property
+  def is_gemma(self) -> bool:
+    """Whether the decoder is Gemma's: (1 + weight) RMSNorms, four norms per layer, scaled embeddings."""
+    return self.model_type in gemma.GEMMA_MODEL_TYPES
+
+  @property
+  def attention_scale(self) -> float:
+    """The factor on attention scores: ``query_pre_attn_scalar ** -0.5`` (Gemma), else ``head_dim ** -0.5``."""
+    return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+  @property
   def sliding_layers(self) -> tuple[bool, ...]:
     """Per layer, whether it uses the sliding window."""
     if self.sliding_window is None:
@@ -239,7 +294,7 @@ class LlamaConfig:
   @classmethod
   def from_hf_dict(cls, d: Mapping[str, Any], *, dtype: Any = jnp.float32,
                    param_dtype: Any | None = None) -> LlamaConfig:
-    """Builds a config from a Hugging Face ``config.json`` dict of a Llama, Qwen2 or Mistral model.
+    """Builds a config from a Hugging Face ``config.json`` dict of one of :data:`MODEL_TYPES`.
 
     Args:
       d: the parsed ``config.json``.
@@ -251,7 +306,8 @@ class LlamaConfig:
 
     Raises:
       ValueError: for a key that is missing, or a feature this implementation does not have (another model type,
-        a rope scaling type other than linear / llama3, an activation other than SiLU).
+        a rope scaling type outside :data:`ROPE_TYPES`, an activation other than SiLU (Gemma: tanh GELU),
+        Gemma 1 or Gemma 3 multimodal, named in the message).
     """
     return cls(**config_kwargs_from_hf(d), dtype=dtype, param_dtype=dtype if param_dtype is None else param_dtype)
 
@@ -267,19 +323,54 @@ def _fill_family_defaults(c: LlamaConfig) -> None:
   if c.attention_bias is None:
     object.__setattr__(c, 'attention_bias', c.model_type == 'qwen2')
   if c.attention_out_bias is None:
-    object.__setattr__(c, 'attention_out_bias', bool(c.attention_bias) and c.model_type in ('llama', 'qwen3'))
+    object.__setattr__(c, 'attention_out_bias', bool(c.attention_bias) and c.model_type not in ('qwen2', 'mistral',
+                                                                                                 'phi3'))
   biases = (bool(c.attention_bias), bool(c.attention_out_bias), bool(c.mlp_bias))
   allowed = {'llama': biases[0] == biases[1], 'qwen2': biases == (True, False, False),
              'qwen3': biases[0] == biases[1] and not biases[2],
-             'mistral': biases == (False, False, False), 'phi3': biases == (False, False, False)}[c.model_type]
+             'mistral': biases == (False, False, False), 'phi3': biases == (False, False, False)}.get(
+                 c.model_type, biases[0] == biases[1] and not biases[2])  # gemma: like qwen3
   if not allowed:
     raise ValueError(f'model_type={c.model_type!r} cannot have attention_bias={c.attention_bias}, '
                      f'attention_out_bias={c.attention_out_bias}, mlp_bias={c.mlp_bias} (llama: q/k/v/o biased '
-                     'together, optional MLP biases; qwen2: q/k/v biases only; qwen3: q/k/v/o together; '
+                     'together, optional MLP biases; qwen2: q/k/v biases only; qwen3, gemma: q/k/v/o together; '
                      'mistral, phi3: none).')
   if c.model_type == 'llama' and c.sliding_window is not None:
     raise ValueError(f'model_type=llama has no sliding window, got sliding_window={c.sliding_window}; use '
                      "model_type='mistral' or 'qwen2'.")
+
+
+def _check_gemma_fields(c: LlamaConfig) -> None:
+  """Fills the activation default and checks the Gemma-only fields (soft caps, attention scalar, local rope base)."""
+  if c.hidden_act is None:
+    object.__setattr__(c, 'hidden_act', 'gelu_pytorch_tanh' if c.is_gemma else 'silu')
+  if c.hidden_act not in ACTIVATIONS:
+    raise ValueError(f'hidden_act={c.hidden_act!r} is not supported; supported: {tuple(ACTIVATIONS)}.')
+  gemma_only = ('query_pre_attn_scalar', 'attn_logit_softcapping', 'final_logit_softcapping', 'rope_local_base_freq')
+  for name in gemma_only:
+    value = getattr(c, name)
+    if value is not None and not (isinstance(value, (int, float)) and value > 0):
+      raise ValueError(f'LlamaConfig.{name} must be a positive number or None, got {value!r}.')
+  if not c.is_gemma:
+    given = [k for k in gemma_only if getattr(c, k) is not None] + (['hidden_act'] if c.hidden_act != 'silu' else [])
+    if given:
+      raise ValueError(f'model_type={c.model_type!r} does not take {given} (Gemma fields).')
+    return
+  if c.sliding_window is None:
+    raise ValueError(f'model_type={c.model_type} needs a sliding_window (Gemma alternates sliding and global layers).')
+  if (c.rope_local_base_freq is None) != (c.model_type == 'gemma2'):
+    raise ValueError(f'rope_local_base_freq is required for gemma3_text and not taken by gemma2; got '
+                     f'model_type={c.model_type}, rope_local_base_freq={c.rope_local_base_freq!r}.')
+  if c.query_pre_attn_scalar is None:
+    object.__setattr__(c, 'query_pre_attn_scalar', float(c.head_dim))
+
+
+def _check_rope_length(c: LlamaConfig) -> None:
+  """Checks that a longrope scaling has one short and one long factor per rotary frequency (Dh / 2)."""
+  r = c.rope_scaling
+  if r is not None and r.rope_type == 'longrope' and len(r.short_factor) != c.head_dim // 2:
+    raise ValueError(f'longrope short_factor / long_factor need head_dim / 2 = {c.head_dim // 2} entries, got '
+                     f'{len(r.short_factor)}.')
 
 
 def _check_sliding_window(c: LlamaConfig) -> None:
@@ -303,13 +394,15 @@ def _check_sliding_window(c: LlamaConfig) -> None:
 def config_kwargs_from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
   """:class:`LlamaConfig` keyword arguments from a Hugging Face ``config.json`` dict (see ``from_hf_dict``)."""
   model_type = d.get('model_type', 'llama')
+  if model_type in gemma.REFUSED:
+    raise ValueError(gemma.REFUSED[model_type])
   if model_type not in MODEL_TYPES:
     raise ValueError(f'Expected a config of model_type {MODEL_TYPES}, got model_type={model_type!r}.')
   if float(d.get('partial_rotary_factor', 1.0)) != 1.0:
     raise ValueError(
         f"partial_rotary_factor={d['partial_rotary_factor']!r} is not supported (rotary on every dim only).")
   act = d.get('hidden_act', 'silu')
-  if act != 'silu':
+  if act != 'silu' and model_type not in gemma.GEMMA_MODEL_TYPES:
     raise ValueError(f"hidden_act={act!r} is not supported; LLaMA-family models use 'silu'.")
   required = ('vocab_size', 'hidden_size', 'intermediate_size', 'num_hidden_layers', 'num_attention_heads')
   missing = [k for k in required if k not in d]
@@ -324,7 +417,10 @@ def config_kwargs_from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
       tie_word_embeddings=bool(d.get('tie_word_embeddings', False)),
       max_position_embeddings=int(d.get('max_position_embeddings', 2048)),
       model_type=model_type,
-      rope_scaling=RopeScaling.from_hf(d.get('rope_scaling')))
+      rope_scaling=_rope_scaling_from_hf(d, model_type))
+  if model_type in gemma.GEMMA_MODEL_TYPES:
+    kw.update(gemma.config_kwargs_from_hf(d, model_type, kw['num_hidden_layers']))
+    return kw
   if model_type == 'llama':
     kw.update(attention_bias=bool(d.get('attention_bias', False)), mlp_bias=bool(d.get('mlp_bias', False)))
   elif model_type == 'qwen3':
@@ -342,11 +438,40 @@ def config_kwargs_from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
   return kw
 
 
+def _rope_scaling_from_hf(d: Mapping[str, Any], model_type: str) -> RopeScaling | None:
+  """The :class:`RopeScaling` of a ``config.json``; longrope reads the top-level context lengths as transformers does.
+
+  For longrope, a top-level ``original_max_position_embeddings`` (Phi3Config always has one, 4096 by default) sets
+  ``factor = max_position_embeddings / original``; without one the original is ``max_position_embeddings`` and
+  ``rope_scaling['factor']`` is used. The attention factor is resolved here, so it survives the round trip. On
+  Phi-3, types ``'su'`` and ``'yarn'`` are longrope too, as Phi3Config renames them.
+  """
+  rs = d.get('rope_scaling')
+  kind = rs.get('rope_type', rs.get('type')) if isinstance(rs, Mapping) else None
+  # Phi3Config reads the older names 'su' and 'yarn' as longrope.
+  if kind != 'longrope' and not (model_type == 'phi3' and kind in ('su', 'yarn')):
+    return RopeScaling.from_hf(rs)
+  max_pos = int(d.get('max_position_embeddings', 2048))
+  original = d.get('original_max_position_embeddings', 4096 if model_type == 'phi3' else None)
+  factor = max_pos / int(original) if original else rs.get('factor')
+  if factor is None:
+    raise ValueError(f'longrope rope_scaling={dict(rs)!r} lacks a factor (and config.json an '
+                     'original_max_position_embeddings).')
+  original = int(original or max_pos)
+  attention = rs.get('attention_factor')
+  if attention is None:
+    attention = rope_scaling.longrope_attention_factor(float(factor), original)
+  return RopeScaling('longrope', float(factor), original_max_position_embeddings=original,
+                     short_factor=rs.get('short_factor'), long_factor=rs.get('long_factor'),
+                     attention_factor=float(attention))
+
+
 def config_to_hf(c: LlamaConfig) -> dict[str, Any]:
   """The ``config.json`` dict of ``c`` for its Hugging Face class (``LlamaConfig.to_hf_dict``)."""
   d = {
       'architectures': [{'llama': 'LlamaForCausalLM', 'qwen2': 'Qwen2ForCausalLM', 'qwen3': 'Qwen3ForCausalLM',
-                         'mistral': 'MistralForCausalLM', 'phi3': 'Phi3ForCausalLM'}[c.model_type]],
+                         'mistral': 'MistralForCausalLM', 'phi3': 'Phi3ForCausalLM',
+                         **gemma.HF_ARCHITECTURES}[c.model_type]],
       'model_type': c.model_type,
       'vocab_size': c.vocab_size,
       'hidden_size': c.hidden_size,
@@ -359,9 +484,14 @@ def config_to_hf(c: LlamaConfig) -> dict[str, Any]:
       'rope_theta': c.rope_theta,
       'tie_word_embeddings': c.tie_word_embeddings,
       'max_position_embeddings': c.max_position_embeddings,
-      'hidden_act': 'silu',
       'rope_scaling': None if c.rope_scaling is None else c.rope_scaling.to_hf(),
   }
+  if c.rope_scaling is not None and c.rope_scaling.rope_type == 'longrope':
+    d.update(_longrope_to_hf(c))
+  if c.is_gemma:
+    d.update(gemma.config_to_hf(c))
+    return d
+  d['hidden_act'] = 'silu'
   if c.model_type == 'llama':
     d.update(attention_bias=c.attention_bias, mlp_bias=c.mlp_bias)
   elif c.model_type in ALL_SLIDING_MODEL_TYPES:
@@ -376,6 +506,31 @@ def config_to_hf(c: LlamaConfig) -> dict[str, Any]:
     d.update(use_sliding_window=c.sliding_window is not None, sliding_window=c.sliding_window,
              max_window_layers=first, layer_types=types)
   return d
+
+
+def _longrope_to_hf(c: LlamaConfig) -> dict[str, Any]:
+  """``rope_scaling`` and the top-level ``original_max_position_embeddings`` of a longrope config.
+
+  A top-level original makes transformers derive the factor from the two context lengths; it is written when the
+  original differs from ``max_position_embeddings``, and always for Phi-3 (whose default would be 4096). Phi3Config
+  also insists on exactly the keys type / short_factor / long_factor, so there the attention factor must be the
+  one transformers derives; elsewhere it is written out.
+  """
+  r = c.rope_scaling
+  original = r.original_max_position_embeddings
+  factor = c.max_position_embeddings / original
+  attention = rope_scaling.longrope_attention_factor(r.factor, original, r.attention_factor)
+  rs = {'type' if c.model_type == 'phi3' else 'rope_type': 'longrope', 'short_factor': list(r.short_factor),
+        'long_factor': list(r.long_factor)}
+  if c.model_type != 'phi3':
+    rs.update(factor=r.factor, attention_factor=attention)
+    if original == c.max_position_embeddings:  # transformers' fallback; the factor is read from rope_scaling
+      return {'rope_scaling': rs}
+  elif abs(attention - rope_scaling.longrope_attention_factor(factor, original)) > 1e-12:
+    raise ValueError(f'Phi3Config derives the longrope attention factor from max_position_embeddings / '
+                     f'original_max_position_embeddings = {factor}, giving '
+                     f'{rope_scaling.longrope_attention_factor(factor, original)}, not this config\'s {attention}.')
+  return {'rope_scaling': rs, 'original_max_position_embeddings': original}
 
 
 class KVCache(NamedTuple):
@@ -425,7 +580,7 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = Non
   ``original / high_freq_factor``, and between the two blends ``(1 - s) f / factor + s f`` with
   ``s = (original / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)``. YaRN and dynamic NTK:
   see :mod:`fedjax_adapters.models.rope_scaling` (yarn falls back on ``max_position_embeddings`` for its original
-  context; dynamic needs it and ``seq_len``, the number of positions the forward reaches).
+  context; dynamic needs it and ``seq_len``, the number of positions the forward reaches; longrope needs ``seq_len``).
   """
   inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
   if scaling is None:
@@ -439,6 +594,9 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = Non
                                       truncate=True if scaling.truncate is None else scaling.truncate)
   if scaling.rope_type == 'dynamic':
     return rope_scaling.dynamic_ntk_inv_freq(head_dim, theta, scaling.factor, max_position_embeddings, seq_len)
+  if scaling.rope_type == 'longrope':
+    return rope_scaling.longrope_inv_freq(head_dim, theta, scaling.short_factor, scaling.long_factor,
+                                          scaling.original_max_position_embeddings, seq_len)
   original, low, high = (scaling.original_max_position_embeddings, scaling.low_freq_factor,
                          scaling.high_freq_factor)
   wavelen = 2 * math.pi / inv_freq
@@ -460,13 +618,14 @@ def rotary_cos_sin(positions: jax.Array, head_dim: int, theta: float, *, scaling
     positions: [B, T] int positions.
     head_dim: Dh.
     theta: the rope base.
-    scaling: optional rope scaling; only yarn changes the cos/sin amplitude (its attention factor).
+    scaling: optional rope scaling; yarn and longrope also scale the cos/sin amplitude (their attention factor).
     max_position_embeddings: the model's context length (yarn's fallback, dynamic's threshold).
 
   Returns:
     (cos, sin), each [B, T, Dh] float32.
   """
-  seq_len = None if scaling is None or scaling.rope_type != 'dynamic' else jnp.max(positions) + 1
+  per_call = scaling is not None and scaling.rope_type in ('dynamic', 'longrope')
+  seq_len = jnp.max(positions) + 1 if per_call else None
   inv_freq = rope_inv_freq(head_dim, theta, scaling, max_position_embeddings=max_position_embeddings,
                            seq_len=seq_len)
   angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
@@ -474,6 +633,10 @@ def rotary_cos_sin(positions: jax.Array, head_dim: int, theta: float, *, scaling
   if scaling is not None and scaling.rope_type == 'yarn':
     amp = rope_scaling.yarn_attention_factor(scaling.factor, scaling.attention_factor, scaling.mscale,
                                              scaling.mscale_all_dim)
+    return jnp.cos(angles) * amp, jnp.sin(angles) * amp
+  if scaling is not None and scaling.rope_type == 'longrope':
+    amp = rope_scaling.longrope_attention_factor(scaling.factor, scaling.original_max_position_embeddings,
+                                                 scaling.attention_factor)
     return jnp.cos(angles) * amp, jnp.sin(angles) * amp
   return jnp.cos(angles), jnp.sin(angles)
 
@@ -491,7 +654,8 @@ def _at_least_f32(dtype) -> Any:
   return jnp.promote_types(dtype, jnp.float32)
 
 
-def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float | None = None,
+            cap: float | None = None) -> jax.Array:
   """Grouped-query attention.
 
   Args:
@@ -499,6 +663,8 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Ar
     k: [B, S, KV, Dh] keys.
     v: [B, S, KV, Dh] values.
     mask: [B, T, S] bool, True where query t may attend to key s.
+    scale: the factor on the scores; None: ``Dh ** -0.5``.
+    cap: optional soft cap on the scaled scores (``cap * tanh(score / cap)``, Gemma 2), applied before the mask.
 
   Returns:
     [B, T, H * Dh].
@@ -508,7 +674,9 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Ar
   # Query head h uses key/value head h // (H // KV), as in HF's repeat_kv: grouping the query heads as [KV, G]
   # gets that without materialising repeated keys.
   q = q.reshape(b, t, kv, h // kv, dh)
-  scores = jnp.einsum('btkgd,bskd->bkgts', q, k, preferred_element_type=_at_least_f32(q.dtype)) * (dh ** -0.5)
+  scale = dh ** -0.5 if scale is None else scale
+  scores = jnp.einsum('btkgd,bskd->bkgts', q, k, preferred_element_type=_at_least_f32(q.dtype)) * scale
+  scores = gemma.softcap(scores, cap)
   scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   out = jnp.einsum('bkgts,bskd->btkgd', probs, v)
@@ -525,6 +693,7 @@ class LlamaAttention(nnx.Module):
     self.num_heads = config.num_attention_heads
     self.num_kv_heads = config.num_key_value_heads
     self.head_dim = config.head_dim
+    self.scale, self.softcap = config.attention_scale, config.attn_logit_softcapping
     linear = functools.partial(nnx.Linear, use_bias=config.attention_bias, dtype=config.dtype,
                                param_dtype=config.param_dtype, rngs=rngs)
     d, h, kv, dh = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
@@ -580,14 +749,15 @@ class LlamaAttention(nnx.Module):
       k = jax.lax.dynamic_index_in_dim(ck, layer, axis=0, keepdims=False)
       v = jax.lax.dynamic_index_in_dim(cv, layer, axis=0, keepdims=False)
       cache_kv = (ck, cv)
-    out = _attend(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+    out = _attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.scale, self.softcap)
     return self.o_proj(out), cache_kv
 
 
 class LlamaMLP(nnx.Module):
-  """SwiGLU feed-forward: ``down_proj(silu(gate_proj(x)) * up_proj(x))``."""
+  """Gated feed-forward: ``down_proj(act(gate_proj(x)) * up_proj(x))``, act silu (SwiGLU) or tanh gelu (GeGLU)."""
 
   def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    self.hidden_act = config.hidden_act
     linear = functools.partial(nnx.Linear, use_bias=config.mlp_bias, dtype=config.dtype,
                                param_dtype=config.param_dtype, rngs=rngs)
     if config.fused_projections:  # Phi-3: one projection whose output rows are gate, then up.
@@ -602,30 +772,42 @@ class LlamaMLP(nnx.Module):
       gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
     else:
       gate, up = self.gate_proj(x), self.up_proj(x)
-    return self.down_proj(jax.nn.silu(gate) * up)
+    return self.down_proj(ACTIVATIONS[self.hidden_act](gate) * up)
 
 
 def _rms_norm(config: LlamaConfig, rngs: nnx.Rngs, features: int | None = None) -> nnx.RMSNorm:
   # nnx.RMSNorm computes x * rsqrt(mean(x^2) + eps) * scale with float32 statistics: LLaMA's formula. Using the
-  # stock module (parameter `scale`) lets norm adaptors target it by type.
-  return nnx.RMSNorm(features or config.hidden_size, epsilon=config.rms_norm_eps, dtype=config.dtype,
+  # stock module (parameter `scale`) lets norm adaptors target it by type. Gemma's subclass scales by 1 + scale.
+  norm = gemma.GemmaRMSNorm if config.is_gemma else nnx.RMSNorm
+  return norm(features or config.hidden_size, epsilon=config.rms_norm_eps, dtype=config.dtype,
                      param_dtype=config.param_dtype, rngs=rngs)
 
 
 class LlamaDecoderLayer(nnx.Module):
-  """Pre-norm block: ``h = x + attn(norm(x)); out = h + mlp(norm(h))``."""
+  """Pre-norm block: ``h = x + attn(norm(x)); out = h + mlp(norm(h))``.
+
+  Gemma's block norms each sublayer's input and output: ``h = x + post_attention_layernorm(attn(input_layernorm(x)))``,
+  ``out = h + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h)))`` (HF's names, so its
+  ``post_attention_layernorm`` is not LLaMA's).
+  """
 
   def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
     self.self_attn = LlamaAttention(config, rngs=rngs)
     self.mlp = LlamaMLP(config, rngs=rngs)
     self.input_layernorm = _rms_norm(config, rngs)
     self.post_attention_layernorm = _rms_norm(config, rngs)
+    if config.is_gemma:
+      self.pre_feedforward_layernorm = _rms_norm(config, rngs)
+      self.post_feedforward_layernorm = _rms_norm(config, rngs)
 
   def __call__(self, x, cos, sin, mask, cache_kv=None, cache_index=None, layer=0):
     """Same arguments as :meth:`LlamaAttention.__call__`; returns ([B, T, D], updated cache (k, v) or None)."""
     attn, cache_kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_kv, cache_index, layer)
-    h = x + attn
-    return h + self.mlp(self.post_attention_layernorm(h)), cache_kv
+    if not hasattr(self, 'pre_feedforward_layernorm'):
+      h = x + attn
+      return h + self.mlp(self.post_attention_layernorm(h)), cache_kv
+    h = x + self.post_attention_layernorm(attn)
+    return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h))), cache_kv
 
 
 class LlamaModel(nnx.Module):
@@ -668,16 +850,18 @@ class Llama(nnx.Module):
                                 param_dtype=config.param_dtype, rngs=rngs)
 
   def logits(self, hidden: jax.Array) -> jax.Array:
-    """Output head: [B, T, D] normed hidden states -> [B, T, V] float32 logits (float64 for a float64 model)."""
+    """Output head: [B, T, D] normed hidden states -> [B, T, V] float32 logits (float64 for a float64 model),
+    soft-capped when the config has ``final_logit_softcapping``."""
     dtype = _at_least_f32(hidden.dtype)
+    cap = self.config.final_logit_softcapping
     if self.lm_head is not None:
-      return self.lm_head(hidden).astype(dtype)
+      return gemma.softcap(self.lm_head(hidden).astype(dtype), cap)
     embed = self.model.embed_tokens
     if hasattr(embed, 'attend'):
-      return embed.attend(hidden).astype(dtype)
-    return (hidden @ embed.embedding[...].T).astype(dtype)
+      return gemma.softcap(embed.attend(hidden).astype(dtype), cap)
+    return gemma.softcap((hidden @ embed.embedding[...].T).astype(dtype), cap)
 
-  def _scan_layers(self, splits, x, cos, sin, masks, cache_kv, cache_index):
+  def _scan_layers(self, splits, x, ropes, masks, cache_kv, cache_index):
     """The layer loop as one ``lax.scan`` over the layers' stacked states; returns (x, updated cache or None)."""
     graphdef = splits[0][0]
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[state for _, state in splits])
@@ -687,7 +871,8 @@ class Llama(nnx.Module):
       x, cache_kv = carry
       layer_state, i = layer_inputs
       layer = nnx.merge(graphdef, layer_state)
-      x, cache_kv = layer(x, cos, sin, _layer_mask(masks, self.config, i), cache_kv, cache_index, i)
+      x, cache_kv = layer(x, *_layer_rope(ropes, self.config, i), _layer_mask(masks, self.config, i), cache_kv,
+                          cache_index, i)
       return (x, cache_kv), None
 
     (x, cache_kv), _ = jax.lax.scan(body, (x, cache_kv), (stacked, jnp.arange(len(splits))))
@@ -741,17 +926,19 @@ class Llama(nnx.Module):
     if positions.shape != (b, t):
       raise ValueError(f'positions shape {positions.shape} does not match input_ids shape {(b, t)}.')
     masks = attention_masks(config, key_mask, query_slots)
-    cos, sin = rotary_cos_sin(positions, config.head_dim, config.rope_theta, scaling=config.rope_scaling,
-                              max_position_embeddings=config.max_position_embeddings)
+    ropes = rotary_per_layer_kind(config, positions)
 
     x = self.model.embed_tokens(input_ids)
+    if config.is_gemma:  # after the (possibly adapted) embedding: PEFT scales an embedding LoRA's delta too
+      x = gemma.embed_scale(x, config.hidden_size)
     cache_kv = None if cache is None else (cache.k, cache.v)
     cache_index = None if cache is None else cache.index
     if scan_layers:
-      x, cache_kv = self._scan_layers(splits, x, cos, sin, masks, cache_kv, cache_index)
+      x, cache_kv = self._scan_layers(splits, x, ropes, masks, cache_kv, cache_index)
     else:
       policy = getattr(self, 'remat_policy', None)
       for i, layer in enumerate(self.model.layers):
+        cos, sin = _layer_rope(ropes, config, i)
         if policy is not None and cache is None:
           x = _remat_layer(layer, x, cos, sin, _layer_mask(masks, config, i), i, policy)
         else:
@@ -845,6 +1032,30 @@ def _layer_mask(masks: tuple[jax.Array, jax.Array | None], config: LlamaConfig, 
   if isinstance(layer, int):
     return window if flags[layer] else full
   return jnp.where(jnp.asarray(flags)[layer], window, full)
+
+
+def rotary_per_layer_kind(config: LlamaConfig, positions: jax.Array) -> tuple[tuple[jax.Array, jax.Array], Any]:
+  """((cos, sin) of the global layers, (cos, sin) of the sliding layers or None when they share the global ones).
+
+  Only Gemma 3 (``rope_local_base_freq``) gives its sliding layers their own base, without rope scaling.
+  """
+  full = rotary_cos_sin(positions, config.head_dim, config.rope_theta, scaling=config.rope_scaling,
+                        max_position_embeddings=config.max_position_embeddings)
+  if config.rope_local_base_freq is None or not any(config.sliding_layers):
+    return full, None
+  return full, rotary_cos_sin(positions, config.head_dim, config.rope_local_base_freq)
+
+
+def _layer_rope(ropes, config: LlamaConfig, layer: int | jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The (cos, sin) of decoder layer ``layer`` (an int, or a traced index inside the scan over layers)."""
+  full, local = ropes
+  flags = config.sliding_layers
+  if local is None:
+    return full
+  if isinstance(layer, int):
+    return local if flags[layer] else full
+  pick = jnp.asarray(flags)[layer]
+  return jnp.where(pick, local[0], full[0]), jnp.where(pick, local[1], full[1])
 
 
 def abstract_llama(config: LlamaConfig) -> Llama:

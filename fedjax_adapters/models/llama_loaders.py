@@ -1,7 +1,9 @@
 """Loading (and saving) LLaMA-family weights and tokenizers for :class:`~fedjax_adapters.models.llama.Llama`.
 
-Families: Llama (1-3.x, with linear or llama3 rope scaling, optional attention / MLP biases), Qwen2 (q/k/v biases)
-and Mistral (sliding window), tied or untied embeddings.
+Families: Llama (1-3.x, with linear or llama3 rope scaling, optional attention / MLP biases), Qwen2 (q/k/v biases),
+Qwen3, Mistral (sliding window), Phi-3 (fused projections), Gemma 2 and Gemma 3 text (four norms per layer, whose
+HF ``weight`` is stored as is: :class:`~fedjax_adapters.models.gemma.GemmaRMSNorm` adds the 1), tied or untied
+embeddings.
 
 Sources:
   * a Hugging Face folder (``config.json`` + ``model.safetensors``, or shards listed in
@@ -69,7 +71,10 @@ def hf_param_table(config: LlamaConfig) -> list[tuple[str, tuple[str | int, ...]
     if config.qk_norm:
       for norm in ('q_norm', 'k_norm'):
         table.append((f'{prefix}.self_attn.{norm}.weight', ('model', 'layers', i, 'self_attn', norm, 'scale'), False))
-    for norm in ('input_layernorm', 'post_attention_layernorm'):
+    norms = ('input_layernorm', 'post_attention_layernorm')
+    if config.is_gemma:
+      norms += ('pre_feedforward_layernorm', 'post_feedforward_layernorm')
+    for norm in norms:
       table.append((f'{prefix}.{norm}.weight', ('model', 'layers', i, norm, 'scale'), False))
   table.append(('model.norm.weight', ('model', 'norm', 'scale'), False))
   if not config.tie_word_embeddings:
@@ -185,7 +190,8 @@ def save_hf_checkpoint(folder: PathLike, model: Llama, *, tokenizer=None) -> pat
   """Writes ``model`` as a Hugging Face folder: ``config.json`` + ``model.safetensors`` (+ the tokenizer's files).
 
   The inverse of :func:`load_hf_checkpoint`; transformers' ``AutoModelForCausalLM.from_pretrained(folder)`` loads
-  it as the matching class (LlamaForCausalLM, Qwen2ForCausalLM or MistralForCausalLM). A model loaded from GGUF is
+  it as the matching class (LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, MistralForCausalLM,
+  Phi3ForCausalLM, Gemma2ForCausalLM or Gemma3ForCausalLM). A model loaded from GGUF is
   written with its dequantized weights. Tensors are stored in float32, except float16 parameters.
 
   Args:

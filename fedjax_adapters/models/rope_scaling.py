@@ -1,4 +1,5 @@
-"""Rotary frequencies of the context-extension rules Hugging Face calls ``yarn`` and ``dynamic`` (NTK-aware).
+"""Rotary frequencies of the context-extension rules Hugging Face calls ``yarn``, ``dynamic`` (NTK-aware) and
+``longrope`` (Phi-3 128k).
 
 Pure functions of plain numbers (the :class:`~fedjax_adapters.models.llama.RopeScaling` fields), computed in
 float32 as transformers' ``modeling_rope_utils`` does, so the decoder reproduces its logits.
@@ -64,3 +65,26 @@ def dynamic_ntk_inv_freq(head_dim: int, theta: float, factor: float, max_positio
   seq = jnp.maximum(jnp.asarray(seq_len, jnp.float32), jnp.float32(max_position_embeddings))
   base = theta * ((factor * seq / max_position_embeddings) - (factor - 1)) ** (head_dim / (head_dim - 2))
   return _base_inv_freq(head_dim, base)
+
+
+def longrope_attention_factor(factor: float, original_max_position_embeddings: int,
+                              attention_factor: float | None = None) -> float:
+  """LongRoPE's factor on the rotary cos / sin: given, else ``sqrt(1 + ln(factor) / ln(original))`` (1 for
+  ``factor <= 1``), as transformers' ``_compute_longrope_parameters`` defaults it."""
+  if attention_factor is not None:
+    return float(attention_factor)
+  if factor <= 1.0:
+    return 1.0
+  return math.sqrt(1 + math.log(factor) / math.log(original_max_position_embeddings))
+
+
+def longrope_inv_freq(head_dim: int, theta: float, short_factor, long_factor, original_max_position_embeddings: int,
+                      seq_len: jax.Array) -> jax.Array:
+  """LongRoPE's [Dh/2] inverse frequencies ``theta ** (-2i / Dh) / ext_i``.
+
+  ``ext`` is ``long_factor`` when the forward call reaches ``seq_len > original_max_position_embeddings`` positions
+  (transformers uses the largest position id of the call, the whole batch's), else ``short_factor``.
+  """
+  long = jnp.asarray(seq_len) > original_max_position_embeddings
+  ext = jnp.where(long, jnp.asarray(long_factor, jnp.float32), jnp.asarray(short_factor, jnp.float32))
+  return 1.0 / (ext * theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
