@@ -107,6 +107,17 @@ def tree_config(plan: dict[str, Any], cfg):
   return cfg._replace(mechanism='tree', tree_steps=int(plan['num_clients']) // int(plan['clients_per_round']))
 
 
+def round_sampling(plan: dict[str, Any] | None, num_clients: int, clients_per_round: int) -> dict[str, Any]:
+  """``make_round``'s sampling arguments for the plan's ``sampling`` (fixed ``M`` without a plan)."""
+  from fedjax_adapters.federated import sampling  # pylint: disable=g-import-not-at-top
+  kind = plan['sampling'] if plan else 'fixed'
+  if kind == 'poisson':
+    return {'sampling': sampling.poisson_sampling(clients_per_round / num_clients, num_clients=num_clients)}
+  if kind == 'cyclic':
+    return {'sampling': sampling.cyclic_sampling(clients_per_round)}
+  return {'clients_per_round': clients_per_round}
+
+
 def epsilon_after(plan: dict[str, Any], rounds: int, cache: dict[int, float]) -> float:
   """Epsilon for the plan's delta after ``rounds`` rounds (cached per rounds)."""
   from fedjax_adapters import privacy_accounting as pa  # pylint: disable=g-import-not-at-top
