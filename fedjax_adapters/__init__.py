@@ -22,7 +22,7 @@ _NAMES = {
     'fedjax_adapters.data.federated': ('FederatedData', 'FederatedDataset', 'stack_clients'),
     'fedjax_adapters.federated': ('Aggregator', 'Algorithm', 'ClientData', 'ClientInfo', 'ClientMapping',
                                   'ClientOutput', 'Round', 'RoundInfo', 'ServerState', 'UpdateGuard',
-                                  'chunked_clients', 'client_data', 'evaluate', 'fixed_sampling',
+                                  'chunked_clients', 'client_data', 'cyclic_sampling', 'evaluate', 'fixed_sampling',
                                   'make_client_update', 'make_round', 'poisson_sampling', 'predict',
                                   'sequential_clients', 'sharded_clients', 'tiled_clients', 'vmap_clients'),
     'fedjax_adapters.nn': ('AdapterSpec', 'ModelDef', 'adapt', 'split_model'),

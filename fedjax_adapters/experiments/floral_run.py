@@ -23,7 +23,7 @@ from fedjax_adapters.experiments.runlib import dp_flags, loop, robust_flags
 from fedjax_adapters.experiments.runlib.environment import environment
 from fedjax_adapters.experiments.runlib.progress import Progress
 from fedjax_adapters.federated import (chunked_clients, client_data, clients_per_round, dp_aggregator, evaluate,
-                                       make_round, poisson_sampling)
+                                       make_round)
 
 RUNNER = 'floral'
 CONV_MODELS = ('cifar_cnn', 'vgg8')
@@ -96,9 +96,7 @@ def private(alg, method: str, dp: dict | None, k: int, m: int):
   kind = configs.METHODS[method].kind
   mixture = {'floral': ('adapters',), 'ensemble': ('members',)}.get(kind, ())
   alg = alg.replace(aggregator=dp_aggregator(alg.aggregator, dp_flags.config(dp), mixture_keys=mixture))
-  if dp['sampling'] == 'poisson':
-    return alg, {'sampling': poisson_sampling(m / k, num_clients=k)}
-  return alg, {'clients_per_round': m}
+  return alg, dp_flags.round_sampling(dp, k, m)
 
 
 def with_epsilon(step, dp: dict):

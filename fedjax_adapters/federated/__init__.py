@@ -14,12 +14,13 @@ from fedjax_adapters.federated.host_store import (HostClientStore, evaluate_host
 from fedjax_adapters.federated.mapping import (ClientMapping, chunked_clients, sequential_clients, sharded_clients,
                                                vmap_clients)
 from fedjax_adapters.federated.privacy import DPConfig, DPState, dp_aggregator
+from fedjax_adapters.federated.dp_ftrl import TreeState, dp_ftrl_aggregator
 from fedjax_adapters.federated.round import Adversary, Round, make_round, round_client_ids, round_sample, run_rounds
 from fedjax_adapters.federated import attacks, robust
 from fedjax_adapters.federated.robust import (REDUCERS, bulyan, centered_clipping, geometric_median, krum,
                                               norm_bounded_mean, reducer_from_name, trimmed_mean)
-from fedjax_adapters.federated.sampling import (Sampling, clients_per_round, fixed_sampling, poisson_sampling,
-                                                poisson_slots, sample_clients)
+from fedjax_adapters.federated.sampling import (Sampling, clients_per_round, cyclic_sampling, fixed_sampling,
+                                                poisson_sampling, poisson_slots, sample_clients)
 from fedjax_adapters.federated.tiling import TiledClients, tiled_clients
 from fedjax_adapters.federated.sharding import (client_mesh, client_sharding, initialize_distributed, replicate,
                                                 replicated_sharding, shard_clients)
@@ -33,6 +34,7 @@ __all__ = ['Aggregator', 'Reducer', 'RoundInfo', 'coordinate_median', 'mean_aggr
            'vmap_clients', 'Adversary', 'Round', 'make_round', 'round_client_ids', 'round_sample', 'run_rounds',
            'Sampling', 'clients_per_round', 'fixed_sampling', 'poisson_sampling', 'poisson_slots', 'sample_clients',
            'client_mesh', 'client_sharding', 'initialize_distributed', 'replicate', 'replicated_sharding',
-           'shard_clients', 'TiledClients', 'tiled_clients', 'DPConfig', 'DPState', 'dp_aggregator', 'attacks', 'robust',
+           'shard_clients', 'TiledClients', 'tiled_clients', 'DPConfig', 'DPState', 'dp_aggregator', 'TreeState', 'dp_ftrl_aggregator',
+           'cyclic_sampling', 'attacks', 'robust',
            'REDUCERS', 'bulyan', 'centered_clipping', 'geometric_median', 'krum', 'norm_bounded_mean', 'reducer_from_name',
            'trimmed_mean']

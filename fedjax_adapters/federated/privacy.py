@@ -17,6 +17,9 @@ on the client set: the sensitivity would be unbounded. The noisy mean ``global_p
 wrapped aggregator as a single client of weight 1, so its server optimizer (FedAvg, FedAdam) and any user reducer run
 as usual on released, already private values.
 
+With ``DPConfig(mechanism='tree', tree_steps=P)`` the same clipped sums are released as noisy prefix sums through
+the binary-tree mechanism instead (DP-FTRL, no sampling needed): :mod:`fedjax_adapters.federated.dp_ftrl`.
+
 The noise is drawn from ``RoundInfo.key`` (the server key, the same on every host and in every client mapping), so a
 chunked, sequential or sharded round adds the same noise as the vmapped one.
 
@@ -50,6 +53,10 @@ class DPConfig(NamedTuple):
     adaptive_quantile: target quantile ``gamma`` in (0, 1) of the client norms (None: fixed clip).
     clip_lr: geometric step ``lr`` of the adaptive clip.
     count_stddev: ``sigma_b`` of the noised count (None: ``expected_clients / 20``, the paper's choice).
+    mechanism: ``'gaussian'`` (DP-FedAvg: fresh noise on every round's sum) or ``'tree'`` (DP-FTRL: noisy prefix
+      sums by tree aggregation, :mod:`fedjax_adapters.federated.dp_ftrl`; ``noise_multiplier`` is per tree node).
+    tree_steps: ``P``, the rounds of one tree before it restarts (``'tree'`` only; ``num_clients // M`` with
+      cyclic sampling).
   """
   clip: float
   noise_multiplier: float
@@ -57,6 +64,11 @@ class DPConfig(NamedTuple):
   adaptive_quantile: float | None = None
   clip_lr: float = 0.2
   count_stddev: float | None = None
+  mechanism: str = 'gaussian'
+  tree_steps: int | None = None
+
+
+MECHANISMS = ('gaussian', 'tree')
 
 
 def check_dp(cfg: DPConfig) -> DPConfig:
@@ -67,6 +79,7 @@ def check_dp(cfg: DPConfig) -> DPConfig:
     raise ValueError(f'dp noise_multiplier must be a finite number >= 0; got {cfg.noise_multiplier}.')
   if not cfg.expected_clients > 0:
     raise ValueError(f'dp expected_clients must be > 0; got {cfg.expected_clients}.')
+  _check_mechanism(cfg)
   q = cfg.adaptive_quantile
   if q is not None and not 0 < q < 1:
     raise ValueError(f'dp adaptive_quantile must lie in (0, 1); got {q}.')
@@ -76,6 +89,19 @@ def check_dp(cfg: DPConfig) -> DPConfig:
     raise ValueError(f'dp noise_multiplier {cfg.noise_multiplier} must be below 2 * count_stddev = '
                      f'{2 * count_stddev(cfg)} for adaptive clipping (the count would take all the noise).')
   return cfg
+
+
+def _check_mechanism(cfg: DPConfig) -> None:
+  if cfg.mechanism not in MECHANISMS:
+    raise ValueError(f'dp mechanism must be one of {MECHANISMS}; got {cfg.mechanism!r}.')
+  if cfg.mechanism == 'gaussian':
+    if cfg.tree_steps is not None:
+      raise ValueError(f"dp tree_steps={cfg.tree_steps} needs mechanism='tree'.")
+    return
+  if not (isinstance(cfg.tree_steps, int) and cfg.tree_steps >= 1):
+    raise ValueError(f"dp mechanism='tree' needs tree_steps, an int >= 1; got {cfg.tree_steps!r}.")
+  if cfg.adaptive_quantile is not None:
+    raise ValueError(f"dp adaptive_quantile={cfg.adaptive_quantile} is not supported with mechanism='tree'.")
 
 
 def count_stddev(cfg: DPConfig) -> float:
@@ -144,6 +170,13 @@ def adapt_clip(clip: Array, norms: Array, mask: Array, key: Array, cfg: DPConfig
   return clip * jnp.exp(-cfg.clip_lr * (b - cfg.adaptive_quantile))
 
 
+def single_client(target: Any, client_outputs: ClientOutput, weights: Array) -> tuple[ClientOutput, Array]:
+  """``(outputs, weights)`` of one client holding ``target`` (``[1, ...]`` params, weight 1, aux of ones)."""
+  one = ClientOutput(jax.tree.map(lambda x: x[None], target), jnp.ones((1,), client_outputs.num_examples.dtype),
+                     jax.tree.map(lambda a: jnp.ones_like(a[:1]), client_outputs.aux))
+  return one, jnp.ones((1,), weights.dtype)
+
+
 class DPState(NamedTuple):
   """The DP aggregator's state: the wrapped aggregator's and the current clip norm ``[]``."""
   inner: Any
@@ -160,8 +193,13 @@ def dp_aggregator(aggregator: Aggregator, cfg: DPConfig, *, mixture_keys: Sequen
     cfg: the :class:`DPConfig` (checked here).
     mixture_keys: keys of per-adaptor leaves weighted by ``C p(c|k)`` (FLoRAL: ``('adapters',)``); others uniform.
     probs_key: key of ``client_outputs.aux`` with ``p(c|k)`` ``[M, C]`` (used with ``mixture_keys``).
+
+  With ``cfg.mechanism == 'tree'`` this is :func:`~fedjax_adapters.federated.dp_ftrl.dp_ftrl_aggregator`.
   """
   check_dp(cfg)
+  if cfg.mechanism == 'tree':
+    from fedjax_adapters.federated.dp_ftrl import dp_ftrl_aggregator  # pylint: disable=g-import-not-at-top  (cycle)
+    return dp_ftrl_aggregator(aggregator, cfg, mixture_keys=mixture_keys, probs_key=probs_key)
   z_update = update_noise_multiplier(cfg)
 
   def init(global_params):
@@ -179,9 +217,8 @@ def dp_aggregator(aggregator: Aggregator, cfg: DPConfig, *, mixture_keys: Sequen
     noise = gaussian_noise(noise_key, total, z_update * clip)
     target = jax.tree.map(lambda g, s, e: (g.astype(jnp.float32) + (s + e) / cfg.expected_clients).astype(g.dtype),
                           global_params, total, noise)
-    one = ClientOutput(jax.tree.map(lambda x: x[None], target), jnp.ones((1,), client_outputs.num_examples.dtype),
-                       jax.tree.map(lambda a: jnp.ones_like(a[:1]), client_outputs.aux))
-    new, inner = aggregator.aggregate(global_params, one, jnp.ones((1,), weights.dtype), agg_state.inner, info)
+    new, inner = aggregator.aggregate(global_params, *single_client(target, client_outputs, weights), agg_state.inner,
+                                      info)
     if cfg.adaptive_quantile is not None:
       clip = adapt_clip(clip, norms, mask, count_key, cfg)
     return new, DPState(inner, clip)

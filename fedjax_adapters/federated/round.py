@@ -42,8 +42,7 @@ ADVERSARY_KEY_TAG = 0xFFFFFFFE
 Adversary = Callable[[Any, ClientOutput, Array, Array, Array], ClientOutput]
 
 
-def _sampling_key(key: Array, round_: Array) -> Array:
-  return jax.random.fold_in(jax.random.fold_in(key, round_), 0x5A3)
+_sampling_key = sampling_lib.round_key
 
 
 def round_client_ids(key: Array, round_: Array, num_clients: int, clients_per_round: int) -> Array:
@@ -55,7 +54,7 @@ def round_sample(sampling: sampling_lib.Sampling, key: Array, round_: Array, num
                  ) -> tuple[Array, Array, Array]:
   """``(ids [M], mask [M], cohort [])`` of round ``round_``: every round runner (the host-store round too) samples
   through this, so they all pick the same clients."""
-  return sampling.sample(_sampling_key(key, round_), num_clients)
+  return sampling.sample_round(key, round_, num_clients)
 
 
 def server_key(state: ServerState, tag: int = SERVER_KEY_TAG) -> Array:
@@ -217,7 +216,7 @@ class Round:
   def _finish_fn(self, state, client_ids, client_mask, cohort, outs, new_cs, metrics):
     state, keep, metrics = server_update(self.algorithm, self.guard, state, client_ids, client_mask, outs, new_cs,
                                          metrics, self.adversary)
-    if cohort is not None and not isinstance(self.sampling, sampling_lib.FixedSampling):
+    if cohort is not None and isinstance(self.sampling, sampling_lib.PoissonSampling):
       metrics['cohort'] = jnp.broadcast_to(cohort, client_ids.shape)
     return state._replace(clients=client_store.scatter(state.clients, client_ids, new_cs, keep)), metrics
 

@@ -6,10 +6,13 @@
   first slots and the rest are padding (``client_mask`` False). A cohort larger than ``max_clients`` is cut to a
   uniformly random subset of that size, and the round reports how many joined (``metrics['cohort']``), so a run can
   count or refuse overflowing rounds. Poisson sampling is what the differential-privacy accountants model as
-  "sampling with probability q".
+  "sampling with probability q";
+* :func:`cyclic_sampling` — no sampling: epoch ``e`` (``P = num_clients // M`` rounds) is a seeded permutation of the
+  clients cut into ``P`` blocks of ``M``, so every client trains at most once per epoch (what DP-FTRL's tree
+  aggregation assumes, see :mod:`fedjax_adapters.federated.dp_ftrl`).
 
-Both draw from the round's sampling key only, so the same experiment key and round pick the same clients on every
-host and in every round runner (device round, host store).
+All draw from the experiment key and the round only (:meth:`Sampling.sample_round`), so the same experiment key and
+round pick the same clients on every host and in every round runner (device round, host store).
 """
 from __future__ import annotations
 
@@ -41,6 +44,11 @@ def sample_clients(key: jax.Array, num_clients: int, num_sampled: int) -> jax.Ar
   return jnp.sort(ids).astype(jnp.int32)
 
 
+def round_key(key: Array, round_: Array) -> Array:
+  """The sampling key of round ``round_`` of an experiment with PRNG ``key``."""
+  return jax.random.fold_in(jax.random.fold_in(key, round_), 0x5A3)
+
+
 class Sampling(abc.ABC):
   """How a round's ``slots`` fill with clients: ``sample(key, num_clients) -> (ids [M], mask [M], cohort [])``.
 
@@ -52,6 +60,10 @@ class Sampling(abc.ABC):
   @abc.abstractmethod
   def sample(self, key: Array, num_clients: int) -> tuple[Array, Array, Array]:
     """``(ids [M] int32, mask [M] bool, cohort [] int32)`` for a population of ``num_clients``."""
+
+  def sample_round(self, key: Array, round_: Array, num_clients: int) -> tuple[Array, Array, Array]:
+    """Round ``round_``'s draw from the experiment's ``key`` (default: :meth:`sample` with :func:`round_key`)."""
+    return self.sample(round_key(key, round_), num_clients)
 
   def check(self, num_clients: int) -> None:
     """Host-side check against the population (raises ValueError naming both numbers)."""
@@ -102,6 +114,37 @@ class PoissonSampling(Sampling):
     return picked[order].astype(jnp.int32), real[order], cohort
 
 
+@dataclasses.dataclass(frozen=True)
+class CyclicSampling(Sampling):
+  """Epochs of ``P = num_clients // slots`` rounds; epoch ``e`` is a permutation of the clients (seeded by the
+  experiment key and ``e``) cut into blocks of ``slots``: round ``t`` takes block ``t mod P`` of epoch ``t // P``.
+
+  Each client trains at most once per epoch; the ``num_clients mod slots`` clients at the end of a permutation sit out
+  that epoch.
+  """
+  slots: int
+
+  def __post_init__(self):
+    object.__setattr__(self, 'slots', _slots(self.slots, 'clients_per_round'))
+
+  def sample(self, key, num_clients):
+    raise TypeError('cyclic sampling follows the round number: call sample_round(key, round_, num_clients).')
+
+  def sample_round(self, key, round_, num_clients):
+    per_epoch = num_clients // self.slots
+    epoch_key = jax.random.fold_in(jax.random.fold_in(key, round_ // per_epoch), 0x5A4)
+    order = jax.random.permutation(epoch_key, num_clients)
+    block = jax.lax.dynamic_slice(order, ((round_ % per_epoch) * self.slots,), (self.slots,))
+    return jnp.sort(block).astype(jnp.int32), jnp.ones((self.slots,), bool), jnp.asarray(self.slots, jnp.int32)
+
+
+def rounds_per_epoch(num_clients: int, clients_per_round: int) -> int:
+  """``P = num_clients // clients_per_round``: the rounds of one :class:`CyclicSampling` epoch."""
+  if not 1 <= clients_per_round <= num_clients:
+    raise ValueError(f'clients_per_round must lie in [1, num_clients={num_clients}]; got {clients_per_round}.')
+  return num_clients // clients_per_round
+
+
 def _slots(value, name: str) -> int:
   try:
     slots = operator.index(value)
@@ -115,6 +158,12 @@ def _slots(value, name: str) -> int:
 def fixed_sampling(clients_per_round: int) -> Sampling:
   """``clients_per_round`` distinct clients per round, uniformly without replacement (the default)."""
   return FixedSampling(clients_per_round)
+
+
+def cyclic_sampling(clients_per_round: int) -> Sampling:
+  """``clients_per_round`` clients per round, every client at most once per epoch (no sampling; see
+  :class:`CyclicSampling`)."""
+  return CyclicSampling(clients_per_round)
 
 
 def poisson_sampling(rate: float, max_clients: int | None = None, *, num_clients: int | None = None,
@@ -164,6 +213,7 @@ def resolve(sampling: Sampling | None, clients_per_round: int | None) -> Samplin
     if clients_per_round is not None and int(clients_per_round) != sampling.slots:
       raise ValueError(f'clients_per_round={clients_per_round} disagrees with sampling={sampling!r}; give one.')
     if not isinstance(sampling, Sampling):
-      raise ValueError(f'sampling must be fixed_sampling(M) or poisson_sampling(q, max_clients); got {sampling!r}.')
+      raise ValueError('sampling must be fixed_sampling(M), poisson_sampling(q, max_clients) or cyclic_sampling(M); '
+                       f'got {sampling!r}.')
     return sampling
   return FixedSampling(clients_per_round)
