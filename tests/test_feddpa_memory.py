@@ -15,7 +15,7 @@ from fedjax_adapters.algorithms import feddpa as F
 from fedjax_adapters.models import llama
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATA = os.path.join(ROOT, '..', 'shared', 'data', 'feddpa', 'dataset1')
+DATA = os.environ.get('FEDDPA_DATASET1', os.path.join(ROOT, '..', 'shared', 'data', 'feddpa', 'dataset1'))
 SMALL = ['--data', DATA, '--preset', 'smoke', '--batch-size', '1', '--max-length', '16']
 
 
@@ -59,3 +59,23 @@ def test_runner_lever_names_match_the_library():
   assert exp.REMAT_POLICIES == tuple(llama.REMAT_POLICIES)
   assert exp.BASE_DTYPES == tuple(memory.BASE_DTYPES)
   assert exp.QUANTIZE == tuple(q for q in memory.QUANTIZE if q)
+
+
+def test_micro_batching_shrinks_the_dry_runs_temporaries(capsys):
+  """The dry run compiles the micro-batched step: its temporaries are below those of the full batch's step."""
+  argv = ['--data', DATA, '--preset', 'smoke', '--batch-size', '8', '--max-length', '16', '--backend', 'sequential']
+  report = exp.main(argv + ['--micro-batch', '2', '--dry-run'])['memory']
+  cfg = configs.CONFIGS['smoke'].replace(batch_size=8, max_length=16)
+  spec = F.lm_spec(target=cfg.target, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout)
+  full = memory.compiled_memory(feddpa_run.model_config(cfg), spec, memory.Levers(), clients=1, batch_size=8,
+                                seq_len=16)
+  assert report['micro_batch'] == 2 and report['one']['argument_bytes'] == full['argument_bytes']
+  assert report['one']['temp_bytes'] < full['temp_bytes'], (report['one'], full)
+  assert 'in micro-batches of 2' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('batch, micro, hint', [(8, None, '--micro-batch 4 (or smaller; a divisor of --batch-size 8)'),
+                                               (12, 6, '--micro-batch 3 (or smaller'), (8, 1, None), (1, None, None)])
+def test_the_refusal_suggests_the_next_smaller_micro_batch(batch, micro, hint):
+  text = feddpa_run.levers_hint(configs.CONFIGS['smoke'].replace(batch_size=batch, micro_batch=micro))
+  assert '--remat full' in text and (hint in text if hint else '--micro-batch' not in text)

@@ -72,7 +72,11 @@ _FLAGS = {
     'prompt_length': (('--prompt-length',), cli.int_at_least(1), 'longer test prompts keep their last tokens'),
     'eval_batch': (('--eval-batch',), cli.int_at_least(1), 'prompts decoded per batch'),
     'backend': (('--backend',), configs.BACKENDS, 'train all clients at once (vmap) or one by one (sequential)'),
+    'micro_batch': (('--micro-batch',), cli.int_at_least(1),
+                    'rows per micro-batch: gradient accumulation over batch-size / K micro-batches in one step '
+                    '(activation memory scales with K; must divide --batch-size)'),
 }
+NEW_SETTINGS = ('micro_batch',)   # added after runs were stored: an older config.json lacks them (their default)
 
 
 def _defaults(name: str) -> str:
@@ -226,7 +230,8 @@ def settings_from_config(config: dict, where: str) -> configs.FedDPAConfig:
   settings = config.get('settings')
   if not isinstance(settings, dict):
     raise UserError(f'{where}: no "settings" object')
-  missing = [f.name for f in dataclasses.fields(configs.FedDPAConfig) if f.name not in settings]
+  missing = [f.name for f in dataclasses.fields(configs.FedDPAConfig)
+             if f.name not in settings and f.name not in NEW_SETTINGS]
   if missing:
     raise UserError(f'{where}: settings lack {", ".join(missing)}')
   try:

@@ -95,7 +95,8 @@ def build_algorithm(method: str, cfg, base, levers: memory.Levers | None = None,
   spec = F.lm_spec(target=cfg.target, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout)
   return F.feddpa(model_fn, variant='fedit' if method == 'centralized' else method, spec=spec, lr=cfg.lr,
                   batch_size=cfg.batch_size, num_epochs=cfg.num_epochs, mix_weight=cfg.mix_weight, lam=cfg.lam,
-                  weight_target=cfg.weight_target, embed_adapter=cfg.embed_adapter, reducer=reducer)
+                  weight_target=cfg.weight_target, embed_adapter=cfg.embed_adapter, reducer=reducer,
+                  micro_batch=cfg.micro_batch)
 
 
 class PromptBatches(NamedTuple):
@@ -451,6 +452,16 @@ def model_config(cfg) -> llama.LlamaConfig:
     raise UserError(f'--model {source}: {" ".join(str(e).split())}') from None
 
 
+def levers_hint(cfg) -> str:
+  """The memory levers to try: the fixed ones, and micro-batching at the largest divisor of the batch below the
+  current micro-batch (activation memory scales with it)."""
+  current = cfg.micro_batch or cfg.batch_size
+  smaller = [d for d in range(current // 2, 0, -1) if cfg.batch_size % d == 0]
+  micro = f'--micro-batch {smaller[0]} (or smaller; a divisor of --batch-size {cfg.batch_size}), ' if smaller else ''
+  return (f'{micro}--base-dtype bf16, --remat full, --quantize int8, --backend sequential, a smaller --batch-size or '
+          '--max-length')
+
+
 def memory_report(plan: dict, progress: Progress) -> dict | None:
   """Compiles one vmapped training step from abstract shapes and fits clients per step into the device's memory.
 
@@ -465,13 +476,14 @@ def memory_report(plan: dict, progress: Progress) -> dict | None:
   clients = load_instruction_data(plan['data']).num_clients if cfg.backend == 'vmap' else 1
   spec = F.lm_spec(target=cfg.target, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout)
   report = memory.memory_model(model_config(cfg), spec, levers, batch_size=cfg.batch_size, seq_len=cfg.max_length,
-                               device_bytes=device)
+                               device_bytes=device, micro_batch=cfg.micro_batch)
   need = report['fixed_bytes'] + clients * report['per_client_bytes']
   report.update(clients_per_step=clients, needed_bytes=need, levers=dataclasses.asdict(levers),
-                backend=jax.default_backend())
+                backend=jax.default_backend(), micro_batch=cfg.micro_batch)
   one = report['one']
+  micro = f' in micro-batches of {cfg.micro_batch}' if cfg.micro_batch else ''
   progress.always(f'memory ({jax.default_backend()} memory_analysis, one step, batch {cfg.batch_size} x '
-                  f'{cfg.max_length} tokens): 1 client: arguments {_gb(one["argument_bytes"])}, outputs '
+                  f'{cfg.max_length} tokens{micro}): 1 client: arguments {_gb(one["argument_bytes"])}, outputs '
                   f'{_gb(one["output_bytes"])}, temporaries {_gb(one["temp_bytes"])}, total {_gb(one["total_bytes"])}; '
                   f'{_gb(report["fixed_bytes"])} + {_gb(report["per_client_bytes"])} per client; {clients} client(s) '
                   f'per step need {_gb(need)}; device {"unknown" if device is None else _gb(device)}; largest clients '
@@ -479,8 +491,7 @@ def memory_report(plan: dict, progress: Progress) -> dict | None:
   if device is not None and need > device:
     raise UserError(f'one training step of {clients} client(s) needs an estimated {_gb(need)} ({jax.default_backend()} '
                     f'memory_analysis) but the device has {_gb(device)} (at most {report["max_clients"]} client(s) '
-                    f'fit); levers: --base-dtype bf16, --remat full, --quantize int8, --backend sequential, a smaller '
-                    '--batch-size or --max-length')
+                    f'fit); levers: {levers_hint(cfg)}')
   return report
 
 

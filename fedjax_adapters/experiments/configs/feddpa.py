@@ -53,6 +53,9 @@ class FedDPAConfig:
     eval_batch: prompts decoded per batch.
     backend: ``'vmap'`` trains all clients at once; ``'sequential'`` one after another (same results, one client's
       memory).
+    micro_batch: rows per micro-batch of a training step (gradient accumulation: the step's ``batch_size`` rows are
+      processed ``micro_batch`` at a time and their gradients averaged before the one optimizer step, so activation
+      memory scales with ``micro_batch``); None: the whole batch at once. Must divide ``batch_size``.
   """
   name: str
   model: str
@@ -77,6 +80,7 @@ class FedDPAConfig:
   embed_adapter: str = 'local'
   eval_batch: int = 40
   backend: str = 'vmap'
+  micro_batch: int | None = None
 
   def __post_init__(self):
     positive = ('train_per_client', 'test_per_task', 'num_epochs', 'batch_size', 'max_length', 'prompt_length',
@@ -98,6 +102,12 @@ class FedDPAConfig:
     if self.num_refs > self.train_per_client:
       raise ValueError(f'num_refs={self.num_refs} references cannot be drawn from train_per_client='
                        f'{self.train_per_client} examples.')
+    if self.micro_batch is not None and (isinstance(self.micro_batch, bool) or not isinstance(self.micro_batch, int)
+                                         or self.micro_batch < 1):
+      raise ValueError(f'micro_batch must be an integer >= 1 or None; got {self.micro_batch!r}.')
+    if self.micro_batch is not None and self.batch_size % self.micro_batch:
+      raise ValueError(f'micro_batch={self.micro_batch} does not divide batch_size={self.batch_size}: a step\'s batch '
+                       'is cut into equal micro-batches; choose a divisor of the batch size.')
     for f, allowed in (('weight_target', WEIGHT_TARGETS), ('embed_adapter', EMBED_ADAPTERS), ('backend', BACKENDS)):
       if getattr(self, f) not in allowed:
         raise ValueError(f'{f} must be one of {allowed}; got {getattr(self, f)!r}.')
