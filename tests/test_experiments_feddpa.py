@@ -184,7 +184,7 @@ def _one_line_error(capsys, argv):
     (['--set', 'num_refs=9'], 'num_refs=9 references cannot be drawn from train_per_client=4'),
     (['--set', 'bogus=1'], 'unknown setting(s) bogus'),
     (['--weight-target', 'both'], "--weight-target: invalid choice: 'both'"),
-    (['--preset', 'gpux'], "unknown preset 'gpux'; valid presets: paper, gpu, cpu, smoke"),
+    (['--preset', 'gpux'], "unknown preset 'gpux'; valid presets: paper, gpu, cpu, mid, smoke"),
     (['--config', 'gpux'], '--config gpux: no such settings file, and not a preset'),
     (['--rank', '33'], "rank 33 is larger than model 'tiny' allows (hidden size 32"),
     (['--num-epochs', '100000000'], 'num_epochs must be <= 1000'),

