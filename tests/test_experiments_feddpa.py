@@ -1,5 +1,7 @@
 """`python -m fedjax_adapters.experiments.feddpa`: the smoke config end to end on uneven clients (run directory, per-prompt scores,
 paired intervals, report, PEFT export), resume after SIGKILL, and bad input stopping before any training."""
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -45,8 +47,18 @@ def _args(data, out):
 def smoke(tmp_path_factory, uneven_data):
   out = tmp_path_factory.mktemp('feddpa') / 'run'
   peft = out.parent / 'peft'
-  result = exp.main(_args(uneven_data, out) + ['--export-peft', str(peft)])
+  console = io.StringIO()
+  with contextlib.redirect_stdout(console):
+    result = exp.main(_args(uneven_data, out) + ['--export-peft', str(peft)])
+  (out.parent / 'console.txt').write_text(console.getvalue())
   return out, peft, result
+
+
+def test_smoke_run_says_its_scores_mean_nothing_at_the_start_and_beside_the_table(smoke):
+  lines = (smoke[0].parent / 'console.txt').read_text().strip().splitlines()
+  note = [i for i, line in enumerate(lines) if 'scores mean nothing' in line and '--preset mid' in line]
+  table = [i for i, line in enumerate(lines) if 'FedDPA-F' in line and '|' in line]
+  assert len(note) == 2 and note[0] == 0 and table and note[1] == len(lines) - 1 > table[-1], lines
 
 
 def _strict(text):

@@ -79,3 +79,15 @@ def test_micro_batching_shrinks_the_dry_runs_temporaries(capsys):
 def test_the_refusal_suggests_the_next_smaller_micro_batch(batch, micro, hint):
   text = feddpa_run.levers_hint(configs.CONFIGS['smoke'].replace(batch_size=batch, micro_batch=micro))
   assert '--remat full' in text and (hint in text if hint else '--micro-batch' not in text)
+
+
+def test_the_benchmark_extrapolates_linearly_in_the_layer_count():
+  from fedjax_adapters.benchmarks import feddpa_memory as bench  # pylint: disable=g-import-not-at-top
+  lv = {'base_dtype': 'f32', 'remat': None, 'quantize': None}
+  doc = lambda layers, fixed, per: {'config': {'num_hidden_layers': layers}, 'rows': [
+      {'levers': lv, 'micro_batch': 8, 'fixed_bytes': fixed, 'per_client_bytes': per}]}
+  (row,) = bench.extrapolate(doc(2, 3e9, 10e9), doc(4, 5e9, 14e9), layers=32)
+  # fixed: 3 + 30 x 1 GB; per client: 10 + 30 x 2 GB; 141 GB holds (141 - 33) // 70 = 1 client, 80 GB (80 - 33) // 70 = 0.
+  assert (row['fixed_gb'], row['per_client_gb'], row['one_client_gb']) == pytest.approx((33.0, 70.0, 103.0))
+  assert (row['clients_141gb'], row['clients_80gb'], row['micro_batch']) == (1, 0, 8)
+  assert '| 8 | f32 | 33.0 | 70.0 | 103.0 | 1 | 0 |' in bench.markdown([row])
