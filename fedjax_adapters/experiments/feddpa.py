@@ -5,7 +5,7 @@ intervals.
 Usage::
 
   python -m fedjax_adapters.experiments.feddpa --data DATASET1 --preset smoke     # first contact, ~1 min (scores mean nothing)
-  python -m fedjax_adapters.experiments.feddpa --data DIR --preset mid --out runs/feddpa_mid             # under 20 min, 2 cores
+  python -m fedjax_adapters.experiments.feddpa --data DIR --preset mid --out runs/feddpa_mid             # ~25 min, 2 shared cores
   python -m fedjax_adapters.experiments.feddpa --data DIR --preset cpu --out runs/feddpa_cpu             # about an hour, 2 cores
   python -m fedjax_adapters.experiments.feddpa --resume runs/feddpa_cpu                                  # continue after a stop
   python -m fedjax_adapters.experiments.feddpa --data DIR --preset gpu                                   # one GPU, the paper's schedule

@@ -503,7 +503,7 @@ def memory_report(plan: dict, progress: Progress) -> dict | None:
 
 
 MEANINGLESS = ('note: model {model!r} is a tiny random LLaMA (preset smoke): a plumbing check whose scores mean '
-               'nothing; use --preset mid (under 20 min on 2 CPU cores) or --preset cpu (about an hour) for numbers')
+               'nothing; use --preset mid (about 25 min on 2 CPU cores) or --preset cpu (about an hour) for numbers')
 
 
 def meaningless_note(cfg) -> str | None:
