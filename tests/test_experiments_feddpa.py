@@ -1,5 +1,7 @@
 """`python -m fedjax_adapters.experiments.feddpa`: the smoke config end to end on uneven clients (run directory, per-prompt scores,
 paired intervals, report, PEFT export), resume after SIGKILL, and bad input stopping before any training."""
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -17,7 +19,7 @@ from run_helpers import kill_after_round, strip_wall_clock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # FedDPA's Dataset 1 sits in ../shared beside the repository (as in CI).
-DATA = os.path.join(ROOT, '..', 'shared', 'data', 'feddpa', 'dataset1')
+DATA = os.environ.get('FEDDPA_DATASET1', os.path.join(ROOT, '..', 'shared', 'data', 'feddpa', 'dataset1'))
 METHODS = ('fedit', 'local', 'feddpa_t', 'feddpa_f')
 CATEGORIES = {'coreference', 'entailment', 'linguistic_acceptability', 'paraphrase', 'question_classification',
               'structure_to_text', 'text_formatting', 'word_disambiguation'}
@@ -45,8 +47,18 @@ def _args(data, out):
 def smoke(tmp_path_factory, uneven_data):
   out = tmp_path_factory.mktemp('feddpa') / 'run'
   peft = out.parent / 'peft'
-  result = exp.main(_args(uneven_data, out) + ['--export-peft', str(peft)])
+  console = io.StringIO()
+  with contextlib.redirect_stdout(console):
+    result = exp.main(_args(uneven_data, out) + ['--export-peft', str(peft)])
+  (out.parent / 'console.txt').write_text(console.getvalue())
   return out, peft, result
+
+
+def test_smoke_run_says_its_scores_mean_nothing_at_the_start_and_beside_the_table(smoke):
+  lines = (smoke[0].parent / 'console.txt').read_text().strip().splitlines()
+  note = [i for i, line in enumerate(lines) if 'scores mean nothing' in line and '--preset mid' in line]
+  table = [i for i, line in enumerate(lines) if 'FedDPA-F' in line and '|' in line]
+  assert len(note) == 2 and note[0] == 0 and table and note[1] == len(lines) - 1 > table[-1], lines
 
 
 def _strict(text):
@@ -178,10 +190,13 @@ def _one_line_error(capsys, argv):
     (['--lr', '0'], '--lr: must be finite and > 0'),
     (['--lr', 'nan'], '--lr: must be finite and > 0'),
     (['--mix-weight', '2'], 'mix_weight must lie in [0, 1]'),
+    (['--micro-batch', '3'], 'micro_batch=3 does not divide batch_size=2'),
+    (['--micro-batch', '0'], '--micro-batch: must be >= 1, got 0'),
+    (['--set', 'micro_batch=-1'], 'micro_batch must be an integer >= 1 or None; got -1'),
     (['--set', 'num_refs=9'], 'num_refs=9 references cannot be drawn from train_per_client=4'),
     (['--set', 'bogus=1'], 'unknown setting(s) bogus'),
     (['--weight-target', 'both'], "--weight-target: invalid choice: 'both'"),
-    (['--preset', 'gpux'], "unknown preset 'gpux'; valid presets: paper, gpu, cpu, smoke"),
+    (['--preset', 'gpux'], "unknown preset 'gpux'; valid presets: paper, gpu, cpu, mid, smoke"),
     (['--config', 'gpux'], '--config gpux: no such settings file, and not a preset'),
     (['--rank', '33'], "rank 33 is larger than model 'tiny' allows (hidden size 32"),
     (['--num-epochs', '100000000'], 'num_epochs must be <= 1000'),
@@ -297,3 +312,14 @@ def test_clients_without_loss_tokens_are_found_at_a_short_cutoff():
   tokenizer, data = load_tokenizer(smollm2_gguf_path()), fdata.load_feddpa(DATA)
   assert feddpa_run.clients_without_loss_tokens(tokenizer, data, CONFIGS['smoke'].replace(max_length=48)) == [1, 4, 7]
   assert feddpa_run.clients_without_loss_tokens(tokenizer, data, CONFIGS['smoke']) == []
+
+
+def test_a_run_stored_before_micro_batching_resumes_with_the_whole_batch():
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from fedjax_adapters.experiments.configs import feddpa as configs  # pylint: disable=g-import-not-at-top
+  settings = dataclasses.asdict(configs.CONFIGS['cpu'])
+  del settings['micro_batch']
+  assert exp.settings_from_config({'settings': settings}, 'config.json') == configs.CONFIGS['cpu']
+  del settings['rounds']
+  with pytest.raises(exp.UserError, match='settings lack rounds'):
+    exp.settings_from_config({'settings': settings}, 'config.json')

@@ -15,7 +15,7 @@ from fedjax_adapters.algorithms import feddpa as F
 from fedjax_adapters.models import llama
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATA = os.path.join(ROOT, '..', 'shared', 'data', 'feddpa', 'dataset1')
+DATA = os.environ.get('FEDDPA_DATASET1', os.path.join(ROOT, '..', 'shared', 'data', 'feddpa', 'dataset1'))
 SMALL = ['--data', DATA, '--preset', 'smoke', '--batch-size', '1', '--max-length', '16']
 
 
@@ -67,3 +67,35 @@ def test_runner_lever_names_match_the_library():
   assert exp.REMAT_POLICIES == tuple(llama.REMAT_POLICIES)
   assert exp.BASE_DTYPES == tuple(memory.BASE_DTYPES)
   assert exp.QUANTIZE == tuple(q for q in memory.QUANTIZE if q)
+
+
+def test_micro_batching_shrinks_the_dry_runs_temporaries(capsys):
+  """The dry run compiles the micro-batched step: its temporaries are below those of the full batch's step."""
+  argv = ['--data', DATA, '--preset', 'smoke', '--batch-size', '8', '--max-length', '16', '--backend', 'sequential']
+  report = exp.main(argv + ['--micro-batch', '2', '--dry-run'])['memory']
+  cfg = configs.CONFIGS['smoke'].replace(batch_size=8, max_length=16)
+  spec = F.lm_spec(target=cfg.target, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout)
+  full = memory.compiled_memory(feddpa_run.model_config(cfg), spec, memory.Levers(), clients=1, batch_size=8,
+                                seq_len=16)
+  assert report['micro_batch'] == 2 and report['one']['argument_bytes'] == full['argument_bytes']
+  assert report['one']['temp_bytes'] < full['temp_bytes'], (report['one'], full)
+  assert 'in micro-batches of 2' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('batch, micro, hint', [(8, None, '--micro-batch 4 (or smaller; a divisor of --batch-size 8)'),
+                                               (12, 6, '--micro-batch 3 (or smaller'), (8, 1, None), (1, None, None)])
+def test_the_refusal_suggests_the_next_smaller_micro_batch(batch, micro, hint):
+  text = feddpa_run.levers_hint(configs.CONFIGS['smoke'].replace(batch_size=batch, micro_batch=micro))
+  assert '--remat full' in text and (hint in text if hint else '--micro-batch' not in text)
+
+
+def test_the_benchmark_extrapolates_linearly_in_the_layer_count():
+  from fedjax_adapters.benchmarks import feddpa_memory as bench  # pylint: disable=g-import-not-at-top
+  lv = {'base_dtype': 'f32', 'remat': None, 'quantize': None}
+  doc = lambda layers, fixed, per: {'config': {'num_hidden_layers': layers}, 'rows': [
+      {'levers': lv, 'micro_batch': 8, 'fixed_bytes': fixed, 'per_client_bytes': per}]}
+  (row,) = bench.extrapolate(doc(2, 3e9, 10e9), doc(4, 5e9, 14e9), layers=32)
+  # fixed: 3 + 30 x 1 GB; per client: 10 + 30 x 2 GB; 141 GB holds (141 - 33) // 70 = 1 client, 80 GB (80 - 33) // 70 = 0.
+  assert (row['fixed_gb'], row['per_client_gb'], row['one_client_gb']) == pytest.approx((33.0, 70.0, 103.0))
+  assert (row['clients_141gb'], row['clients_80gb'], row['micro_batch']) == (1, 0, 8)
+  assert '| 8 | f32 | 33.0 | 70.0 | 103.0 | 1 | 0 |' in bench.markdown([row])

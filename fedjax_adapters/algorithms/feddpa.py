@@ -51,7 +51,8 @@ from fedjax_adapters.algorithms.lora_fedavg import uniform_weights
 from fedjax_adapters.federated import evaluation, mapping as mapping_lib
 from fedjax_adapters.federated.aggregators import Aggregator, mean_aggregator, weighted_mean
 from fedjax_adapters.federated.algorithm import Algorithm, ServerState
-from fedjax_adapters.federated.client_update import Batch, ClientData, ClientOutput, make_client_update
+from fedjax_adapters.federated.client_update import (Batch, ClientData, ClientOutput, check_micro_batch,
+                                                     make_client_update, rows_weight)
 from fedjax_adapters.nn.adapt import AdapterSpec, ModelDef
 
 VARIANTS = ('fedit', 'local', 'feddpa_t', 'feddpa_f')
@@ -142,6 +143,12 @@ def token_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array, ro
   return jnp.sum(ce * m), jnp.sum(m)
 
 
+def token_weight(metrics: dict, mask: jax.Array) -> jax.Array:
+  """A micro-batch's weight under the ``'token'`` loss: its response tokens (the loss is a mean over them)."""
+  del mask
+  return metrics['tokens']
+
+
 def lm_loss(inputs: LossInputs) -> tuple[jax.Array, dict]:
   """The built-in ``'token'`` loss: mean cross-entropy over response tokens; metrics ``loss`` / ``tokens`` sums."""
   x = inputs.batch.x
@@ -213,14 +220,17 @@ def phase_loss(mdef: ModelDef, forward: Callable, loss: Callable, weights: Weigh
 
 
 def phase_update(loss_fn: Callable, optimizer: Callable[[int], optax.GradientTransformation], *, train: str,
-                 batch_size: int, num_epochs: int, num_rows: int | None = None) -> Callable:
+                 batch_size: int, num_epochs: int, num_rows: int | None = None, micro_batch: int | None = None,
+                 micro_weight: Callable = rows_weight) -> Callable:
   """One training phase of one client: ``(frozen, global_params, local, data, key, client=None) -> (ClientOutput,
   local, metrics)``, training the ``train`` half (``'global'`` or ``'client'``) with a fresh optimizer of
-  ``optimizer(steps)``; ``steps`` counts this phase's batches over the client's padded rows (or ``num_rows``)."""
+  ``optimizer(steps)``; ``steps`` counts this phase's batches over the client's padded rows (or ``num_rows``).
+  ``micro_batch`` / ``micro_weight``: gradient accumulation (``federated.make_client_update``)."""
   def update(frozen, global_params, local, data: ClientData, key, client=None):
     rows = num_rows or jax.tree.leaves(data.x)[0].shape[0]
     opt = optimizer(num_epochs * math.ceil(rows / batch_size))
-    run = make_client_update(loss_fn, opt, batch_size=batch_size, num_epochs=num_epochs, shuffle=True, train=train)
+    run = make_client_update(loss_fn, opt, batch_size=batch_size, num_epochs=num_epochs, shuffle=True, train=train,
+                             micro_batch=micro_batch, micro_weight=micro_weight)
     return run(frozen, global_params, local, data, key, client)
   return update
 
@@ -360,7 +370,7 @@ def feddpa(model_fn: mb.ModelFn, *, variant: str = 'feddpa_t', spec: AdapterSpec
            weight_target: str = 'global', embed_adapter: str = 'local', weight_decay: float = 0.0,
            clip: float | None = 1.0, schedule: str = 'linear', uniform_aggregation: bool = True,
            server_optimizer: optax.GradientTransformation | None = None, eval_batch_size: int = 16,
-           reducer=None) -> FedDPA:
+           reducer=None, micro_batch: int | None = None) -> FedDPA:
   """Builds FedDPA (or a baseline) for any NNX model; the defaults are the paper's causal-LM setting.
 
   Args:
@@ -384,7 +394,11 @@ def feddpa(model_fn: mb.ModelFn, *, variant: str = 'feddpa_t', spec: AdapterSpec
       adapters (``federated.robust``; docs/robustness.md).
     server_optimizer: on the pseudo-gradient (default SGD lr 1 = plain averaging).
     eval_batch_size: rows per evaluation / prediction step.
+    micro_batch: rows per micro-batch of a training step (gradient accumulation: activation memory scales with it,
+      not with ``batch_size``; None: the whole batch at once); must divide ``batch_size``. With the ``'token'`` loss
+      each micro-batch's gradient is weighted by its response tokens, so a step equals the full batch's.
   """
+  check_micro_batch(micro_batch, batch_size)
   weights = variant_weights(variant, mix_weight=mix_weight, embed_adapter=embed_adapter)
   if weight_target not in WEIGHT_TARGETS:
     raise ValueError(f'weight_target must be one of {WEIGHT_TARGETS}; got {weight_target!r}.')
@@ -394,6 +408,7 @@ def feddpa(model_fn: mb.ModelFn, *, variant: str = 'feddpa_t', spec: AdapterSpec
                      f'num_global={spec.num_global}, num_local={spec.num_local}, router={spec.router}.')
   mdef, _ = mb.build(model_fn, jax.random.key(0), spec)
   loss_fn = resolve_loss(loss)
+  micro_weight = token_weight if loss == 'token' else rows_weight
   if client_optimizer is None and not (lr is not None and float(lr) > 0 and math.isfinite(lr)):
     raise ValueError(f'the client learning rate lr must be finite and > 0 (or pass client_optimizer=); got {lr}.')
 
@@ -404,7 +419,8 @@ def feddpa(model_fn: mb.ModelFn, *, variant: str = 'feddpa_t', spec: AdapterSpec
 
   def phase(w, train):
     return None if w is None else phase_update(phase_loss(mdef, forward, loss_fn, w), make_opt, train=train,
-                                               batch_size=batch_size, num_epochs=num_epochs, num_rows=num_rows)
+                                               batch_size=batch_size, num_epochs=num_epochs, num_rows=num_rows,
+                                               micro_batch=micro_batch, micro_weight=micro_weight)
 
   def init_params(key, num_clients):
     _, parts = mb.build(model_fn, key, spec)

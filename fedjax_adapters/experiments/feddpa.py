@@ -4,7 +4,8 @@ intervals.
 
 Usage::
 
-  python -m fedjax_adapters.experiments.feddpa --data DATASET1 --preset smoke     # first contact, ~1 min
+  python -m fedjax_adapters.experiments.feddpa --data DATASET1 --preset smoke     # first contact, ~1 min (scores mean nothing)
+  python -m fedjax_adapters.experiments.feddpa --data DIR --preset mid --out runs/feddpa_mid             # ~25 min, 2 shared cores
   python -m fedjax_adapters.experiments.feddpa --data DIR --preset cpu --out runs/feddpa_cpu             # about an hour, 2 cores
   python -m fedjax_adapters.experiments.feddpa --resume runs/feddpa_cpu                                  # continue after a stop
   python -m fedjax_adapters.experiments.feddpa --data DIR --preset gpu                                   # one GPU, the paper's schedule
@@ -72,7 +73,11 @@ _FLAGS = {
     'prompt_length': (('--prompt-length',), cli.int_at_least(1), 'longer test prompts keep their last tokens'),
     'eval_batch': (('--eval-batch',), cli.int_at_least(1), 'prompts decoded per batch'),
     'backend': (('--backend',), configs.BACKENDS, 'train all clients at once (vmap) or one by one (sequential)'),
+    'micro_batch': (('--micro-batch',), cli.int_at_least(1),
+                    'rows per micro-batch: gradient accumulation over batch-size / K micro-batches in one step '
+                    '(activation memory scales with K; must divide --batch-size)'),
 }
+NEW_SETTINGS = ('micro_batch',)   # added after runs were stored: an older config.json lacks them (their default)
 
 
 def _defaults(name: str) -> str:
@@ -227,7 +232,8 @@ def settings_from_config(config: dict, where: str) -> configs.FedDPAConfig:
   settings = config.get('settings')
   if not isinstance(settings, dict):
     raise UserError(f'{where}: no "settings" object')
-  missing = [f.name for f in dataclasses.fields(configs.FedDPAConfig) if f.name not in settings]
+  missing = [f.name for f in dataclasses.fields(configs.FedDPAConfig)
+             if f.name not in settings and f.name not in NEW_SETTINGS]
   if missing:
     raise UserError(f'{where}: settings lack {", ".join(missing)}')
   try:

@@ -90,7 +90,8 @@ def build_algorithm(method: str, cfg, base, levers: memory.Levers | None = None,
   spec = F.lm_spec(target=cfg.target, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout)
   return F.feddpa(model_fn, variant='fedit' if method == 'centralized' else method, spec=spec, lr=cfg.lr,
                   batch_size=cfg.batch_size, num_epochs=cfg.num_epochs, mix_weight=cfg.mix_weight, lam=cfg.lam,
-                  weight_target=cfg.weight_target, embed_adapter=cfg.embed_adapter, reducer=reducer)
+                  weight_target=cfg.weight_target, embed_adapter=cfg.embed_adapter, reducer=reducer,
+                  micro_batch=cfg.micro_batch)
 
 
 class PromptBatches(NamedTuple):
@@ -366,11 +367,16 @@ def open_run(plan: dict, cfg, argv: list[str], progress: Progress) -> experiment
   return experiment.Run.create(plan['out'], config, {}, **options)
 
 
+def loss_tokens_per_client(tokenizer, data: fdata.FedDPAData, cfg) -> list[int]:
+  """Each client's loss tokens (response tokens + EOS within ``cfg.max_length``) over its training examples."""
+  arrays = fdata.client_training_arrays(tokenizer, train_sets('fedit', data, cfg), max_length=cfg.max_length)
+  return [int(n) for n in arrays.x['loss_mask'].sum(axis=(1, 2))]
+
+
 def clients_without_loss_tokens(tokenizer, data: fdata.FedDPAData, cfg) -> list[int]:
   """The clients none of whose training sequences keeps a response token within ``cfg.max_length`` (their prompts
   fill the cutoff): such a client has no loss and does not train."""
-  arrays = fdata.client_training_arrays(tokenizer, train_sets('fedit', data, cfg), max_length=cfg.max_length)
-  return [k for k, n in enumerate(arrays.x['loss_mask'].sum(axis=(1, 2))) if n == 0]
+  return [k for k, n in enumerate(loss_tokens_per_client(tokenizer, data, cfg)) if n == 0]
 
 
 def load_context(plan: dict, progress: Progress) -> Context:
@@ -386,12 +392,14 @@ def load_context(plan: dict, progress: Progress) -> Context:
   short = {c: np.median([len(ids) for ids in answers[k]]) < 8 for k, c in enumerate(data.client_categories)}
   batches = prompt_batches(tokenizer, [fdata.build_prompt(e.instruction) for e in data.test], cfg,
                            [short[e.category] for e in data.test])
-  silent = clients_without_loss_tokens(tokenizer, data, cfg)
+  tokens = loss_tokens_per_client(tokenizer, data, cfg)
+  silent = [k for k, n in enumerate(tokens) if n == 0]
   if silent:
     progress.always(f'warning: client(s) {silent} have no response token within max_length={cfg.max_length} (their '
                     'prompts fill it), so they do not train; raise --max-length.')
   progress.print(f'config {cfg.name}: base {cfg.model} loaded in {time.perf_counter() - t0:.0f} s; '
-                 f'{data.num_clients} clients, {len(data.test)} test prompts in batches of widths '
+                 f'{data.num_clients} clients, loss tokens per client {tokens}, {len(data.test)} test prompts in '
+                 f'batches of widths '
                  f'{[int(x["input_ids"].shape[1]) for x in batches.inputs]}; devices {jax.devices()}')
   return Context(cfg, data, tokenizer, base, batches, None, progress,
                  levers=memory.Levers(**(plan.get('levers') or {})), robust=plan.get('robust') or {})
@@ -446,6 +454,16 @@ def model_config(cfg) -> llama.LlamaConfig:
     raise UserError(f'--model {source}: {" ".join(str(e).split())}') from None
 
 
+def levers_hint(cfg) -> str:
+  """The memory levers to try: the fixed ones, and micro-batching at the largest divisor of the batch below the
+  current micro-batch (activation memory scales with it)."""
+  current = cfg.micro_batch or cfg.batch_size
+  smaller = [d for d in range(current // 2, 0, -1) if cfg.batch_size % d == 0]
+  micro = f'--micro-batch {smaller[0]} (or smaller; a divisor of --batch-size {cfg.batch_size}), ' if smaller else ''
+  return (f'{micro}--base-dtype bf16, --remat full, --quantize int8 or int4, --backend sequential, a smaller --batch-size or '
+          '--max-length')
+
+
 def memory_report(plan: dict, progress: Progress) -> dict | None:
   """Compiles one vmapped training step from abstract shapes and fits clients per step into the device's memory.
 
@@ -460,13 +478,14 @@ def memory_report(plan: dict, progress: Progress) -> dict | None:
   clients = load_instruction_data(plan['data']).num_clients if cfg.backend == 'vmap' else 1
   spec = F.lm_spec(target=cfg.target, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout)
   report = memory.memory_model(model_config(cfg), spec, levers, batch_size=cfg.batch_size, seq_len=cfg.max_length,
-                               device_bytes=device)
+                               device_bytes=device, micro_batch=cfg.micro_batch)
   need = report['fixed_bytes'] + clients * report['per_client_bytes']
   report.update(clients_per_step=clients, needed_bytes=need, levers=dataclasses.asdict(levers),
-                backend=jax.default_backend())
+                backend=jax.default_backend(), micro_batch=cfg.micro_batch)
   one = report['one']
+  micro = f' in micro-batches of {cfg.micro_batch}' if cfg.micro_batch else ''
   progress.always(f'memory ({jax.default_backend()} memory_analysis, one step, batch {cfg.batch_size} x '
-                  f'{cfg.max_length} tokens): 1 client: arguments {_gb(one["argument_bytes"])}, outputs '
+                  f'{cfg.max_length} tokens{micro}): 1 client: arguments {_gb(one["argument_bytes"])}, outputs '
                   f'{_gb(one["output_bytes"])}, temporaries {_gb(one["temp_bytes"])}, total {_gb(one["total_bytes"])}; '
                   f'{_gb(report["fixed_bytes"])} + {_gb(report["per_client_bytes"])} per client; {clients} client(s) '
                   f'per step need {_gb(need)}; device {"unknown" if device is None else _gb(device)}; largest clients '
@@ -474,9 +493,17 @@ def memory_report(plan: dict, progress: Progress) -> dict | None:
   if device is not None and need > device:
     raise UserError(f'one training step of {clients} client(s) needs an estimated {_gb(need)} ({jax.default_backend()} '
                     f'memory_analysis) but the device has {_gb(device)} (at most {report["max_clients"]} client(s) '
-                    f'fit); levers: --base-dtype bf16, --remat full, --quantize int8 or int4, --backend sequential, a smaller '
-                    '--batch-size or --max-length')
+                    f'fit); levers: {levers_hint(cfg)}')
   return report
+
+
+MEANINGLESS = ('note: model {model!r} is a tiny random LLaMA (preset smoke): a plumbing check whose scores mean '
+               'nothing; use --preset mid (about 25 min on 2 CPU cores) or --preset cpu (about an hour) for numbers')
+
+
+def meaningless_note(cfg) -> str | None:
+  """The warning printed at the start and beside the final table of a run on the tiny random model."""
+  return MEANINGLESS.format(model=cfg.model) if cfg.model == 'tiny' else None
 
 
 def run(plan: dict, argv: list[str]) -> tuple[dict, int]:
@@ -489,6 +516,9 @@ def run(plan: dict, argv: list[str]) -> tuple[dict, int]:
   report = memory_report(plan, progress)
   if plan.get('dry_run'):
     return {'memory': report}, 0
+  note = meaningless_note(cfg)
+  if note:
+    progress.always(note)
   ctx = load_context(plan, progress)  # before the run directory: a model that fails to load leaves no run behind
   held = open_run(plan, cfg, argv, progress)
   ctx.run_dir = held.dir
@@ -519,5 +549,5 @@ def run(plan: dict, argv: list[str]) -> tuple[dict, int]:
   if status == 'interrupted':
     return results, 128 + int(held.stop.signum)
   from fedjax_adapters.experiments import report  # pylint: disable=g-import-not-at-top
-  progress.always('\n' + report.summary([results]))
+  progress.always('\n' + report.summary([results]) + (f'\n{note}' if note else ''))
   return results, 1 if status == 'failed' else 0

@@ -5,8 +5,9 @@ from fedjax_adapters.federated.aggregators import (Aggregator, Reducer, RoundInf
                                                    per_adaptor_weights, router_aggregator, server_step, weighted_mean)
 from fedjax_adapters.federated.algorithm import Algorithm, ServerState
 from fedjax_adapters.federated.client_store import check_client_ids, gather, scatter
-from fedjax_adapters.federated.client_update import (Batch, ClientData, ClientInfo, ClientOutput, batch_indices,
-                                                     client_data, default_client_info, make_client_update, masked_mean)
+from fedjax_adapters.federated.client_update import (Batch, ClientData, ClientInfo, ClientOutput, accumulate_grads,
+                                                     batch_indices, check_micro_batch, client_data,
+                                                     default_client_info, make_client_update, masked_mean, rows_weight)
 from fedjax_adapters.federated.evaluation import evaluate, predict
 from fedjax_adapters.federated.guard import REJECT_REASONS, UpdateGuard
 from fedjax_adapters.federated.host_store import (HostClientStore, evaluate_host, host_data, host_init,
@@ -28,7 +29,8 @@ from fedjax_adapters.federated.sharding import (client_mesh, client_sharding, in
 __all__ = ['Aggregator', 'Reducer', 'RoundInfo', 'coordinate_median', 'mean_aggregator', 'per_adaptor_weights',
            'router_aggregator', 'server_step', 'weighted_mean', 'Algorithm', 'ServerState', 'check_client_ids',
            'gather', 'scatter', 'Batch', 'ClientData', 'ClientInfo', 'ClientOutput', 'default_client_info',
-           'batch_indices', 'client_data', 'make_client_update', 'masked_mean', 'evaluate', 'predict',
+           'batch_indices', 'client_data', 'make_client_update', 'masked_mean', 'accumulate_grads',
+           'check_micro_batch', 'rows_weight', 'evaluate', 'predict',
            'REJECT_REASONS', 'UpdateGuard', 'HostClientStore', 'evaluate_host', 'host_data', 'host_init',
            'make_host_round', 'ClientMapping', 'chunked_clients', 'sequential_clients', 'sharded_clients',
            'vmap_clients', 'Adversary', 'Round', 'make_round', 'round_client_ids', 'round_sample', 'run_rounds',

