@@ -24,7 +24,8 @@ evaluation on the last), results.json (per-task and average ROUGE-1, every promp
 intervals of every average and of the paper's claimed differences), the clients' answers under predictions/ and
 checkpoints of the adapters (the frozen base is not stored). Ctrl-C (or SIGTERM) saves a checkpoint and exits;
 ``--resume DIR`` continues with bit-identical results. ``--export-peft DIR`` writes every method's adapters as PEFT
-folders. See docs/feddpa.md.
+folders. ``--dp-clip`` with ``--dp-noise-multiplier`` or ``--dp-epsilon`` makes the federated global LoRA user-level
+differentially private (the local LoRA never leaves a client); see docs/privacy.md. See docs/feddpa.md.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ import sys
 import typing
 
 from fedjax_adapters.experiments.configs import feddpa as configs
-from fedjax_adapters.experiments.runlib import cli, robust_flags
+from fedjax_adapters.experiments.runlib import cli, dp_flags, robust_flags
 from fedjax_adapters.experiments.runlib.cli import UserError
 
 RUNNER = 'feddpa'
@@ -110,6 +111,7 @@ def build_parser() -> cli.Parser:
                  help='paired bootstrap resamples of the test prompts (default: 10000)')
   cli.add_run_arguments(g)
   robust_flags.add_arguments(p)
+  dp_flags.add_flags(p)
   cli.add_settings_arguments(p, configs.FedDPAConfig)
   p.add_argument('--config-file', default=None, action=cli.Renamed, new='--config FILE',
                  help=argparse.SUPPRESS)
@@ -203,6 +205,11 @@ def check_model(cfg: configs.FedDPAConfig) -> str:
 def check_data(path: str | None, cfg: configs.FedDPAConfig) -> str:
   """The data folder, loaded once so a missing or malformed dataset, or a client with fewer training examples than
   the S references it must draw, fails before any training."""
+  return checked_data(path, cfg)[0]
+
+
+def checked_data(path: str | None, cfg: configs.FedDPAConfig) -> tuple[str, int]:
+  """``(absolute data path, number of clients)``, checked as :func:`check_data` checks it."""
   if not path:
     raise UserError('--data is required (a folder laid out like FedDPA Dataset 1, or a databricks-dolly-15k '
                     'file), or --resume DIR')
@@ -216,7 +223,7 @@ def check_data(path: str | None, cfg: configs.FedDPAConfig) -> str:
     if n < cfg.num_refs:
       raise UserError(f'--data {path}: client {k} has {n} training examples, fewer than num_refs={cfg.num_refs} '
                       f'references per test prompt; lower --num-refs')
-  return os.path.abspath(os.path.expanduser(path))
+  return os.path.abspath(os.path.expanduser(path)), len(data.train)
 
 
 def _seeds(args) -> list[int]:  # --seed is the old spelling of --seeds K:K+1
@@ -256,7 +263,8 @@ def _resume_plan(args) -> dict:
               export_peft=args.export_peft and cli.probe_writable_dir(args.export_peft, '--export-peft'))
   plan['cfg'] = settings_from_config(config, where)
   plan['robust'] = _check_robust(robust_flags.from_plan(plan, where))
-  check_data(plan.get('data'), plan['cfg'])
+  num_clients = checked_data(plan.get('data'), plan['cfg'])[1]
+  plan['dp'] = checked_dp_record(plan.get('dp'), plan['methods'], num_clients, where)
   check_model(plan['cfg'])
   return plan
 
@@ -297,6 +305,51 @@ def _check_robust(robust: dict) -> dict:
   return robust
 
 
+FEDERATED = ('fedit', 'feddpa_t', 'feddpa_f')   # the methods whose clients send their global LoRA to the server
+DP_KEYS = ('clip', 'noise_multiplier', 'delta', 'sampling', 'adaptive_quantile', 'num_clients', 'clients_per_round',
+           'target_epsilon')
+
+
+def _check_dp_methods(dp: dict | None, methods: list[str], where: str = '--dp-clip') -> dict | None:
+  """DP applies to the federated methods; Local sends nothing (epsilon 0); Centralized is not federated."""
+  if dp is None:
+    return None
+  if 'centralized' in methods:
+    raise UserError(f'{where}: user-level DP applies to the federated methods; centralized pools every client\'s data '
+                    'on one machine (no federation, no user-level guarantee): drop it from --methods')
+  if not any(m in FEDERATED for m in methods):
+    raise UserError(f'{where}: --methods {" ".join(methods)} sends nothing to the server (Local trains only its local '
+                    'LoRA, epsilon 0 without noise), so there is nothing to privatize: drop the --dp-* flags')
+  return dp
+
+
+def dp_plan(args, methods: list[str], num_clients: int, rounds: int) -> dict | None:
+  """The ``--dp-*`` plan (None without ``--dp-clip``): every client takes part in every round (fraction 1)."""
+  return _check_dp_methods(dp_flags.make_dp_plan(args, num_clients=num_clients, fraction=1.0, rounds=rounds), methods)
+
+
+def checked_dp_record(dp, methods: list[str], num_clients: int, where: str) -> dict | None:
+  """A run's stored ``plan.dp`` (or None) re-checked as the command line checks it, against the data's clients."""
+  if dp is None:
+    return None
+  name = f'{where}: plan.dp'
+  if not isinstance(dp, dict) or not set(DP_KEYS) <= set(dp):
+    raise UserError(f'{name} must be an object with the keys {", ".join(DP_KEYS)}; got {dp!r}')
+  if dp['num_clients'] != num_clients or dp['clients_per_round'] != num_clients:
+    raise UserError(f'{name} was planned for {dp["num_clients"]} clients ({dp["clients_per_round"]} per round) but '
+                    f'the data has {num_clients}')
+  from fedjax_adapters import privacy_accounting as pa  # pylint: disable=g-import-not-at-top  (a DP run only)
+  try:
+    for key in ('clip', 'noise_multiplier', 'delta'):
+      if isinstance(dp[key], bool) or not isinstance(dp[key], (int, float)):
+        raise ValueError(f'dp {key} must be a number; got {dp[key]!r}.')
+    pa.check_accounting(dp['sampling'], num_clients, num_clients, dp['delta'])
+    dp_flags.check(dp)
+  except (ValueError, TypeError) as e:
+    raise UserError(f'{name}: {e}') from None
+  return _check_dp_methods(dp, methods, name)
+
+
 def make_plan(args) -> dict:
   """Everything a run needs, validated, before JAX is imported (errors raise UserError)."""
   if args.resume:
@@ -311,7 +364,8 @@ def make_plan(args) -> dict:
               dry_run=args.dry_run, device_memory=args.device_memory)
   if args.print_config:
     return plan
-  plan['data'] = check_data(args.data, cfg)
+  plan['data'], num_clients = checked_data(args.data, cfg)
+  plan['dp'] = dp_plan(args, plan['methods'], num_clients, cfg.rounds)
   check_model(cfg)
   if args.dry_run:
     return plan

@@ -3,7 +3,7 @@
 ``table(docs)`` renders each FedDPA results document (a run's results.json, or an older ``--json`` file): per-task
 and average ROUGE-1 x 100 for personalization (P) and test-time personalization (TTP), each average with its 95 %
 paired bootstrap interval when the document has per-prompt scores, and the paper's claimed differences with their
-intervals. ``plots(sources, out_dir)`` draws one PNG per run: grouped bars per task, P and TTP, with interval whiskers.
+intervals, and for a DP run (``--dp-*``) a line with each method's epsilon. ``plots(sources, out_dir)`` draws one PNG per run: grouped bars per task, P and TTP, with interval whiskers.
 """
 from __future__ import annotations
 
@@ -44,6 +44,22 @@ def _title(doc: dict[str, Any]) -> str:
   return f'FedDPA, config {doc.get("config")} ({what}{seed_text}; ROUGE-1 x 100)'
 
 
+def dp_line(doc: dict[str, Any]) -> str | None:
+  """The user-level DP settings and each method's epsilon after the run's rounds (None for a run without DP)."""
+  dp = doc.get('dp')
+  if not dp:
+    return None
+
+  def eps(m):
+    value = doc['methods'][m].get('dp_epsilon', dp.get('epsilon'))
+    return 'inf (no noise)' if value is None else f'{value:.3g}'
+
+  methods = ', '.join(f'{m} {eps(m)}' for m in doc['methods'])
+  return (f'User-level DP (docs/privacy.md): clip {dp["clip"]}, noise multiplier {dp["noise_multiplier"]:.4g}, '
+          f'{dp["sampling"]} sampling, delta {dp["delta"]:.3g}; epsilon after {dp["rounds"]} rounds: {methods}. Only '
+          'the global LoRA is private; local adapters and these per-client scores are outside the guarantee.')
+
+
 def table(docs: Sequence[dict[str, Any]]) -> str:
   """Markdown: for each document, a P and a TTP table (per task, average [95 % interval]) and the differences."""
   out = []
@@ -51,6 +67,8 @@ def table(docs: Sequence[dict[str, Any]]) -> str:
     cats = _categories(doc)
     intervals = _seed_intervals(doc)
     lines = [f'### {_title(doc)}']
+    if dp_line(doc):
+      lines += ['', dp_line(doc)]
     for block, short in BLOCKS:
       lines += ['', f'{short} ({block})', '', '| method | ' + ' | '.join(cats) + f' | {short} avg |',
                 '|---' * (len(cats) + 2) + '|']

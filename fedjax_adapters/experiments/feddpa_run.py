@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from fedjax_adapters.experiments.configs import feddpa as configs
-from fedjax_adapters.experiments.runlib import loop, memory, robust_flags, strict_json
+from fedjax_adapters.experiments.runlib import dp_flags, loop, memory, robust_flags, strict_json
 from fedjax_adapters.experiments.runlib.cli import UserError
 from fedjax_adapters.experiments.runlib.environment import environment
 from fedjax_adapters.experiments.runlib.progress import Progress
@@ -36,14 +36,15 @@ from fedjax_adapters import checkpoint, experiment
 from fedjax_adapters.algorithms import feddpa as F
 from fedjax_adapters.data import feddpa as fdata
 from fedjax_adapters.data.dolly import load_instruction_data
-from fedjax_adapters.federated import client_data, make_round, sequential_clients
+from fedjax_adapters.federated import client_data, dp_aggregator, make_round, sequential_clients
 from fedjax_adapters.metrics import rouge
 from fedjax_adapters.models import llama
 from fedjax_adapters.models.llama_loaders import (gguf_config, load_gguf, load_hf_checkpoint, load_tokenizer, save_hf_checkpoint,
                                                   smollm2_gguf_path)
 
 RUNNER = 'feddpa'
-_PLAN_KEYS = ('methods', 'seeds', 'checkpoint_every', 'keep', 'bootstrap_samples', 'data', 'levers', 'robust')
+_PLAN_KEYS = ('methods', 'seeds', 'checkpoint_every', 'keep', 'bootstrap_samples', 'data', 'levers', 'robust',
+              'dp')
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -92,6 +93,27 @@ def build_algorithm(method: str, cfg, base, levers: memory.Levers | None = None,
                   batch_size=cfg.batch_size, num_epochs=cfg.num_epochs, mix_weight=cfg.mix_weight, lam=cfg.lam,
                   weight_target=cfg.weight_target, embed_adapter=cfg.embed_adapter, reducer=reducer,
                   micro_batch=cfg.micro_batch)
+
+
+def private(alg: F.FedDPA, dp: dict | None) -> F.FedDPA:
+  """``alg`` whose global LoRA is clipped and noised by the DP aggregator of ``dp`` (as the FLoRAL runner builds it).
+
+  Only what the clients send (the global LoRA) reaches the aggregator; the local LoRA and FedDPA-F's personalization
+  never leave a client and are untouched. Local (no global phase) aggregates nothing and is returned unchanged.
+  """
+  if not dp or alg.weights.global_phase is None:
+    return alg
+  return alg.replace(aggregator=dp_aggregator(alg.aggregator, dp_flags.config(dp)))
+
+
+def round_epsilon(alg: F.FedDPA, dp: dict | None):
+  """``rounds -> epsilon`` after that many rounds for ``alg`` (0 for Local, which releases nothing); None without DP."""
+  if not dp:
+    return None
+  if alg.weights.global_phase is None:
+    return lambda rounds: 0.0
+  cache = {}
+  return lambda rounds: dp_flags.epsilon_after(dp, rounds, cache)
 
 
 class PromptBatches(NamedTuple):
@@ -149,6 +171,7 @@ class Context:
   peft_base: str | None = None   # the base model folder the exported adapters name (written once per process)
   levers: memory.Levers | None = None   # memory levers applied to the frozen base (--base-dtype, --remat, --quantize)
   robust: dict = dataclasses.field(default_factory=dict)  # --aggregator / --attack (runlib.robust_flags)
+  dp: dict | None = None   # --dp-* (runlib.dp_flags.make_dp_plan)
 
   def jitted(self, alg: F.FedDPA) -> tuple:
     """``(embed, weights)`` of ``alg`` compiled once per algorithm: embeddings ``[B, D]`` and decoding weights."""
@@ -255,7 +278,8 @@ def make_unit(ctx: Context, method: str, seed: int) -> tuple[loop.Unit, Any]:
   and the server optimizer only); the base is put back for every round and evaluation.
   """
   cfg = ctx.cfg
-  alg = build_algorithm(method, cfg, ctx.base, ctx.levers, reducer=robust_flags.reducer(ctx.robust))
+  alg = private(build_algorithm(method, cfg, ctx.base, ctx.levers, reducer=robust_flags.reducer(ctx.robust)), ctx.dp)
+  epsilon = round_epsilon(alg, ctx.dp)
   train = client_data(fdata.client_training_arrays(ctx.tokenizer, train_sets(method, ctx.data, cfg),
                                                    max_length=cfg.max_length))
   k = int(train.count.shape[0])
@@ -282,6 +306,8 @@ def make_unit(ctx: Context, method: str, seed: int) -> tuple[loop.Unit, Any]:
       state, metrics = round_fn(full(state), train)
       state = state._replace(frozen=())
       summaries += loop.round_summaries(metrics, 1, loss_key=f'{loss_key}_loss', count_key=f'{loss_key}_tokens')
+      if epsilon is not None:
+        summaries[-1]['dp_epsilon'] = epsilon(int(state.round))
     return state, summaries
 
   def headline(record):
@@ -302,11 +328,14 @@ def make_unit(ctx: Context, method: str, seed: int) -> tuple[loop.Unit, Any]:
 
 def new_results(ctx: Context, plan: dict) -> dict:
   cfg = ctx.cfg
-  return {'runner': RUNNER, 'config': cfg.name, 'settings': dataclasses.asdict(cfg), 'seeds': plan['seeds'],
-          'seed': plan['seeds'][0], 'rounds': cfg.rounds, 'metric': 'rouge1',
-          'client_categories': list(ctx.data.client_categories),
-          'test_categories': [e.category for e in ctx.data.test], 'status': 'running', 'methods': {}, 'units': {},
-          'intervals': {}}
+  out = {'runner': RUNNER, 'config': cfg.name, 'settings': dataclasses.asdict(cfg), 'seeds': plan['seeds'],
+         'seed': plan['seeds'][0], 'rounds': cfg.rounds, 'metric': 'rouge1',
+         'client_categories': list(ctx.data.client_categories),
+         'test_categories': [e.category for e in ctx.data.test], 'status': 'running', 'methods': {}, 'units': {},
+         'intervals': {}}
+  if plan.get('dp'):  # epsilon after every round of the federated methods; Local's is 0 (methods[m]['dp_epsilon'])
+    out['dp'] = dp_flags.summary(plan['dp'], cfg.rounds)
+  return out
 
 
 def method_summary(run_dir: RunDir, method: str, units: dict, seeds: list[int]) -> dict:
@@ -402,7 +431,8 @@ def load_context(plan: dict, progress: Progress) -> Context:
                  f'batches of widths '
                  f'{[int(x["input_ids"].shape[1]) for x in batches.inputs]}; devices {jax.devices()}')
   return Context(cfg, data, tokenizer, base, batches, None, progress,
-                 levers=memory.Levers(**(plan.get('levers') or {})), robust=plan.get('robust') or {})
+                 levers=memory.Levers(**(plan.get('levers') or {})), robust=plan.get('robust') or {},
+                 dp=plan.get('dp'))
 
 
 def export_base(plan: dict, ctx: Context) -> str:
@@ -432,8 +462,26 @@ def export_unit(plan: dict, ctx: Context, method: str, seed: int, finish, like) 
     state = ckpts.restore(ckpts.latest_step(), like=like)
   name = method if len(plan['seeds']) == 1 else f'{method}-seed{seed}'
   folder = os.path.join(plan['export_peft'], name)
-  export_feddpa(folder, alg, personalized(state), base_model_name_or_path=export_base(plan, ctx))
+  manifest = export_feddpa(folder, alg, personalized(state), base_model_name_or_path=export_base(plan, ctx))
+  if ctx.dp:
+    manifest['privacy'] = export_privacy_note(ctx.dp, ctx.cfg.rounds, alg)
+    strict_json.write(os.path.join(folder, 'manifest.json'), manifest)
+    ctx.progress.always(f'warning: {folder}: {manifest["privacy"]}')
   return folder
+
+
+def export_privacy_note(dp: dict, rounds: int, alg: F.FedDPA) -> str:
+  """What the DP guarantee covers in an exported folder: the global adapter only, never the local ones."""
+  if alg.weights.global_phase is None:
+    scope = 'this method federates nothing: its global adapter is the untrained initialization'
+  else:
+    eps = dp_flags.epsilon_after(dp, rounds, {})
+    scope = (f'the global adapter is user-level ({eps:.4g}, {dp["delta"]:.3g})-DP after {rounds} rounds '
+             f'(clip {dp["clip"]}, noise multiplier {dp["noise_multiplier"]:.4g})')
+  local = 'the local adapters (local/client_<k>' + (', fine-tuned on each client\'s data by FedDPA-F\'s personalization'
+                                                   if alg.personalize_phase is not None else '')
+  return (f'{scope}; {local}) never left their clients and are OUTSIDE the guarantee: each can reveal its client\'s '
+          'training data (docs/privacy.md)')
 
 
 def _gb(n) -> str:
@@ -540,6 +588,9 @@ def run(plan: dict, argv: list[str]) -> tuple[dict, int]:
       unit, finisher = made[method, seed]
       units[str(seed)]['peft'] = export_unit(plan, ctx, method, seed, finisher, unit.init())
     results['methods'][method] = method_summary(held.dir, method, units, plan['seeds'])
+    if plan.get('dp'):
+      alg = made[method, seed][1][0]
+      results['methods'][method]['dp_epsilon'] = round_epsilon(alg, plan['dp'])(cfg.rounds)
     add_intervals(results, num_samples=plan['bootstrap_samples'])
 
   with held:
