@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fedjax_adapters.experiments import feddpa_family as family
 from fedjax_adapters.experiments.configs import feddpa as configs
 from fedjax_adapters.experiments.runlib import loop, memory, robust_flags, strict_json
 from fedjax_adapters.experiments.runlib.cli import UserError
@@ -76,9 +77,8 @@ def train_sets(method: str, data: fdata.FedDPAData, cfg) -> list[list]:
   return [[e for ex in sets for e in ex]] if method == 'centralized' else sets
 
 
-def build_algorithm(method: str, cfg, base, levers: memory.Levers | None = None, reducer=None) -> F.FedDPA:
-  """FedDPA's ``variant`` for ``method`` (Centralized is FedIT on one pooled client), on the pretrained ``base``
-  with the memory ``levers`` applied to it (the adaptors FedDPA adds stay float32)."""
+def levered(base, levers: memory.Levers | None):
+  """A copy of ``base`` with the memory ``levers`` applied (``base`` itself when there are none)."""
   if levers is not None and levers != memory.Levers():
     base = nnx.clone(base)
     if levers.quantize == 'int8':
@@ -86,6 +86,17 @@ def build_algorithm(method: str, cfg, base, levers: memory.Levers | None = None,
     if levers.base_dtype != 'f32':
       quantized.cast_frozen(base, memory.BASE_DTYPES[levers.base_dtype], compute=True)
     llama.set_remat(base, levers.remat)
+  return base
+
+
+def build_algorithm(method: str, cfg, base, levers: memory.Levers | None = None, reducer=None, *,
+                    num_clients: int | None = None, rows: int | None = None):
+  """FedDPA's ``variant`` for ``method`` (Centralized is FedIT on one pooled client), on the pretrained ``base``
+  with the memory ``levers`` applied to it (the adaptors FedDPA adds stay float32); a family member
+  (``feddpa_family.FAMILY``) needs the clients' count and padded rows."""
+  base = levered(base, levers)
+  if method in family.FAMILY:
+    return family.build_family(method, cfg, base, num_clients=num_clients, rows=rows)
   graphdef, base_state = nnx.split(base)
 
   def model_fn(rngs):
@@ -184,11 +195,15 @@ def reference_embeddings(ctx: Context, alg, frozen, g, local, client: int, seed:
 
 def decode(ctx: Context, alg, frozen, g, local, x: dict, gw, lw) -> list[str]:
   """Answers to one batch of prompts with per-row adapter weights ``gw, lw: [B]`` (greedy or beam search)."""
+  reps = ctx.cfg.num_beams
+  return generate(ctx, F.bind(alg.model, frozen, g, local, (jnp.repeat(gw, reps), jnp.repeat(lw, reps))), x)
+
+
+def generate(ctx: Context, model, x: dict) -> list[str]:
+  """Answers of the live decoder ``model`` to one batch of prompts (greedy or beam search)."""
   cfg, tok = ctx.cfg, ctx.tokenizer
   eos = tok.eos_token_id
   pad = tok.pad_token_id if tok.pad_token_id is not None else eos
-  reps = cfg.num_beams
-  model = F.bind(alg.model, frozen, g, local, (jnp.repeat(gw, reps), jnp.repeat(lw, reps)))
   if cfg.num_beams > 1:
     out = llama.beam_search(model, x['input_ids'], x['attention_mask'], num_beams=cfg.num_beams,
                             max_new_tokens=cfg.max_new_tokens, eos_id=eos, pad_id=pad)
@@ -238,10 +253,30 @@ def predictions_path(run_dir: RunDir, method: str, seed: int) -> str:
   return run_dir.file(os.path.join('predictions', f'{method}-seed{seed}.json'))
 
 
+def family_answers(ctx: Context, method: str, alg, state, seed: int) -> list[list[str]]:
+  """Every client's answers with its personalized model (``feddpa_family.client_model``); FLoRA's clients share
+  one model, so it answers once."""
+  k = ctx.data.num_clients
+  out = []
+  for c in range(1 if method in family.SHARED_MODEL else k):
+    t0 = time.perf_counter()
+    model = family.client_model(method, alg, state, c)
+    out.append([''] * len(ctx.data.test))
+    for idx, real, x in zip(ctx.batches.indices, ctx.batches.real, ctx.batches.inputs):
+      for i, text in zip(idx[:real], generate(ctx, model, x)[:real]):
+        out[-1][i] = text
+    ctx.progress.print(f'    {method} seed {seed} client {c}: {len(ctx.data.test)} answers in '
+                       f'{time.perf_counter() - t0:.1f} s')
+  return out * k if method in family.SHARED_MODEL else out
+
+
 def evaluate_state(ctx: Context, method: str, alg, state, train, mapping, seed: int) -> dict:
   """The evaluation record of a trained (full) state; writes every answer and per-prompt score to predictions/."""
-  state = F.personalize(alg, state, train, mapping=mapping)
-  answers = all_answers(ctx, method, alg, state, seed)
+  if method in family.FAMILY:
+    answers = family_answers(ctx, method, alg, state, seed)
+  else:
+    state = F.personalize(alg, state, train, mapping=mapping)
+    answers = all_answers(ctx, method, alg, state, seed)
   per_prompt = rouge.per_prompt_scores(answers, ctx.data)
   report = rouge.personalization_report(answers, ctx.data)
   path = predictions_path(ctx.run_dir, method, seed)
@@ -259,16 +294,21 @@ def make_unit(ctx: Context, method: str, seed: int) -> tuple[loop.Unit, Any]:
   and the server optimizer only); the base is put back for every round and evaluation.
   """
   cfg = ctx.cfg
-  alg = build_algorithm(method, cfg, ctx.base, ctx.levers, reducer=robust_flags.reducer(ctx.robust))
-  train = client_data(fdata.client_training_arrays(ctx.tokenizer, train_sets(method, ctx.data, cfg),
-                                                   max_length=cfg.max_length))
-  k = int(train.count.shape[0])
+  arrays = fdata.client_training_arrays(ctx.tokenizer, train_sets(method, ctx.data, cfg), max_length=cfg.max_length)
+  k, rows = np.shape(arrays.y)
+  alg = build_algorithm(method, cfg, ctx.base, ctx.levers, reducer=robust_flags.reducer(ctx.robust), num_clients=k,
+                        rows=rows)
+  train = client_data(family.targets(arrays) if method in family.FAMILY else arrays)
   # On a CPU the clients' activations and 49k-vocabulary logits do not fit side by side, and one client already
   # fills the cores: the sequential mapping runs the same client update one client at a time.
   mapping = sequential_clients() if cfg.backend == 'sequential' else None
   round_fn = make_round(alg, clients_per_round=k, mapping=mapping, adversary=robust_flags.adversary(ctx.robust, k, seed))
   frozen = {}
-  loss_key = 'global' if alg.weights.global_phase is not None else 'local'
+  if method in family.FAMILY:  # a loss callable's metrics: its value times the rows, and the rows
+    loss_key, count_key = 'loss', 'count'
+  else:
+    prefix = 'global' if alg.weights.global_phase is not None else 'local'
+    loss_key, count_key = f'{prefix}_loss', f'{prefix}_tokens'
 
   def init():
     state = alg.init(jax.random.key(seed), k)
@@ -285,7 +325,7 @@ def make_unit(ctx: Context, method: str, seed: int) -> tuple[loop.Unit, Any]:
     for _ in range(n):
       state, metrics = round_fn(full(state), train)
       state = state._replace(frozen=())
-      summaries += loop.round_summaries(metrics, 1, loss_key=f'{loss_key}_loss', count_key=f'{loss_key}_tokens')
+      summaries += loop.round_summaries(metrics, 1, loss_key=loss_key, count_key=count_key)
     return state, summaries
 
   def headline(record):
@@ -296,6 +336,8 @@ def make_unit(ctx: Context, method: str, seed: int) -> tuple[loop.Unit, Any]:
 
   unit = loop.Unit(method, seed, init=init, step=step, headline=headline,
                    evaluate=lambda state: evaluate_state(ctx, method, alg, full(state), train, mapping, seed))
+  if method in family.FAMILY:
+    return unit, (alg, full)
   return unit, (alg, lambda state: F.personalize(alg, full(state), train, mapping=mapping))
 
 
@@ -429,6 +471,10 @@ def export_unit(plan: dict, ctx: Context, method: str, seed: int, finish, like) 
     state = ckpts.restore(ckpts.latest_step(), like=like)
   name = method if len(plan['seeds']) == 1 else f'{method}-seed{seed}'
   folder = os.path.join(plan['export_peft'], name)
+  if method in family.FAMILY:
+    family.export_family(folder, method, alg, personalized(state), alpha=ctx.cfg.alpha,
+                         base_model_name_or_path=export_base(plan, ctx), tokenizer=ctx.tokenizer)
+    return folder
   export_feddpa(folder, alg, personalized(state), base_model_name_or_path=export_base(plan, ctx))
   return folder
 
