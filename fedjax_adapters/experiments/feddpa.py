@@ -1,6 +1,6 @@
-"""FedDPA on the paper's Dataset 1: FedIT, Local, FedDPA-T, FedDPA-F (and Centralized), scored on personalization
-(each client on its own task) and test-time personalization (each client over every task), with paired bootstrap
-intervals.
+"""FedDPA on the paper's Dataset 1: FedIT, Local, FedDPA-T, FedDPA-F (and Centralized), and the personalized-LoRA
+family (fedsa_lora, ditto, flora, hetlora; docs/family.md), scored on personalization (each client on its own task)
+and test-time personalization (each client over every task), with paired bootstrap intervals.
 
 Usage::
 
