@@ -15,6 +15,7 @@ from fedjax_adapters.algorithms import feddpa as F
 from fedjax_adapters.algorithms.common import LossInputs
 from fedjax_adapters.experiments import feddpa as exp
 from fedjax_adapters.experiments import feddpa_family as family
+from fedjax_adapters.experiments import report
 from fedjax_adapters.experiments.floral_tasks import family_ranks
 from fedjax_adapters.federated.client_update import Batch
 from fedjax_adapters.models import llama
@@ -70,6 +71,8 @@ def test_every_family_method_is_scored_with_p_ttp_and_intervals(run):
     assert set(doc['intervals']['0']['methods'][m]) == {'personalization', 'test_time'}
     answers = json.loads((out / 'predictions' / f'{m}-seed0.json').read_text())['answers']
     assert len(answers) == 8 and all(len(a) == 8 for a in answers)
+    assert r['client_steps'] == 16  # 1 round x 8 clients x ceil(4 examples / batch 2)
+  assert 'client-steps/s |' in report.results_table([doc]).splitlines()[4]
   losses = [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines()]
   assert [(r['method'], r['round']) for r in losses] == [(m, 1) for m in FAMILY]
   assert all(np.isfinite(r['train_loss']) for r in losses)

@@ -28,7 +28,7 @@ from flax import nnx
 
 from fedjax_adapters.experiments import feddpa_family as family
 from fedjax_adapters.experiments.configs import feddpa as configs
-from fedjax_adapters.experiments.runlib import loop, memory, robust_flags, strict_json
+from fedjax_adapters.experiments.runlib import loop, memory, robust_flags, strict_json, throughput
 from fedjax_adapters.experiments.runlib.cli import UserError
 from fedjax_adapters.experiments.runlib.environment import environment
 from fedjax_adapters.experiments.runlib.progress import Progress
@@ -164,6 +164,7 @@ class Context:
   peft_base: str | None = None   # the base model folder the exported adapters name (written once per process)
   levers: memory.Levers | None = None   # memory levers applied to the frozen base (--base-dtype, --remat, --quantize)
   robust: dict = dataclasses.field(default_factory=dict)  # --aggregator / --attack (runlib.robust_flags)
+  phase_steps: dict = dataclasses.field(default_factory=dict)  # method -> client steps of one phase of every client
 
   def jitted(self, alg: F.FedDPA) -> tuple:
     """``(embed, weights)`` of ``alg`` compiled once per algorithm: embeddings ``[B, D]`` and decoding weights."""
@@ -299,6 +300,8 @@ def make_unit(ctx: Context, method: str, seed: int) -> tuple[loop.Unit, Any]:
   alg = build_algorithm(method, cfg, ctx.base, ctx.levers, reducer=robust_flags.reducer(ctx.robust), num_clients=k,
                         rows=rows)
   train = client_data(family.targets(arrays) if method in family.FAMILY else arrays)
+  ctx.phase_steps[method] = int(throughput.local_steps(arrays.counts, batch_size=cfg.batch_size,
+                                                      num_epochs=cfg.num_epochs).sum())
   # On a CPU the clients' activations and 49k-vocabulary logits do not fit side by side, and one client already
   # fills the cores: the sequential mapping runs the same client update one client at a time.
   mapping = sequential_clients() if cfg.backend == 'sequential' else None
@@ -355,6 +358,19 @@ def new_results(ctx: Context, plan: dict) -> dict:
           'intervals': {}}
 
 
+def client_steps(method: str, rounds: int, phase_steps: int, *, personalized: bool = True) -> int:
+  """A unit's client steps (``runlib.throughput``) after ``rounds`` rounds, every client in every round:
+  ``phase_steps`` per training phase; FedDPA-T adds its local phase from each client's second round on, FedDPA-F
+  its personalization phase after the last round when ``personalized`` (Ditto's step trains both LoRAs at once:
+  one step)."""
+  phases = rounds
+  if method == 'feddpa_t':
+    phases += max(rounds - 1, 0)
+  if method == 'feddpa_f' and personalized:
+    phases += 1
+  return phases * phase_steps
+
+
 def method_summary(run_dir: RunDir, method: str, units: dict, seeds: list[int]) -> dict:
   """``{personalization, test_time (means over seeds), per_seed: {seed: {..., per_prompt}}, status, seconds}``."""
   per_seed = {}
@@ -365,6 +381,9 @@ def method_summary(run_dir: RunDir, method: str, units: dict, seeds: list[int]) 
       per_seed[str(s)] = {b: u['evaluation'][b] for b in rouge.BLOCKS}
       per_seed[str(s)]['per_prompt'] = pred['per_prompt']
   out = {'per_seed': per_seed, 'seconds': round(sum(u.get('seconds', 0.0) for u in units.values()), 1)}
+  steps = throughput.method_steps(units.values())
+  if steps is not None:
+    out['client_steps'] = steps
   if per_seed:
     for b in rouge.BLOCKS:
       cols = next(iter(per_seed.values()))[b]
@@ -555,6 +574,8 @@ def run(plan: dict, argv: list[str]) -> tuple[dict, int]:
     units = results['units'][method]
     state_dir = os.path.join(held.dir.checkpoint_dir(method, seed), str(outcome.round))
     units[str(seed)] = unit_record(outcome, os.path.relpath(state_dir, held.dir.path))
+    units[str(seed)]['client_steps'] = client_steps(method, outcome.round, ctx.phase_steps[method],
+                                                     personalized=outcome.status == 'done')
     if outcome.status == 'interrupted':
       return
     if outcome.status == 'done' and plan.get('export_peft'):
