@@ -144,15 +144,6 @@ def without_view(parts: dict) -> dict:
   return {k: (v['lm'] if isinstance(v, dict) and 'lm' in v else v) for k, v in parts.items()}
 
 
-def client_ranks_of(method: str, alg, state, k: int) -> int | None:
-  """Client ``k``'s true rank (FLoRA, HetLoRA; HetLoRA's after pruning), else None."""
-  if method == 'flora':
-    return int(np.asarray(state.clients['rank_mask'][k]).sum())
-  if method == 'hetlora':
-    return int(np.asarray(state.global_params['ranks'])[k])
-  return None
-
-
 def export_family(folder: str, method: str, alg, state, *, alpha: float, base_model_name_or_path: str,
                   tokenizer=None) -> dict:
   """Writes a trained family member under ``folder``: a PEFT LoRA per client for FedSA-LoRA (``A`` with its
