@@ -11,7 +11,8 @@ groups is left out, so it favours the true-rank side slightly). Measured side by
   true-rank form as the sum over its rounds and as their maximum (the peak when they run one after another);
 * wall and process-CPU seconds per round (median over alternating passes, so the shared machine's load hits both).
 
-Models: the MNIST MLP of the FLoRAL tasks (784-200-10 through ``VisionInput``, LoRA on both layers, 10 images per
+Models: the MNIST MLP of the FLoRAL tasks (784-200-10 through ``VisionInput``, LoRA on its first layer (the
+second, 200 -> 10, allows no rank above 10), 10 images per
 client, one local step), and a tiny LLaMA decoder (2 layers, hidden 128, vocabulary 512, LoRA on q_proj / v_proj,
 sequences of 32 tokens, 4 per client, batch 2) through the FedDPA runner's token-loss view. M = 12 clients.
 
@@ -50,7 +51,8 @@ def mlp_setup():
   data = client_data(FederatedData(x, y, np.full((M,), 10, np.int32)))
   fn = floral_tasks.model_fn(TASKS['mnist_offline_label_shift'])
   common = dict(loss='xent', lr=0.1, batch_size=10, train_arg='train')
-  return fn, common, data, lambda r: AdapterSpec(rank=r, alpha=float(r), conv=False)
+  # LoRA on the first layer only (784 -> 200): the second (200 -> 10) allows no rank above 10.
+  return fn, common, data, lambda r: AdapterSpec(target=r'.*layers\.0', rank=r, alpha=float(r), conv=False)
 
 
 def llama_setup():
