@@ -188,3 +188,26 @@ def test_degenerate_numbers_get_a_note_in_the_table_and_on_the_console():
            'methods': {m: {'personalization': {'a': 0.0, 'b': 0.0, 'avg': 0.0},
                            'test_time': {'a': 0.0, 'b': 0.0, 'avg': 0.0}} for m in ('fedit', 'feddpa_f')}}
   assert 'note: FedDPA smoke: every ROUGE-1 of fedit, feddpa_f is 0 (12 values)' in report.summary([rouge])
+
+
+def test_client_steps_are_recorded_and_the_table_gets_a_throughput_column(run_dir):
+  """Each unit's client steps are rounds x sampled clients x each client's local steps (from the data), and the
+  table's throughput column is their sum over the seeds divided by the summed seconds."""
+  from fedjax_adapters.experiments import floral_tasks  # pylint: disable=g-import-not-at-top
+  from fedjax_adapters.federated import clients_per_round  # pylint: disable=g-import-not-at-top
+  results = json.loads((run_dir / 'results.json').read_text())
+  task = floral.TASKS['synthetic_linear']
+  for seed in (0, 1):
+    data = floral_tasks.load_data(task, seed)
+    counts = np.asarray(data.train.counts)
+    per_client = task.num_epochs * np.ceil(counts / min(task.batch_size, data.train.x.shape[1]))
+    expected = ROUNDS * clients_per_round(len(counts), task.fraction) * per_client.mean()
+    for m in ('fedavg', 'floral'):
+      assert results['units'][m][str(seed)]['client_steps'] == round(expected)
+  text = report.table([results])
+  rows = _table_rows(text)
+  assert text.splitlines()[0].endswith('| synthetic_linear: client-steps/s |')
+  for m, label in (('fedavg', 'FedAvg'), ('floral', 'FLoRAL (learned router)')):
+    r = results['methods'][m]
+    assert r['client_steps'] == sum(results['units'][m][s]['client_steps'] for s in ('0', '1'))
+    assert rows[label][-1] == f'{r["client_steps"] / r["seconds"]:,.0f}'

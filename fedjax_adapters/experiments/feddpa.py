@@ -1,6 +1,6 @@
-"""FedDPA on the paper's Dataset 1: FedIT, Local, FedDPA-T, FedDPA-F (and Centralized), scored on personalization
-(each client on its own task) and test-time personalization (each client over every task), with paired bootstrap
-intervals.
+"""FedDPA on the paper's Dataset 1: FedIT, Local, FedDPA-T, FedDPA-F (and Centralized), and the personalized-LoRA
+family (fedsa_lora, ditto, flora, hetlora; docs/family.md), scored on personalization (each client on its own task)
+and test-time personalization (each client over every task), with paired bootstrap intervals.
 
 Usage::
 
@@ -47,8 +47,14 @@ HIDDEN_SIZES = {'tiny': 32, 'smollm2': 576}  # the built-in models (configs.MODE
 BASE_DTYPES = ('f32', 'bf16')   # runlib.memory.BASE_DTYPES (kept here: no JAX before the plan is checked)
 REMAT_POLICIES = ('full', 'dots', 'dots_no_batch')   # models.llama.REMAT_POLICIES
 QUANTIZE = ('int8', 'int4')
-METHODS = ('centralized', 'fedit', 'local', 'feddpa_t', 'feddpa_f')
+# The personalized-LoRA family (docs/family.md) on the decoder: feddpa_family.FAMILY (kept here: no JAX before the
+# plan is checked), and FedALT, which is refused (REFUSED says why).
+FAMILY = ('fedsa_lora', 'ditto', 'flora', 'hetlora')
+METHODS = ('centralized', 'fedit', 'local', 'feddpa_t', 'feddpa_f') + FAMILY + ('fedalt',)
 DEFAULT_METHODS = ('fedit', 'local', 'feddpa_t', 'feddpa_f')
+REFUSED = {'fedalt': "fedalt cannot run on the LLaMA decoder: its gate is a linear function of the flattened "
+                     "fixed-width model input, and the decoder's input is token ids whose width changes between "
+                     "training sequences and prompts (docs/family.md)"}
 
 # Settings with a flag of their own: name -> (flags, argparse type or choices, help). --set reaches every setting.
 _FLAGS = {
@@ -262,7 +268,8 @@ def _resume_plan(args) -> dict:
   plan.update(out=path, resuming=True, **cli.resume_options(args, config, path),
               export_peft=args.export_peft and cli.probe_writable_dir(args.export_peft, '--export-peft'))
   plan['cfg'] = settings_from_config(config, where)
-  plan['robust'] = _check_robust(robust_flags.from_plan(plan, where))
+  plan['robust'] = _check_robust(robust_flags.from_plan(plan, where), plan['methods'])
+  check_family(plan['methods'], plan.get('levers') or {})
   num_clients = checked_data(plan.get('data'), plan['cfg'])[1]
   plan['dp'] = checked_dp_record(plan.get('dp'), plan['methods'], num_clients, where)
   check_model(plan['cfg'])
@@ -297,11 +304,16 @@ def model_hidden_size(model: str) -> int | None:
   return size if isinstance(size, int) else None
 
 
-def _check_robust(robust: dict) -> dict:
-  """Label flipping needs class labels; FedDPA's tasks are next-token generation."""
+def _check_robust(robust: dict, methods: typing.Sequence[str] = ()) -> dict:
+  """Label flipping needs class labels; FedDPA's tasks are next-token generation. The family keeps its own
+  aggregation and client state, so --aggregator and --attack apply to FedDPA's methods only."""
   if (robust['attack'] or '').startswith('label_flip'):
     raise UserError('--attack label_flip needs class labels; FedDPA trains on instruction text (choose an update '
                     'attack: sign_flip, scaling, gaussian, alie, ipm)')
+  family = [m for m in methods if m in FAMILY]
+  if family and (robust['aggregator'] is not None or robust['attack']):
+    raise UserError(f'--aggregator and --attack apply to centralized, fedit, local, feddpa_t and feddpa_f; '
+                    f'{", ".join(family)} keep their own aggregation (choose --methods among the others)')
   return robust
 
 
@@ -317,6 +329,10 @@ def _check_dp_methods(dp: dict | None, methods: list[str], where: str = '--dp-cl
   if 'centralized' in methods:
     raise UserError(f'{where}: user-level DP applies to the federated methods; centralized pools every client\'s data '
                     'on one machine (no federation, no user-level guarantee): drop it from --methods')
+  family = [m for m in methods if m in FAMILY]
+  if family:
+    raise UserError(f'{where}: user-level DP is wired for fedit, feddpa_t and feddpa_f in this runner, not for '
+                    f'{" ".join(family)} (they keep their own aggregation): drop them from --methods or the --dp-* flags')
   if not any(m in FEDERATED for m in methods):
     raise UserError(f'{where}: --methods {" ".join(methods)} sends nothing to the server (Local trains only its local '
                     'LoRA, epsilon 0 without noise), so there is nothing to privatize: drop the --dp-* flags')
@@ -350,6 +366,18 @@ def checked_dp_record(dp, methods: list[str], num_clients: int, where: str) -> d
   return _check_dp_methods(dp, methods, name)
 
 
+def check_family(methods: list[str], levers: dict) -> list[str]:
+  """Refuses FedALT (:data:`REFUSED`) and FLoRA on an int8 base (FLoRA merges its LoRA into the base kernels)."""
+  for m in methods:
+    if m in REFUSED:
+      raise UserError(REFUSED[m])
+  if 'flora' in methods and levers.get('quantize'):
+    raise UserError(f'flora merges every round into the base kernels, which --quantize {levers["quantize"]} stores as '
+                    'integers; drop '
+                    '--quantize or flora')
+  return methods
+
+
 def make_plan(args) -> dict:
   """Everything a run needs, validated, before JAX is imported (errors raise UserError)."""
   if args.resume:
@@ -359,9 +387,10 @@ def make_plan(args) -> dict:
               checkpoint_every=args.checkpoint_every, keep=args.keep_checkpoints,
               bootstrap_samples=args.bootstrap_samples, json=args.json, quiet=args.quiet, out=args.out,
               data=args.data, export_peft=args.export_peft, writers=cli.check_writers(args.writer),
-              robust=_check_robust(robust_flags.from_args(args)))
+              robust=_check_robust(robust_flags.from_args(args), args.methods))
   plan.update(levers={'base_dtype': args.base_dtype, 'remat': args.remat, 'quantize': args.quantize},
               dry_run=args.dry_run, device_memory=args.device_memory)
+  check_family(plan['methods'], plan['levers'])
   if args.print_config:
     return plan
   plan['data'], num_clients = checked_data(args.data, cfg)

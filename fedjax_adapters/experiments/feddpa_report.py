@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from fedjax_adapters.experiments import report
+from fedjax_adapters.experiments.runlib import throughput
 
 BLOCKS = (('personalization', 'P'), ('test_time', 'TTP'))
 
@@ -60,23 +61,35 @@ def dp_line(doc: dict[str, Any]) -> str | None:
           'the global LoRA is private; local adapters and these per-client scores are outside the guarantee.')
 
 
+def rates(doc: dict[str, Any]) -> dict[str, str] | None:
+  """Each method's client-steps per second (``runlib.throughput``: training steps over the unit's wall seconds,
+  evaluation included), or None when no method recorded its client steps (runs before the column existed)."""
+  if not any('client_steps' in r for r in doc['methods'].values()):
+    return None
+  return {m: throughput.format_rate(throughput.rate(r.get('client_steps'), r.get('seconds')))
+          for m, r in doc['methods'].items()}
+
+
 def table(docs: Sequence[dict[str, Any]]) -> str:
-  """Markdown: for each document, a P and a TTP table (per task, average [95 % interval]) and the differences."""
+  """Markdown: for each document, a P and a TTP table (per task, average [95 % interval]) and the differences; the
+  P table ends with the client-steps per second when the run recorded them."""
   out = []
   for doc in docs:
     cats = _categories(doc)
     intervals = _seed_intervals(doc)
+    speed = rates(doc)
     lines = [f'### {_title(doc)}']
     if dp_line(doc):
       lines += ['', dp_line(doc)]
     for block, short in BLOCKS:
-      lines += ['', f'{short} ({block})', '', '| method | ' + ' | '.join(cats) + f' | {short} avg |',
-                '|---' * (len(cats) + 2) + '|']
+      extra = speed is not None and block == 'personalization'
+      lines += ['', f'{short} ({block})', '', '| method | ' + ' | '.join(cats) + f' | {short} avg |'
+                + (' client-steps/s |' if extra else ''), '|---' * (len(cats) + 2 + extra) + '|']
       for m, r in doc['methods'].items():
         if block not in r:
           continue
         iv = intervals['methods'].get(m, {}).get(block, {}).get('avg') if intervals else None
-        cells = [_cell(r[block][c]) for c in cats] + [_cell(r[block]['avg'], iv)]
+        cells = [_cell(r[block][c]) for c in cats] + [_cell(r[block]['avg'], iv)] + ([speed[m]] if extra else [])
         lines.append(f'| {m} | ' + ' | '.join(cells) + ' |')
     if intervals and intervals['differences']:
       level = 100 * intervals['level']

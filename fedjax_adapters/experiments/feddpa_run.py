@@ -26,8 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fedjax_adapters.experiments import feddpa_family as family
 from fedjax_adapters.experiments.configs import feddpa as configs
-from fedjax_adapters.experiments.runlib import dp_flags, loop, memory, robust_flags, strict_json
+from fedjax_adapters.experiments.runlib import dp_flags, loop, memory, robust_flags, strict_json, throughput
 from fedjax_adapters.experiments.runlib.cli import UserError
 from fedjax_adapters.experiments.runlib.environment import environment
 from fedjax_adapters.experiments.runlib.progress import Progress
@@ -77,11 +78,21 @@ def train_sets(method: str, data: fdata.FedDPAData, cfg) -> list[list]:
   return [[e for ex in sets for e in ex]] if method == 'centralized' else sets
 
 
-def build_algorithm(method: str, cfg, base, levers: memory.Levers | None = None, reducer=None) -> F.FedDPA:
-  """FedDPA's ``variant`` for ``method`` (Centralized is FedIT on one pooled client), on the pretrained ``base``
-  with the memory ``levers`` applied to it (the adaptors FedDPA adds stay float32)."""
+def levered(base, levers: memory.Levers | None):
+  """A copy of ``base`` with the memory ``levers`` applied (``base`` itself when there are none)."""
   if levers is not None and levers != memory.Levers():
     base = memory.apply_levers(nnx.clone(base), levers)
+  return base
+
+
+def build_algorithm(method: str, cfg, base, levers: memory.Levers | None = None, reducer=None, *,
+                    num_clients: int | None = None, rows: int | None = None):
+  """FedDPA's ``variant`` for ``method`` (Centralized is FedIT on one pooled client), on the pretrained ``base``
+  with the memory ``levers`` applied to it (the adaptors FedDPA adds stay float32); a family member
+  (``feddpa_family.FAMILY``) needs the clients' count and padded rows."""
+  base = levered(base, levers)
+  if method in family.FAMILY:
+    return family.build_family(method, cfg, base, num_clients=num_clients, rows=rows)
   graphdef, base_state = nnx.split(base)
 
   def model_fn(rngs):
@@ -172,6 +183,7 @@ class Context:
   levers: memory.Levers | None = None   # memory levers applied to the frozen base (--base-dtype, --remat, --quantize)
   robust: dict = dataclasses.field(default_factory=dict)  # --aggregator / --attack (runlib.robust_flags)
   dp: dict | None = None   # --dp-* (runlib.dp_flags.make_dp_plan)
+  phase_steps: dict = dataclasses.field(default_factory=dict)  # method -> client steps of one phase of every client
 
   def jitted(self, alg: F.FedDPA) -> tuple:
     """``(embed, weights)`` of ``alg`` compiled once per algorithm: embeddings ``[B, D]`` and decoding weights."""
@@ -203,11 +215,15 @@ def reference_embeddings(ctx: Context, alg, frozen, g, local, client: int, seed:
 
 def decode(ctx: Context, alg, frozen, g, local, x: dict, gw, lw) -> list[str]:
   """Answers to one batch of prompts with per-row adapter weights ``gw, lw: [B]`` (greedy or beam search)."""
+  reps = ctx.cfg.num_beams
+  return generate(ctx, F.bind(alg.model, frozen, g, local, (jnp.repeat(gw, reps), jnp.repeat(lw, reps))), x)
+
+
+def generate(ctx: Context, model, x: dict) -> list[str]:
+  """Answers of the live decoder ``model`` to one batch of prompts (greedy or beam search)."""
   cfg, tok = ctx.cfg, ctx.tokenizer
   eos = tok.eos_token_id
   pad = tok.pad_token_id if tok.pad_token_id is not None else eos
-  reps = cfg.num_beams
-  model = F.bind(alg.model, frozen, g, local, (jnp.repeat(gw, reps), jnp.repeat(lw, reps)))
   if cfg.num_beams > 1:
     out = llama.beam_search(model, x['input_ids'], x['attention_mask'], num_beams=cfg.num_beams,
                             max_new_tokens=cfg.max_new_tokens, eos_id=eos, pad_id=pad)
@@ -257,10 +273,30 @@ def predictions_path(run_dir: RunDir, method: str, seed: int) -> str:
   return run_dir.file(os.path.join('predictions', f'{method}-seed{seed}.json'))
 
 
+def family_answers(ctx: Context, method: str, alg, state, seed: int) -> list[list[str]]:
+  """Every client's answers with its personalized model (``feddpa_family.client_model``); FLoRA's clients share
+  one model, so it answers once."""
+  k = ctx.data.num_clients
+  out = []
+  for c in range(1 if method in family.SHARED_MODEL else k):
+    t0 = time.perf_counter()
+    model = family.client_model(method, alg, state, c)
+    out.append([''] * len(ctx.data.test))
+    for idx, real, x in zip(ctx.batches.indices, ctx.batches.real, ctx.batches.inputs):
+      for i, text in zip(idx[:real], generate(ctx, model, x)[:real]):
+        out[-1][i] = text
+    ctx.progress.print(f'    {method} seed {seed} client {c}: {len(ctx.data.test)} answers in '
+                       f'{time.perf_counter() - t0:.1f} s')
+  return out * k if method in family.SHARED_MODEL else out
+
+
 def evaluate_state(ctx: Context, method: str, alg, state, train, mapping, seed: int) -> dict:
   """The evaluation record of a trained (full) state; writes every answer and per-prompt score to predictions/."""
-  state = F.personalize(alg, state, train, mapping=mapping)
-  answers = all_answers(ctx, method, alg, state, seed)
+  if method in family.FAMILY:
+    answers = family_answers(ctx, method, alg, state, seed)
+  else:
+    state = F.personalize(alg, state, train, mapping=mapping)
+    answers = all_answers(ctx, method, alg, state, seed)
   per_prompt = rouge.per_prompt_scores(answers, ctx.data)
   report = rouge.personalization_report(answers, ctx.data)
   path = predictions_path(ctx.run_dir, method, seed)
@@ -278,17 +314,24 @@ def make_unit(ctx: Context, method: str, seed: int) -> tuple[loop.Unit, Any]:
   and the server optimizer only); the base is put back for every round and evaluation.
   """
   cfg = ctx.cfg
-  alg = private(build_algorithm(method, cfg, ctx.base, ctx.levers, reducer=robust_flags.reducer(ctx.robust)), ctx.dp)
+  arrays = fdata.client_training_arrays(ctx.tokenizer, train_sets(method, ctx.data, cfg), max_length=cfg.max_length)
+  k, rows = np.shape(arrays.y)
+  alg = private(build_algorithm(method, cfg, ctx.base, ctx.levers, reducer=robust_flags.reducer(ctx.robust), num_clients=k,
+                        rows=rows), ctx.dp)
   epsilon = round_epsilon(alg, ctx.dp)
-  train = client_data(fdata.client_training_arrays(ctx.tokenizer, train_sets(method, ctx.data, cfg),
-                                                   max_length=cfg.max_length))
-  k = int(train.count.shape[0])
+  train = client_data(family.targets(arrays) if method in family.FAMILY else arrays)
+  ctx.phase_steps[method] = int(throughput.local_steps(arrays.counts, batch_size=cfg.batch_size,
+                                                      num_epochs=cfg.num_epochs).sum())
   # On a CPU the clients' activations and 49k-vocabulary logits do not fit side by side, and one client already
   # fills the cores: the sequential mapping runs the same client update one client at a time.
   mapping = sequential_clients() if cfg.backend == 'sequential' else None
   round_fn = make_round(alg, clients_per_round=k, mapping=mapping, adversary=robust_flags.adversary(ctx.robust, k, seed))
   frozen = {}
-  loss_key = 'global' if alg.weights.global_phase is not None else 'local'
+  if method in family.FAMILY:  # a loss callable's metrics: its value times the rows, and the rows
+    loss_key, count_key = 'loss', 'count'
+  else:
+    prefix = 'global' if alg.weights.global_phase is not None else 'local'
+    loss_key, count_key = f'{prefix}_loss', f'{prefix}_tokens'
 
   def init():
     state = alg.init(jax.random.key(seed), k)
@@ -305,7 +348,7 @@ def make_unit(ctx: Context, method: str, seed: int) -> tuple[loop.Unit, Any]:
     for _ in range(n):
       state, metrics = round_fn(full(state), train)
       state = state._replace(frozen=())
-      summaries += loop.round_summaries(metrics, 1, loss_key=f'{loss_key}_loss', count_key=f'{loss_key}_tokens')
+      summaries += loop.round_summaries(metrics, 1, loss_key=loss_key, count_key=count_key)
       if epsilon is not None:
         summaries[-1]['dp_epsilon'] = epsilon(int(state.round))
     return state, summaries
@@ -318,6 +361,8 @@ def make_unit(ctx: Context, method: str, seed: int) -> tuple[loop.Unit, Any]:
 
   unit = loop.Unit(method, seed, init=init, step=step, headline=headline,
                    evaluate=lambda state: evaluate_state(ctx, method, alg, full(state), train, mapping, seed))
+  if method in family.FAMILY:
+    return unit, (alg, full)
   return unit, (alg, lambda state: F.personalize(alg, full(state), train, mapping=mapping))
 
 
@@ -338,6 +383,19 @@ def new_results(ctx: Context, plan: dict) -> dict:
   return out
 
 
+def client_steps(method: str, rounds: int, phase_steps: int, *, personalized: bool = True) -> int:
+  """A unit's client steps (``runlib.throughput``) after ``rounds`` rounds, every client in every round:
+  ``phase_steps`` per training phase; FedDPA-T adds its local phase from each client's second round on, FedDPA-F
+  its personalization phase after the last round when ``personalized`` (Ditto's step trains both LoRAs at once:
+  one step)."""
+  phases = rounds
+  if method == 'feddpa_t':
+    phases += max(rounds - 1, 0)
+  if method == 'feddpa_f' and personalized:
+    phases += 1
+  return phases * phase_steps
+
+
 def method_summary(run_dir: RunDir, method: str, units: dict, seeds: list[int]) -> dict:
   """``{personalization, test_time (means over seeds), per_seed: {seed: {..., per_prompt}}, status, seconds}``."""
   per_seed = {}
@@ -348,6 +406,9 @@ def method_summary(run_dir: RunDir, method: str, units: dict, seeds: list[int]) 
       per_seed[str(s)] = {b: u['evaluation'][b] for b in rouge.BLOCKS}
       per_seed[str(s)]['per_prompt'] = pred['per_prompt']
   out = {'per_seed': per_seed, 'seconds': round(sum(u.get('seconds', 0.0) for u in units.values()), 1)}
+  steps = throughput.method_steps(units.values())
+  if steps is not None:
+    out['client_steps'] = steps
   if per_seed:
     for b in rouge.BLOCKS:
       cols = next(iter(per_seed.values()))[b]
@@ -462,6 +523,10 @@ def export_unit(plan: dict, ctx: Context, method: str, seed: int, finish, like) 
     state = ckpts.restore(ckpts.latest_step(), like=like)
   name = method if len(plan['seeds']) == 1 else f'{method}-seed{seed}'
   folder = os.path.join(plan['export_peft'], name)
+  if method in family.FAMILY:
+    family.export_family(folder, method, alg, personalized(state), alpha=ctx.cfg.alpha,
+                         base_model_name_or_path=export_base(plan, ctx), tokenizer=ctx.tokenizer)
+    return folder
   manifest = export_feddpa(folder, alg, personalized(state), base_model_name_or_path=export_base(plan, ctx))
   if ctx.dp:
     manifest['privacy'] = export_privacy_note(ctx.dp, ctx.cfg.rounds, alg)
@@ -582,6 +647,8 @@ def run(plan: dict, argv: list[str]) -> tuple[dict, int]:
     units = results['units'][method]
     state_dir = os.path.join(held.dir.checkpoint_dir(method, seed), str(outcome.round))
     units[str(seed)] = unit_record(outcome, os.path.relpath(state_dir, held.dir.path))
+    units[str(seed)]['client_steps'] = client_steps(method, outcome.round, ctx.phase_steps[method],
+                                                     personalized=outcome.status == 'done')
     if outcome.status == 'interrupted':
       return
     if outcome.status == 'done' and plan.get('export_peft'):

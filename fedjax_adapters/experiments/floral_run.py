@@ -19,7 +19,7 @@ from fedjax_adapters import algorithms, experiment
 from fedjax_adapters.adapters.mixture import aggregation_probs
 from fedjax_adapters.experiments import floral_tasks
 from fedjax_adapters.experiments.configs import floral as configs
-from fedjax_adapters.experiments.runlib import dp_flags, loop, robust_flags
+from fedjax_adapters.experiments.runlib import dp_flags, loop, robust_flags, throughput
 from fedjax_adapters.experiments.runlib.environment import environment
 from fedjax_adapters.experiments.runlib.progress import Progress
 from fedjax_adapters.federated import (chunked_clients, client_data, clients_per_round, dp_aggregator, evaluate,
@@ -89,6 +89,15 @@ def make_unit(method: str, seed: int, task: configs.FloralTask, data, plan: dict
                    evaluate=lambda state: evaluation(alg, state, test, task, routed), headline=headline)
 
 
+def client_steps_per_round(task: configs.FloralTask, data) -> float:
+  """Local optimizer steps per round summed over the sampled clients (``runlib.throughput``): ``M`` times the
+  clients' mean steps, at the batch size :func:`make_unit` trains with. With partial participation this is the
+  expectation under uniform sampling, exact when every client takes the same number of steps (the MNIST tasks)."""
+  rows = jax.tree.leaves(data.train.x)[0].shape[1]
+  steps = throughput.local_steps(data.train.counts, batch_size=min(task.batch_size, rows), num_epochs=task.num_epochs)
+  return clients_per_round(data.train.num_clients, task.fraction) * float(np.mean(steps))
+
+
 def private(alg, method: str, dp: dict | None, k: int, m: int):
   """``alg`` with the DP aggregator of ``dp`` (unchanged when None) and ``make_round``'s sampling arguments."""
   if not dp:
@@ -136,8 +145,13 @@ def unit_record(outcome: loop.Outcome, task: configs.FloralTask, state_path: str
 
 
 def method_summary(units: dict, seeds: list[int], metric: str) -> dict:
-  """``{metric: mean, std, per_seed, ...}`` over ``seeds``; mean and std are null until every seed is done."""
-  return experiment.method_summary(units, seeds, metric)
+  """``{metric: mean, std, per_seed, ..., client_steps}`` over ``seeds``; mean and std are null until every seed is
+  done; ``client_steps`` (summed over the seeds, as ``seconds``) once every seed recorded them."""
+  out = experiment.method_summary(units, seeds, metric)
+  steps = throughput.method_steps(units.get(str(s), {}) for s in seeds)
+  if steps is not None:
+    out['client_steps'] = steps
+  return out
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -193,6 +207,7 @@ def run(plan: dict, argv: list[str]) -> tuple[dict, int]:
     units = results['units'][method]
     state_dir = os.path.join(held.dir.checkpoint_dir(method, seed), str(outcome.round))
     units[str(seed)] = unit_record(outcome, task, os.path.relpath(state_dir, held.dir.path))
+    units[str(seed)]['client_steps'] = round(outcome.round * client_steps_per_round(task, datasets[seed]))
     r = results['methods'][method] = method_summary(units, plan['seeds'], task.metric)
     if seed == plan['seeds'][-1] and outcome.status != 'interrupted':
       progress.print(f'{method}: {task.metric} {format_metric(task, r[task.metric])} +- '

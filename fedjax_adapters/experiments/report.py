@@ -33,7 +33,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from fedjax_adapters.experiments.configs import floral as configs
-from fedjax_adapters.experiments.runlib import cli, strict_json
+from fedjax_adapters.experiments.runlib import cli, strict_json, throughput
 from fedjax_adapters.experiments.runlib.cli import UserError
 
 # runner name -> module with table(docs) and plots(sources, out_dir); 'floral' is this module.
@@ -153,6 +153,19 @@ def heading(task: str, metric: str, seeds: int, rounds: int | None, known: bool 
   return text + ')'
 
 
+def merge_rates(docs: Sequence[dict[str, Any]]) -> dict[tuple[str, str], float | None]:
+  """``{(task, method): client-steps per second}`` pooled over the documents that recorded client steps (their
+  steps summed over their summed ``seconds``, on the machine each ran on); tasks without any are left out."""
+  pooled: dict[tuple[str, str], list[float]] = {}
+  for doc in docs:
+    for method, r in doc['methods'].items():
+      if r.get('client_steps') is not None and r.get('seconds'):
+        acc = pooled.setdefault((doc['task'], method), [0.0, 0.0])
+        acc[0] += r['client_steps']
+        acc[1] += r['seconds']
+  return {key: throughput.rate(steps, secs) for key, (steps, secs) in pooled.items()}
+
+
 def table(docs: Sequence[dict[str, Any]], *, known: bool = True) -> str:
   """The merged markdown table of FLoRAL documents: one column per task (and its paper column beside it).
 
@@ -167,6 +180,8 @@ def table(docs: Sequence[dict[str, Any]], *, known: bool = True) -> str:
   order = list(configs.METHODS) if known else list(dict.fromkeys(m for doc in docs for m in doc['methods']))
   methods = [m for m in order if any(merged.get((t, m)) or (t, m) in failed for t in tasks)]
   columns = {t: configs.TASKS[t].column if known and t in configs.TASKS else None for t in tasks}
+  rates = merge_rates(docs)
+  timed = {t for t, _ in rates}
   head, rule = ['method'], ['---']
   for t in tasks:
     seeds = sorted({s for m in methods for s in merged.get((t, m), {})})
@@ -174,6 +189,9 @@ def table(docs: Sequence[dict[str, Any]], *, known: bool = True) -> str:
     rule.append('---')
     if columns[t] is not None:
       head.append(f'paper, {columns[t]}')
+      rule.append('---')
+    if t in timed:
+      head.append(f'{t}: client-steps/s')
       rule.append('---')
   lines = ['| ' + ' | '.join(head) + ' |', '|' + '|'.join(rule) + '|']
   for m in methods:
@@ -187,6 +205,8 @@ def table(docs: Sequence[dict[str, Any]], *, known: bool = True) -> str:
       if columns[t] is not None:
         p = configs.PAPER[columns[t]].get(configs.METHODS[m].paper_row)
         cells.append(f'{p[0]:.1f} ({p[1]:.1f})' if p else '')
+      if t in timed:
+        cells.append(throughput.format_rate(rates.get((t, m))))
     lines.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
 
