@@ -57,7 +57,7 @@ def smoke(tmp_path_factory, uneven_data):
 def test_smoke_run_says_its_scores_mean_nothing_at_the_start_and_beside_the_table(smoke):
   lines = (smoke[0].parent / 'console.txt').read_text().strip().splitlines()
   note = [i for i, line in enumerate(lines) if 'scores mean nothing' in line and '--preset mid' in line]
-  table = [i for i, line in enumerate(lines) if 'FedDPA-F' in line and '|' in line]
+  table = [i for i, line in enumerate(lines) if line.startswith('| feddpa_f')]
   assert len(note) == 2 and note[0] == 0 and table and note[1] == len(lines) - 1 > table[-1], lines
 
 
