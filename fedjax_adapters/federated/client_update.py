@@ -191,6 +191,15 @@ def accumulate_grads(grads_of: Callable, params, rows: Array, count: Array, key:
   return grads, metrics, {}
 
 
+def _check_update_args(train: str, batch_size: int, num_epochs: int, micro_batch: int | None) -> int:
+  """Validates :func:`make_client_update`'s settings; returns the micro-batch (the batch when None)."""
+  if train not in ('both', 'global', 'client'):
+    raise ValueError(f"train must be 'both', 'global' or 'client'; got {train!r}.")
+  if batch_size < 1 or num_epochs < 1:
+    raise ValueError(f'batch_size and num_epochs must be >= 1; got {batch_size}, {num_epochs}.')
+  return check_micro_batch(micro_batch, batch_size)
+
+
 def make_client_update(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, batch_size: int,
                        num_epochs: int = 1, shuffle: bool = False, train: str = 'both',
                        output_aux: Callable[[Any, Any], Any] | None = None, micro_batch: int | None = None,
@@ -225,11 +234,7 @@ def make_client_update(loss_fn: LossFn, optimizer: optax.GradientTransformation,
     client_state, metrics)``; ``client`` is the round's :class:`ClientInfo` (:func:`default_client_info` when
     called outside a round).
   """
-  if train not in ('both', 'global', 'client'):
-    raise ValueError(f"train must be 'both', 'global' or 'client'; got {train!r}.")
-  if batch_size < 1 or num_epochs < 1:
-    raise ValueError(f'batch_size and num_epochs must be >= 1; got {batch_size}, {num_epochs}.')
-  micro_batch = check_micro_batch(micro_batch, batch_size)
+  micro_batch = _check_update_args(train, batch_size, num_epochs, micro_batch)
 
   def pick(g, l):
     return (g, l) if train == 'both' else (g if train == 'global' else l)
