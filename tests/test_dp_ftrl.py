@@ -16,6 +16,7 @@ from fedjax_adapters.federated import (ClientOutput, RoundInfo, client_data, cyc
 from fedjax_adapters.federated import dp_ftrl
 from fedjax_adapters.federated.privacy import DPConfig
 from run_helpers import count_traces
+import cli_testing
 
 # The binary decomposition of [1, t] by hand: (level, index) of the dyadic intervals [(j-1) 2^l + 1, j 2^l].
 DECOMPOSITION = {1: [(0, 1)], 2: [(1, 1)], 3: [(0, 3), (1, 1)], 4: [(2, 1)], 5: [(0, 5), (2, 1)],
@@ -177,15 +178,8 @@ def test_floral_local_state_is_bit_identical_with_the_tree_on_and_off_and_the_ro
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _run(argv):
-  from fedjax_adapters.experiments import floral  # pylint: disable=g-import-not-at-top
-  try:
-    return 0, floral.main(argv)
-  except SystemExit as e:
-    return e.code, None
-
-
-SMOKE = ['--task', 'mnist_offline_label_shift', '--smoke', '--quiet']
+_run = cli_testing.run_floral
+SMOKE = cli_testing.FLORAL_SMOKE
 
 
 def test_runner_trains_with_the_tree_and_reports_epsilon_as_dp_accounting_computes_it(tmp_path):

@@ -16,6 +16,7 @@ from fedjax_adapters.experiments import report
 from fedjax_adapters import checkpoint
 from fedjax_adapters.metrics import bootstrap, rouge
 from run_helpers import kill_after_round, strip_wall_clock
+import cli_testing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # FedDPA's Dataset 1 sits in ../shared beside the repository (as in CI).
@@ -176,12 +177,7 @@ def test_sigkill_mid_method_then_resume_is_bit_identical(tmp_path, smoke, uneven
 
 
 def _one_line_error(capsys, argv):
-  with pytest.raises(SystemExit) as e:
-    exp.main(argv)
-  assert e.value.code == 2
-  err = capsys.readouterr().err.strip()
-  assert err.startswith('error: ') and '\n' not in err, err
-  return err
+  return cli_testing.one_line_error(capsys, exp.main, argv)
 
 
 @pytest.mark.parametrize('argv, words', [

@@ -22,6 +22,7 @@ from fedjax_adapters.experiments.runlib.progress import Progress
 from fedjax_adapters.federated import client_data, make_round
 from fedjax_adapters.federated.privacy import DPState
 from fedjax_adapters.models import llama
+import cli_testing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, '..', 'shared', 'data', 'feddpa', 'dataset1')   # as in test_experiments_feddpa.py
@@ -131,12 +132,7 @@ def test_feddpa_f_personalization_is_bit_identical_with_dp_on_and_off():
 
 
 def _one_line_error(capsys, argv):
-  with pytest.raises(SystemExit) as e:
-    exp.main(argv)
-  assert e.value.code == 2
-  err = capsys.readouterr().err.strip()
-  assert err.startswith('error: ') and '\n' not in err, err
-  return err
+  return cli_testing.one_line_error(capsys, exp.main, argv)
 
 
 @pytest.mark.parametrize('flags, words', [

@@ -13,6 +13,7 @@ import pytest
 
 from fedjax_adapters.experiments import floral, floral_tasks
 from fedjax_adapters.experiments.configs import floral as configs
+import cli_testing
 
 SHAPES = {'femnist': ((28, 28, 1), np.uint8, 62), 'shakespeare': ((80,), np.int32, 90),
           'stackoverflow_nwp': ((20,), np.int32, 10_004), 'cifar100_pachinko': ((32, 32, 3), np.uint8, 100)}
@@ -55,12 +56,7 @@ def test_femnist_smoke_run_end_to_end(tmp_path):
 
 
 def _one_line_error(capsys, argv):
-  with pytest.raises(SystemExit) as e:
-    floral.main(argv)
-  assert e.value.code == 2
-  err = capsys.readouterr().err.strip()
-  assert err.startswith('error: ') and '\n' not in err, err
-  return err
+  return cli_testing.one_line_error(capsys, floral.main, argv)
 
 
 def test_missing_files_and_oracle_routers_stop_before_any_training(capsys, tmp_path):

@@ -19,6 +19,7 @@ from fedjax_adapters.experiments import report
 from fedjax_adapters.experiments.floral_tasks import family_ranks
 from fedjax_adapters.federated.client_update import Batch
 from fedjax_adapters.models import llama
+import cli_testing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, '..', 'shared', 'data', 'feddpa', 'dataset1')  # as tests/test_experiments_feddpa.py
@@ -110,12 +111,7 @@ def test_peft_export_shows_each_methods_structure(run):
 
 
 def _one_line_error(capsys, argv):
-  with pytest.raises(SystemExit) as e:
-    exp.main(argv)
-  assert e.value.code == 2
-  err = capsys.readouterr().err.strip()
-  assert err.startswith('error: ') and '\n' not in err, err
-  return err
+  return cli_testing.one_line_error(capsys, exp.main, argv)
 
 
 @pytest.mark.parametrize('argv, words', [

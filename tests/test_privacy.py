@@ -12,6 +12,7 @@ from fedjax_adapters.data.federated import stack_clients
 from fedjax_adapters.federated import (ClientOutput, RoundInfo, chunked_clients, client_data, make_round,
                                        mean_aggregator)
 from fedjax_adapters.federated.privacy import DPConfig, dp_aggregator, update_noise_multiplier
+import cli_testing
 
 K, M = 6, 3
 IDS = np.array([0, 2, 5])
@@ -236,15 +237,8 @@ def test_feddpa_global_lora_is_privatized_and_its_local_lora_untouched():
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _run(argv):
-  from fedjax_adapters.experiments import floral  # pylint: disable=g-import-not-at-top
-  try:
-    return 0, floral.main(argv)
-  except SystemExit as e:
-    return e.code, None
-
-
-SMOKE = ['--task', 'mnist_offline_label_shift', '--smoke', '--quiet']
+_run = cli_testing.run_floral
+SMOKE = cli_testing.FLORAL_SMOKE
 
 
 def test_runner_reports_epsilon_per_round_as_dp_accounting_computes_it(tmp_path):

@@ -12,6 +12,7 @@ parameters and optimizer state untouched (``jnp.where`` on the whole carry), so 
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, NamedTuple
 
@@ -171,8 +172,12 @@ def accumulate_grads(grads_of: Callable, params, rows: Array, count: Array, key:
 
   Returns:
     ``(grads, metrics, {})``: the gradients averaged weighted by ``micro_weight`` (the full batch's gradient for a
-    loss that is a mean over those units), the metric sums added over micro-batches.
+    loss that is a mean over those units), the metric sums added over micro-batches. A micro-batch as large as the
+    batch is the plain ``grads_of(params, rows, key)``.
   """
+  if micro_batch >= rows.shape[0]:
+    return grads_of(params, rows, key)
+
   def body(acc, inp):
     part, j = inp
     grads, metrics, overrides = grads_of(params, part, jax.random.fold_in(key, j))
@@ -189,6 +194,16 @@ def accumulate_grads(grads_of: Callable, params, rows: Array, count: Array, key:
   (grad_sum, weight_sum, metrics), _ = jax.lax.scan(body, init, (parts, jnp.arange(parts.shape[0])))
   grads = jax.tree.map(lambda g: (g / jnp.where(weight_sum > 0, weight_sum, 1.0)).astype(g.dtype), grad_sum)
   return grads, metrics, {}
+
+
+def _pick(train: str, g, l):
+  """The trained half of ``(global_params, client_state)`` for ``train`` ('both', 'global' or 'client')."""
+  return (g, l) if train == 'both' else (g if train == 'global' else l)
+
+
+def _unpick(train: str, t, g, l):
+  """``(global_params, client_state)`` with the trained half ``t`` put back in place (inverse of :func:`_pick`)."""
+  return t if train == 'both' else ((t, l) if train == 'global' else (g, t))
 
 
 def _check_update_args(train: str, batch_size: int, num_epochs: int, micro_batch: int | None) -> int:
@@ -236,12 +251,8 @@ def make_client_update(loss_fn: LossFn, optimizer: optax.GradientTransformation,
   """
   micro_batch = _check_update_args(train, batch_size, num_epochs, micro_batch)
 
-  def pick(g, l):
-    return (g, l) if train == 'both' else (g if train == 'global' else l)
-
-  def unpick(t, g, l):
-    return t if train == 'both' else ((t, l) if train == 'global' else (g, t))
-
+  pick = functools.partial(_pick, train)
+  unpick = functools.partial(_unpick, train)
   def client_update(frozen, global_params, client_state, data: ClientData, key, client: ClientInfo | None = None):
     client = default_client_info() if client is None else client
     x, y, count = data
@@ -268,11 +279,8 @@ def make_client_update(loss_fn: LossFn, optimizer: optax.GradientTransformation,
       rows, i = inp
       mask = rows < count
       key_i = jax.random.fold_in(key, 1_000_003 + i)
-      if micro_batch == batch_size:
-        grads, metrics, overrides = grads_of(params, rows, key_i)
-      else:
-        grads, metrics, overrides = accumulate_grads(grads_of, params, rows, count, key_i,
-                                                     micro_batch=micro_batch, micro_weight=micro_weight)
+      grads, metrics, overrides = accumulate_grads(grads_of, params, rows, count, key_i, micro_batch=micro_batch,
+                                                   micro_weight=micro_weight)
       updates, new_opt = optimizer.update(grads, opt_state, params)
       new_params = optax.apply_updates(params, updates)
       if overrides and train != 'client':
