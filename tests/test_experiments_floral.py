@@ -14,6 +14,7 @@ from flax import nnx
 
 from fedjax_adapters.experiments import floral, floral_tasks
 from fedjax_adapters.experiments.configs import floral as configs
+from fedjax_adapters.experiments.runlib import cli
 from fedjax_adapters.experiments.vision_input import VisionInput, random_crop, random_flip, rotate_quarter_turns
 from fedjax_adapters import algorithms
 from fedjax_adapters.data import partition, vision
@@ -341,13 +342,41 @@ def test_every_smoke_task_loads_shifted_random_data(name):
   data = floral_tasks.load_data(task, 0)
   k = task.num_clients
   assert data.train.num_clients == k and data.num_clusters == task.num_clusters
-  np.testing.assert_array_equal(data.clusters, np.arange(k) % task.num_clusters)
+  sizes = task.cluster_sizes
+  expected = np.repeat(np.arange(task.num_clusters), sizes) if sizes else np.arange(k) % task.num_clusters
+  np.testing.assert_array_equal(data.clusters, expected)
   x = data.train.x['image'] if task.shift == 'rotate' else data.train.x
   image_shape = vision.DATASETS[floral_tasks.image_dataset(task)].image_shape
   assert x.dtype == np.uint8 and x.shape[0] == k and x.shape[2:] == image_shape
   if task.shift == 'rotate':
     np.testing.assert_array_equal(data.train.x['turns'][:, 0], data.clusters)  # C = 4: one quarter turn per cluster
   assert task.rounds == 2 and int(data.test.counts.min()) > 0
+
+
+def test_minority_cluster_task_sets_sizes_from_the_command_line_and_refuses_bad_ones(capsys, tmp_path):
+  task = configs.TASKS['mnist_offline_label_shift_minority']
+  data = floral_tasks.load_data(task, 0)
+  np.testing.assert_array_equal(np.bincount(data.clusters), [120, 90, 60, 30])
+  assert np.bincount(configs.smoke(task).cluster_sizes).tolist() == [0, 1, 2, 1]  # smoke sizes (3, 2, 2, 1)
+  # Same images per client as the equal-cluster task; the label shift follows the cluster: client 1 is in cluster 0
+  # here and in cluster 1 there, client 299 in cluster 3 in both.
+  plain = floral_tasks.load_data(dataclasses.replace(task, cluster_sizes=None), 0)
+  np.testing.assert_array_equal(data.train.x, plain.train.x)
+  n = int(data.train.counts[1])
+  np.testing.assert_array_equal(data.train.y[1, :n], (plain.train.y[1, :n] - 1) % 10)
+  np.testing.assert_array_equal(data.train.y[299], plain.train.y[299])
+  assert cli.apply_overrides(task, ['cluster_sizes=100, 100,70,30']).cluster_sizes == (100, 100, 70, 30)
+  assert cli.apply_overrides(task, {'cluster_sizes': [150, 50, 50, 50]}).cluster_sizes == (150, 50, 50, 50)
+  for value, words in [('100,100,100', 'cluster_sizes [100, 100, 100] must be num_clusters=4 positive counts'),
+                       ('100,100,100,1', 'summing to num_clients=300'), ('1,2,x,4', "cluster_sizes='x'")]:
+    err = _one_line_error(capsys, ['--task', 'mnist_offline_label_shift', '--set', f'cluster_sizes={value}',
+                                   '--out', str(tmp_path / 'run')])
+    assert words in err, err
+  assert not (tmp_path / 'run').exists()
+  # A run written before the setting existed (its config.json lacks it) still resumes, with equal clusters.
+  settings = dataclasses.asdict(configs.TASKS['mnist_offline_label_shift'])
+  del settings['cluster_sizes']
+  assert floral.settings_from_config({'settings': settings}, 'config.json').cluster_sizes is None
 
 
 def test_offline_task_gives_every_client_ten_training_images():

@@ -182,6 +182,16 @@ def test_label_shift():
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def test_cluster_sizes_give_a_minority_cluster_and_bad_sizes_are_named():
+  np.testing.assert_array_equal(P.cluster_assignment(7, 3, sizes=[4, 2, 1]), [0, 0, 0, 0, 1, 1, 2])
+  for sizes in ([4, 2], [4, 3, 1], [5, 2, 0]):
+    with pytest.raises(ValueError, match=rf'cluster sizes \[{", ".join(map(str, sizes))}\] must be 3 positive'):
+      P.cluster_assignment(7, 3, sizes=sizes)
+  splits = P.concept_shift_partition(700, num_clients=7, num_clusters=3, cluster_sizes=(4, 2, 1), seed=0)
+  np.testing.assert_array_equal(splits.clusters, [0, 0, 0, 0, 1, 1, 2])
+  _assert_exact_cover(list(splits.train) + list(splits.test), 700)
+
+
 def test_concept_shift_partition_covers_every_example_once():
   splits = P.concept_shift_partition(5000, num_clients=300, num_clusters=4, test_fraction=0.2, seed=3)
   _assert_exact_cover(list(splits.train) + list(splits.test), 5000)

@@ -73,11 +73,22 @@ def iid_partition(n: int, num_clients: int, rng: np.random.Generator) -> list[np
   return [np.asarray(s, dtype=np.int64) for s in np.array_split(rng.permutation(n), num_clients)]
 
 
-def cluster_assignment(num_clients: int, num_clusters: int) -> np.ndarray:
-  """Ground-truth cluster of each client, ``k mod C`` as in every FLoRAL task. Returns ``[K]`` int32."""
+def cluster_assignment(num_clients: int, num_clusters: int, sizes: Sequence[int] | None = None) -> np.ndarray:
+  """Ground-truth cluster of each client. Returns ``[K]`` int32.
+
+  Without ``sizes``: ``k mod C``, as in every FLoRAL task (equal clusters). With ``sizes`` (``C`` positive counts
+  summing to ``K``): the first ``sizes[0]`` clients in cluster 0, the next ``sizes[1]`` in cluster 1, and so on — a
+  task with a minority cluster, for measuring what a robust aggregator does to it.
+  """
   num_clients = _check_positive('num_clients', num_clients)
   num_clusters = _check_positive('num_clusters', num_clusters)
-  return (np.arange(num_clients) % num_clusters).astype(np.int32)
+  if sizes is None:
+    return (np.arange(num_clients) % num_clusters).astype(np.int32)
+  sizes = [int(s) for s in sizes]
+  if len(sizes) != num_clusters or min(sizes) < 1 or sum(sizes) != num_clients:
+    raise ValueError(f'cluster sizes {sizes} must be {num_clusters} positive counts (num_clusters) summing to '
+                     f'num_clients={num_clients}.')
+  return np.repeat(np.arange(num_clusters), sizes).astype(np.int32)
 
 
 def split_train_test(indices: np.ndarray, test_fraction: float, rng: np.random.Generator
@@ -278,8 +289,9 @@ def _reduce_all(train: Sequence[np.ndarray], reduce: float | None, minimum: int,
 
 def concept_shift_partition(num_examples: int, *, num_clients: int, num_clusters: int,
                             num_test_examples: int | None = None, test_fraction: float = 0.2,
-                            reduce: float | None = None, reduce_minimum: int = 10, seed: int = 0) -> ClientSplits:
-  """Indices of the FLoRAL MNIST / CIFAR-10 tasks: IID shares, cluster ``k mod C``.
+                            reduce: float | None = None, reduce_minimum: int = 10,
+                            cluster_sizes: Sequence[int] | None = None, seed: int = 0) -> ClientSplits:
+  """Indices of the FLoRAL MNIST / CIFAR-10 tasks: IID shares, cluster ``k mod C`` (or ``cluster_sizes``).
 
   Args:
     num_examples: size of the training arrays.
@@ -290,6 +302,7 @@ def concept_shift_partition(num_examples: int, *, num_clients: int, num_clusters
     test_fraction: share of each client's examples held out for testing when ``num_test_examples`` is None.
     reduce: keep this fraction of each client's training indices (FLoRAL "reduced": 0.05); None keeps all.
     reduce_minimum: but never fewer than this many (FLoRAL: 10).
+    cluster_sizes: clients per cluster (:func:`cluster_assignment`); None: equal clusters ``k mod C``.
     seed: seeds the shuffles.
 
   Returns:
@@ -297,7 +310,7 @@ def concept_shift_partition(num_examples: int, *, num_clients: int, num_clusters
     together cover ``range(num_examples)`` exactly once.
   """
   rng = np.random.default_rng(seed)
-  clusters = cluster_assignment(num_clients, num_clusters)
+  clusters = cluster_assignment(num_clients, num_clusters, cluster_sizes)
   shares = iid_partition(num_examples, num_clients, rng)
   if num_test_examples is None:
     train, test = map(list, zip(*(split_train_test(s, test_fraction, rng) for s in shares)))
@@ -342,7 +355,8 @@ def _test_arrays(images, labels, test_images, test_labels):
 def concept_shift_dataset(images: np.ndarray, labels: np.ndarray, *, num_clients: int, num_clusters: int,
                           shift: str, test_images: np.ndarray | None = None, test_labels: np.ndarray | None = None,
                           test_fraction: float = 0.2, reduce: float | None = None, reduce_minimum: int = 10,
-                          num_classes: int = 10, seed: int = 0) -> FederatedDataset:
+                          num_classes: int = 10, cluster_sizes: Sequence[int] | None = None,
+                          seed: int = 0) -> FederatedDataset:
   """The FLoRAL MNIST / CIFAR-10 concept-shift tasks as a padded federated dataset.
 
   Client ``k`` gets an IID share of the examples, transformed by its cluster ``c = k mod C``: rotated by
@@ -363,6 +377,7 @@ def concept_shift_dataset(images: np.ndarray, labels: np.ndarray, *, num_clients
     reduce: keep this fraction of each client's training examples (FLoRAL "reduced": 0.05); None keeps all.
     reduce_minimum: lower bound per client when reducing (FLoRAL: 10).
     num_classes: label range for ``'label_shift'`` (10 for MNIST and CIFAR-10).
+    cluster_sizes: clients per cluster, ``C`` counts summing to ``K`` (a minority cluster); None: ``k mod C``.
     seed: seeds every shuffle.
 
   Returns:
@@ -385,7 +400,7 @@ def concept_shift_dataset(images: np.ndarray, labels: np.ndarray, *, num_clients
         raise ValueError(f'{what} labels lie in [{y.min()}, {y.max()}], outside [0, num_classes={num_classes}).')
   splits = concept_shift_partition(len(labels), num_clients=num_clients, num_clusters=num_clusters,
                                    num_test_examples=num_test, test_fraction=test_fraction, reduce=reduce,
-                                   reduce_minimum=reduce_minimum, seed=seed)
+                                   reduce_minimum=reduce_minimum, cluster_sizes=cluster_sizes, seed=seed)
   return _build_dataset(splits, images, labels, test_images, test_labels, shift=shift, num_clusters=num_clusters,
                         num_classes=num_classes)
 

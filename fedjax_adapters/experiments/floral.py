@@ -188,7 +188,8 @@ def settings_from_config(config: dict, where: str) -> configs.FloralTask:
   settings = config.get('settings')
   if not isinstance(settings, dict):
     raise UserError(f'{where}: no "settings" object')
-  missing = [f.name for f in dataclasses.fields(configs.FloralTask) if f.name not in settings]
+  missing = [f.name for f in dataclasses.fields(configs.FloralTask) if f.name not in settings
+             and f.name not in configs.ADDED_SETTINGS]
   if missing:
     raise UserError(f'{where}: settings lack {", ".join(missing)}')
   if settings['name'] not in configs.TASKS:

@@ -121,8 +121,8 @@ def load_data(task: FloralTask, seed: int, *, data_dir: str | None = None) -> Fe
   if task.shift == 'cifar100':
     return cifar100_cluster_dataset(images, labels, **common)
   if task.shift == 'label_shift':
-    return concept_shift_dataset(images, labels, shift='label_shift', **common)
-  data = concept_shift_dataset(images, labels, shift='none', **common)
+    return concept_shift_dataset(images, labels, shift='label_shift', cluster_sizes=task.cluster_sizes, **common)
+  data = concept_shift_dataset(images, labels, shift='none', cluster_sizes=task.cluster_sizes, **common)
   turns = (data.clusters * (360 // task.num_clusters) // 90).astype(np.int32)
   return data._replace(train=_with_turns(data.train, turns), test=_with_turns(data.test, turns))
 

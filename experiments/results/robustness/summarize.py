@@ -1,6 +1,7 @@
 """Reads the run directories of run_grid.sh (named ATTACK-FRACTION-DEFENSE) and prints the markdown table: final test
 accuracy and the worst cluster's accuracy (the example-weighted accuracy of the cluster with the lowest one, per
-seed), mean ± std over the seeds, per method, attack, attacker fraction and defense. A method the run's guard
+seed) — and, on a task with unequal clusters (mnist_offline_label_shift_minority), the smallest cluster's — mean ± std
+over the seeds, per method, attack, attacker fraction and defense. A method the run's guard
 stopped (every client rejected for 5 rounds) is shown as diverged with its round."""
 import json
 import os
@@ -20,11 +21,18 @@ def final_evals(path):
   return evals
 
 
-def worst_cluster(ev, clusters):
+def cluster_accuracies(ev, clusters):
+  """{cluster: example-weighted test accuracy of its clients}."""
   acc = np.asarray(ev['per_client']['accuracy'])
   cnt = np.asarray(ev['per_client']['count'])
-  return min(np.sum(acc[clusters == c] * cnt[clusters == c]) / max(np.sum(cnt[clusters == c]), 1)
-             for c in np.unique(clusters))
+  return {c: np.sum(acc[clusters == c] * cnt[clusters == c]) / max(np.sum(cnt[clusters == c]), 1)
+          for c in np.unique(clusters)}
+
+
+def smallest_cluster(clusters):
+  """The cluster with the fewest clients, or None when all clusters are equal."""
+  sizes = np.bincount(clusters)
+  return None if sizes.min() == sizes.max() else int(np.argmin(sizes))
 
 
 def cell(values):
@@ -40,14 +48,16 @@ def rows_of(path, name):
     if m.get('status') == 'failed':
       rounds = sorted({u.get('round') for u in res['units'][method].values() if u.get('status') == 'failed'})
       text = f'diverged (round {", ".join(map(str, rounds))})'
-      yield method, attack, frac, defense, text, '—'
+      yield method, attack, frac, defense, text, '—', '—'
       continue
     seeds = sorted(s for (meth, s) in evals if meth == method)
     if not seeds:
       continue
     acc = [evals[(method, s)]['test']['test_accuracy'] for s in seeds]
-    worst = [worst_cluster(evals[(method, s)], np.asarray(res['data'][str(s)]['clusters'])) for s in seeds]
-    yield method, attack, frac, defense, cell(acc), cell(worst)
+    per_cluster = [cluster_accuracies(evals[(method, s)], np.asarray(res['data'][str(s)]['clusters'])) for s in seeds]
+    small = smallest_cluster(np.asarray(res['data'][str(seeds[0])]['clusters']))
+    yield (method, attack, frac, defense, cell(acc), cell([min(c.values()) for c in per_cluster]),
+           '—' if small is None else cell([c[small] for c in per_cluster]))
 
 
 def main(out):
@@ -56,10 +66,12 @@ def main(out):
     path = os.path.join(out, name)
     if name.count('-') == 2 and os.path.isfile(os.path.join(path, 'results.json')):
       rows.extend(rows_of(path, name))
-  print('| method | attack | attackers | defense | test accuracy % | worst cluster % |')
-  print('|---|---|---|---|---|---|')
-  for m, a, f, g, acc, worst in sorted(rows, key=lambda r: (r[0], r[3], r[1] != 'none', r[1], r[2])):
-    print(f'| {m} | {a} | {float(f):.0%} | {g} | {acc} | {worst} |')
+  minority = any(r[6] != '—' for r in rows)
+  print('| method | attack | attackers | defense | test accuracy % | worst cluster % |'
+        + (' smallest cluster % |' if minority else ''))
+  print('|---|---|---|---|---|---|' + ('---|' if minority else ''))
+  for m, a, f, g, acc, worst, small in sorted(rows, key=lambda r: (r[0], r[3], r[1] != 'none', r[1], r[2])):
+    print(f'| {m} | {a} | {float(f):.0%} | {g} | {acc} | {worst} |' + (f' {small} |' if minority else ''))
 
 
 if __name__ == '__main__':

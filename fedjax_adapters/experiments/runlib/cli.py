@@ -171,7 +171,10 @@ def _convert(text: Any, kind: Any, key: str) -> Any:
   if typing.get_origin(kind) in (typing.Union, types.UnionType):
     if type(None) in args and (text is None or (isinstance(text, str) and text.lower() in ('none', 'null'))):
       return None
-    for option in (a for a in args if a is not type(None)):
+    options = [a for a in args if a is not type(None)]
+    if len(options) == 1:  # Optional[X]: X's own message
+      return _convert(text, options[0], key)
+    for option in options:
       try:
         return _convert(text, option, key)
       except UserError:
@@ -193,6 +196,11 @@ def _convert(text: Any, kind: Any, key: str) -> Any:
     if kind is int and isinstance(text, float) and text != value:
       raise UserError(f'{key}={text!r}: expected an integer')
     return value
+  if typing.get_origin(kind) is tuple and len(args) == 2 and args[1] is Ellipsis:
+    items = text.split(',') if isinstance(text, str) else text
+    if not isinstance(items, (list, tuple)):
+      raise UserError(f'{key}={text!r}: expected comma-separated values')
+    return tuple(_convert(i.strip() if isinstance(i, str) else i, args[0], key) for i in items)
   if kind is str:
     if not isinstance(text, str):
       raise UserError(f'{key}={text!r}: expected a string')
