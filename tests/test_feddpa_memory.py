@@ -63,6 +63,25 @@ def test_bad_lever_values_are_refused(flag, capsys):
   assert e.value.code == 2 and flag[1] in capsys.readouterr().err
 
 
+def test_gguf_lever_needs_a_gguf_model_and_its_dry_run_counts_the_files_blocks(capsys, tmp_path):
+  with pytest.raises(SystemExit) as e:
+    exp.main(SMALL + ['--dry-run', '--quantize', 'gguf'])
+  err = capsys.readouterr().err.strip()
+  assert e.value.code == 2 and len(err.splitlines()) == 1
+  assert '--quantize gguf keeps the quantized blocks of a GGUF model, and --model tiny is not one' in err
+  # A tiny Q4_1 file: the dry run models its linears as 4-bit blocks (what the runner's int4 lever compiles).
+  import gguf  # pylint: disable=g-import-not-at-top
+  from llama_testing import random_llama, write_gguf  # pylint: disable=g-import-not-at-top
+  path = tmp_path / 'tiny.gguf'
+  config = llama.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2)
+  write_gguf(path, random_llama(config, 0), quant=gguf.GGMLQuantizationType.Q4_1)
+  argv = SMALL + ['--model', str(path), '--dry-run']
+  report = exp.main(argv + ['--quantize', 'gguf'])['memory']
+  assert report['levers']['quantize'] == 'gguf'
+  assert report['one'] == exp.main(argv + ['--quantize', 'int4'])['memory']['one']  # below f32: the test above
+
+
 def test_runner_lever_names_match_the_library():
   assert exp.REMAT_POLICIES == tuple(llama.REMAT_POLICIES)
   assert exp.BASE_DTYPES == tuple(memory.BASE_DTYPES)

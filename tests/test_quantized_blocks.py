@@ -95,3 +95,26 @@ def test_gguf_kept_quantized_equals_the_dequantized_load(tmp_path, quant):
   quant_bytes = sum(x.nbytes for _, m in layers.items() for x in jax.tree.leaves(nnx.state(m)))
   dense_bytes = sum(4 * m.in_features * m.out_features for m in layers.values())
   assert quant_bytes < dense_bytes * (0.3 if quant == 'Q8_0' else 0.2), (quant_bytes, dense_bytes)
+
+
+def test_gguf_lever_keeps_the_files_blocks_and_lora_trains_on_them(tmp_path):
+  """--quantize gguf: the runner's levers leave a kept-quantized base as loaded; LoRA on it equals LoRA on the
+  expanded load (same values), and the LoRA factors get gradients while the blocks stay uint8."""
+  from fedjax_adapters.experiments.runlib import memory  # pylint: disable=g-import-not-at-top
+  path = tmp_path / 'tiny.gguf'
+  write_gguf(path, random_llama(LlamaConfig(**CONFIG), 0), quant=gguf.GGMLQuantizationType.Q4_1)
+  spec = AdapterSpec(target=r'.*(q_proj|v_proj)', rank=4, num_global=1, bias=False)
+  kept = adapt(llama_loaders.load_gguf(path, keep_quantized=True)[0], spec, key=jax.random.key(1))
+  plain = adapt(llama_loaders.load_gguf(path)[0], spec, key=jax.random.key(1))
+  blocks = [p for p, m in nnx.iter_graph(kept) if isinstance(m, quantized.BlockQuantizedLinear)]
+  memory.apply_levers(kept, memory.Levers(quantize='gguf'))
+  assert [p for p, m in nnx.iter_graph(kept) if isinstance(m, quantized.BlockQuantizedLinear)] == blocks
+  assert len(blocks) == 2 * 7 + 1
+  np.testing.assert_allclose(_forward(kept), _forward(plain), rtol=1e-6, atol=1e-6)
+  mdef, parts = split_model(kept)
+  grads = jax.tree.leaves(jax.grad(lambda a: jnp.sum(mdef.apply({**parts, 'adapters': a}, IDS)[0] ** 2))(
+      parts['adapters']))
+  assert len(grads) == 2 * 2 * 2 and all(bool(jnp.isfinite(g).all()) for g in grads)  # A and B of q, v per layer
+  assert sum(float(jnp.abs(g).max()) > 0 for g in grads) >= 4  # B starts at zero, so at least every B moves
+  assert {m.values.get_value().dtype for p, m in nnx.iter_graph(kept)
+          if isinstance(m, quantized.BlockQuantizedLinear)} == {np.dtype('uint8')}

@@ -46,7 +46,7 @@ MAX_EPOCHS = 1000
 HIDDEN_SIZES = {'tiny': 32, 'smollm2': 576}  # the built-in models (configs.MODELS); feddpa_run.load_base builds them
 BASE_DTYPES = ('f32', 'bf16')   # runlib.memory.BASE_DTYPES (kept here: no JAX before the plan is checked)
 REMAT_POLICIES = ('full', 'dots', 'dots_no_batch')   # models.llama.REMAT_POLICIES
-QUANTIZE = ('int8', 'int4')
+QUANTIZE = ('int8', 'int4', 'gguf')
 # The personalized-LoRA family (docs/family.md) on the decoder: feddpa_family.FAMILY (kept here: no JAX before the
 # plan is checked), and FedALT, which is refused (REFUSED says why).
 FAMILY = ('fedsa_lora', 'ditto', 'flora', 'hetlora')
@@ -132,7 +132,8 @@ def build_parser() -> cli.Parser:
                  help='recompute each decoder layer in the backward pass (full: save nothing; dots: save matmuls)')
   m.add_argument('--quantize', choices=QUANTIZE, default=None,
                  help='quantized frozen base linears, dequantized inside the matmul (QLoRA-style): int8 per output '
-                      'channel, or int4 in blocks of 64 inputs with a scale and an offset')
+                      'channel, int4 in blocks of 64 inputs with a scale and an offset, or gguf: a GGUF model\'s own '
+                      'Q8_0 / Q4_0 / Q4_1 blocks kept as stored (smollm2 ships Q4_1)')
   m.add_argument('--device-memory', type=cli.positive_float, default=None, metavar='GB',
                  help="memory to fit the training step in, GB (default: the device's own; the CPU reports none)")
   m.add_argument('--dry-run', action='store_true',
@@ -270,6 +271,7 @@ def _resume_plan(args) -> dict:
   plan['cfg'] = settings_from_config(config, where)
   plan['robust'] = _check_robust(robust_flags.from_plan(plan, where), plan['methods'])
   check_family(plan['methods'], plan.get('levers') or {})
+  check_levers(plan['cfg'], plan.get('levers') or {})
   num_clients = checked_data(plan.get('data'), plan['cfg'])[1]
   plan['dp'] = checked_dp_record(plan.get('dp'), plan['methods'], num_clients, where)
   check_model(plan['cfg'])
@@ -366,8 +368,15 @@ def checked_dp_record(dp, methods: list[str], num_clients: int, where: str) -> d
   return _check_dp_methods(dp, methods, name)
 
 
+def check_levers(cfg: configs.FedDPAConfig, levers: dict) -> None:
+  """``--quantize gguf`` keeps a GGUF file's blocks, so the model must be one (smollm2 or a .gguf path)."""
+  if levers.get('quantize') == 'gguf' and cfg.model != 'smollm2' and not str(cfg.model).endswith('.gguf'):
+    raise UserError(f'--quantize gguf keeps the quantized blocks of a GGUF model, and --model {cfg.model} is not one '
+                    '(smollm2 or a .gguf file); use --quantize int8 or int4')
+
+
 def check_family(methods: list[str], levers: dict) -> list[str]:
-  """Refuses FedALT (:data:`REFUSED`) and FLoRA on an int8 base (FLoRA merges its LoRA into the base kernels)."""
+  """Refuses FedALT (:data:`REFUSED`) and FLoRA on a quantized base (FLoRA merges its LoRA into the base kernels)."""
   for m in methods:
     if m in REFUSED:
       raise UserError(REFUSED[m])
@@ -391,6 +400,7 @@ def make_plan(args) -> dict:
   plan.update(levers={'base_dtype': args.base_dtype, 'remat': args.remat, 'quantize': args.quantize},
               dry_run=args.dry_run, device_memory=args.device_memory)
   check_family(plan['methods'], plan['levers'])
+  check_levers(cfg, plan['levers'])
   if args.print_config:
     return plan
   plan['data'], num_clients = checked_data(args.data, cfg)

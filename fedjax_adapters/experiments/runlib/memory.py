@@ -29,14 +29,16 @@ from fedjax_adapters.nn import AdapterSpec, adapt
 from fedjax_adapters.nn import layers as L
 
 BASE_DTYPES = {'f32': jnp.float32, 'bf16': jnp.bfloat16}
-QUANTIZE = (None, 'int8', 'int4')
+QUANTIZE = (None, 'int8', 'int4', 'gguf')  # gguf: the base was loaded with the file's blocks kept
 INT4_BLOCK = 64  # input rows per 4-bit block (QLoRA's block size)
 _TRAINABLE = (L.GlobalAdapter, L.LocalAdapter)
 
 
 @dataclasses.dataclass(frozen=True)
 class Levers:
-  """Memory levers. base_dtype: ``'f32'`` or ``'bf16'``; remat: None or a policy name; quantize: None, 'int8' or 'int4'."""
+  """Memory levers. base_dtype: ``'f32'`` or ``'bf16'``; remat: None or a policy name; quantize: None, 'int8', 'int4'
+  or 'gguf' (the base's linears hold a GGUF file's own Q8_0 / Q4_0 / Q4_1 blocks: ``load_gguf(keep_quantized=True)``
+  does that at load time, so :func:`apply_levers` leaves them as they are)."""
   base_dtype: str = 'f32'
   remat: str | None = None
   quantize: str | None = None
@@ -52,7 +54,7 @@ class Levers:
 
 def apply_levers(model: nnx.Module, levers: Levers) -> nnx.Module:
   """Casts / quantizes the frozen base of an adapted LLaMA and sets its remat policy, in place."""
-  if levers.quantize is not None:
+  if levers.quantize in ('int8', 'int4'):
     quantized.quantize_linears(model, bits=int(levers.quantize[3:]), block=INT4_BLOCK)
   if levers.base_dtype != 'f32':
     quantized.cast_frozen(model, BASE_DTYPES[levers.base_dtype], compute=True)
