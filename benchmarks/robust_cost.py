@@ -10,6 +10,7 @@ Run: python benchmarks/robust_cost.py --json benchmarks/results/robust_cost_cpu_
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -21,10 +22,25 @@ from flax import nnx
 
 from fedjax_adapters import algorithms
 from fedjax_adapters.data.federated import stack_clients
-from fedjax_adapters.federated import client_data, make_round, robust
+from fedjax_adapters.federated import aggregators, client_data, make_round, robust
 
-NAMES = ['mean', 'median', 'trimmed_mean', 'geomed', 'krum', 'multikrum', 'bulyan', 'centered_clip', 'norm_bound']
+NAMES = ['mean', 'median', 'median_sort', 'trimmed_mean', 'trimmed_mean_sort', 'geomed', 'krum', 'multikrum', 'bulyan',
+         'centered_clip', 'norm_bound']
 PARAMS = {'krum': 3, 'multikrum': 3, 'bulyan': 3}
+# The same reducer with its order statistics from a sort at every M (the library compares pairwise up to
+# aggregators.PAIRWISE_MAX_ROWS clients): what the pairwise path saves, side by side.
+SORTED = {'median_sort': 'median', 'trimmed_mean_sort': 'trimmed_mean'}
+
+
+@contextlib.contextmanager
+def order_by_sort(on: bool):
+  saved = aggregators.PAIRWISE_MAX_ROWS, robust.PAIRWISE_MAX_ROWS
+  if on:
+    aggregators.PAIRWISE_MAX_ROWS = robust.PAIRWISE_MAX_ROWS = 0
+  try:
+    yield
+  finally:
+    aggregators.PAIRWISE_MAX_ROWS, robust.PAIRWISE_MAX_ROWS = saved
 
 
 def mlp(rngs):
@@ -35,11 +51,13 @@ def build(name: str, m: int):
   rng = np.random.default_rng(0)
   data = client_data(stack_clients([rng.normal(size=(8, 784)).astype(np.float32) for _ in range(m)],
                                    [rng.integers(0, 10, 8) for _ in range(m)]))
+  base = SORTED.get(name, name)
   alg = algorithms.fedavg(mlp, loss='xent', lr=0.05, batch_size=8,
-                          reducer=robust.reducer_from_name(name, PARAMS.get(name)))
+                          reducer=robust.reducer_from_name(base, PARAMS.get(base)))
   state = alg.init(jax.random.key(0), m)
   round_fn = make_round(alg, clients_per_round=m)
-  state, _ = round_fn(state, data)  # compile + warm
+  with order_by_sort(name in SORTED):  # the path is chosen when the round is traced
+    state, _ = round_fn(state, data)  # compile + warm
   jax.block_until_ready(state)
   return [round_fn, state, data]
 

@@ -11,7 +11,7 @@ from fedjax_adapters.data.federated import stack_clients
 from fedjax_adapters.data.synthetic import synthetic_task
 from fedjax_adapters.federated import (Aggregator, client_data, make_round, mean_aggregator, router_aggregator,
                                        sequential_clients, vmap_clients)
-from fedjax_adapters.federated import robust
+from fedjax_adapters.federated import aggregators, robust
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -60,11 +60,48 @@ def np_trimmed(stacked, w, fallback, fraction):
   return out
 
 
+@pytest.fixture(params=['pairwise', 'sort'])
+def order_path(request, monkeypatch):
+  """Runs a test with order statistics from pairwise comparisons (few clients) and from a sort (many clients)."""
+  if request.param == 'sort':
+    monkeypatch.setattr(aggregators, 'PAIRWISE_MAX_ROWS', 0)
+    monkeypatch.setattr(robust, 'PAIRWISE_MAX_ROWS', 0)
+  return request.param
+
+
 @pytest.mark.parametrize('dead', [(), (2, 6), (2,)])  # even and odd live counts, with and without padding
 @pytest.mark.parametrize('fraction', [0.0, 0.2, 0.34])
-def test_trimmed_mean_equals_numpy(dead, fraction):
+def test_trimmed_mean_equals_numpy(dead, fraction, order_path):
   stacked, w, fb = inputs(dead=dead)
   check(robust.trimmed_mean(fraction), np_trimmed(stacked, w, fb, fraction), stacked, w, fb)
+
+
+def np_weighted_median(x, w):
+  """Per coordinate: the first value, in stable ascending order, at which the cumulative weight reaches half."""
+  flat, out = x.reshape(len(x), -1), []
+  for col in flat.T:
+    order = np.argsort(col, kind='stable')
+    out.append(col[order][np.searchsorted(np.cumsum(w[order]), 0.5 * w.sum())])
+  return np.array(out).reshape(x.shape[1:])
+
+
+@pytest.mark.parametrize('dead', [(), (2, 6), (2,)])
+@pytest.mark.parametrize('float_weights', [False, True])  # counts, and router-probability-like weights
+def test_coordinate_median_equals_numpy_on_both_paths(dead, float_weights, order_path):
+  stacked, w, fb = inputs(dead=dead)
+  if float_weights:
+    w = np.where(w > 0, np.random.default_rng(1).dirichlet(np.ones(len(w))), 0.0).astype(np.float32)
+  got = jax.jit(aggregators.coordinate_median)(stacked, jnp.asarray(w), fb)
+  for k in stacked:
+    np.testing.assert_array_equal(np.asarray(got[k]), np_weighted_median(stacked[k], w))
+
+
+def test_weight_before_is_the_stable_sorts_cumulative_weight():
+  x = np.array([[2., 1.], [1., 1.], [2., 0.], [0., 1.]], np.float32)
+  w = np.array([1., 2., 4., 8.], np.float32)
+  # Column 0 sorts as rows 3, 1, 0, 2 (0 before 2: tie, lower index first); column 1 as 2, 0, 1, 3.
+  np.testing.assert_array_equal(aggregators.weight_before(jnp.asarray(x), jnp.asarray(w)),
+                                [[10., 4.], [8., 5.], [11., 0.], [0., 7.]])
 
 
 def np_geomed(stacked, w, fallback, iters, eps):

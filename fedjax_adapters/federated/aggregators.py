@@ -98,18 +98,44 @@ def server_step(optimizer: optax.GradientTransformation, prev: Any, target: Any,
   return optax.apply_updates(prev, updates), opt_state
 
 
+# Up to this many client rows, order statistics over the client axis come from pairwise comparisons (M^2 compares per
+# coordinate) instead of a sort: XLA:CPU sorts a short axis slowly (~7x slower at 30 clients of the MNIST MLP).
+PAIRWISE_MAX_ROWS = 64
+
+
+def weight_before(x: Array, weights: Array) -> Array:
+  """``[M, ...]``: per coordinate, the summed ``weights`` of the rows that come before each row in the stable
+  ascending order of ``x`` over axis 0 (``x_j < x_i``, or ``x_j == x_i`` and ``j < i``). With unit weights it is
+  each row's rank. A sort's order statistics without a sort (``M^2`` compares in a loop over rows)."""
+  m = x.shape[0]
+  index = jnp.arange(m).reshape((m,) + (1,) * (x.ndim - 1))
+  weights = weights.astype(jnp.float32)
+
+  def add_row(j, acc):
+    xj = jax.lax.dynamic_index_in_dim(x, j, keepdims=False)
+    return acc + jnp.where((xj < x) | ((xj == x) & (j < index)), weights[j], 0.0)
+
+  return jax.lax.fori_loop(0, m, add_row, jnp.zeros(x.shape, jnp.float32))
+
+
 def coordinate_median(stacked: Any, weights: Array, fallback: Any) -> Any:
   """Weighted coordinate-wise median over axis 0 (a :data:`Reducer`); clients with weight 0 are ignored.
 
-  For every coordinate, the smallest value at which the clients' cumulative weight reaches half the total.
+  For every coordinate, the smallest value at which the clients' cumulative weight reaches half the total (from
+  :func:`weight_before` for up to :data:`PAIRWISE_MAX_ROWS` rows, else from a sort; the same values).
   """
   total = jnp.sum(weights)
 
   def one(x, old):
-    order = jnp.argsort(x, axis=0)
-    w = jnp.take(weights, order).astype(jnp.float32)  # weights in sorted order, per coordinate
-    idx = jnp.argmax(jnp.cumsum(w, axis=0) >= 0.5 * total, axis=0)
-    med = jnp.take_along_axis(jnp.sort(x, axis=0), idx[None], axis=0)[0]
+    if x.shape[0] <= PAIRWISE_MAX_ROWS:
+      w = weights.astype(jnp.float32).reshape((-1,) + (1,) * (x.ndim - 1))
+      reaches = (w > 0) & (weight_before(x, weights) + w >= 0.5 * total)
+      med = jnp.min(jnp.where(reaches, x, jnp.inf), axis=0).astype(x.dtype)
+    else:
+      order = jnp.argsort(x, axis=0)
+      w = jnp.take(weights, order).astype(jnp.float32)  # weights in sorted order, per coordinate
+      idx = jnp.argmax(jnp.cumsum(w, axis=0) >= 0.5 * total, axis=0)
+      med = jnp.take_along_axis(jnp.sort(x, axis=0), idx[None], axis=0)[0]
     return jnp.where(total > 0, med, old).astype(old.dtype)
 
   return jax.tree.map(one, stacked, fallback)
