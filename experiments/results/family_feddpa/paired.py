@@ -32,9 +32,10 @@ def load(run, seed):
 def main(base_run, family_run, seed=0):
   base, base_scores = load(base_run, seed)
   family, family_scores = load(family_run, seed)
-  for key in ('settings', 'client_categories', 'test_categories'):
-    if base[key] != family[key]:
-      sys.exit(f'error: the runs differ in {key}; paired differences need the same settings and prompts')
+  a, b = base['settings'], family['settings']
+  differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))  # a setting added later is None in older runs
+  if differ or base['test_categories'] != family['test_categories']:
+    sys.exit(f'error: the runs differ in {differ or "test prompts"}; paired differences need the same settings')
   samples = base['intervals'][str(seed)]['num_samples']
   comparisons = [(m, b, block) for m in family_scores for b in ('fedit', 'local') if b in base_scores
                  for block in rouge.BLOCKS]
