@@ -2,7 +2,10 @@
 accuracy and the worst cluster's accuracy (the example-weighted accuracy of the cluster with the lowest one, per
 seed) — and, on a task with unequal clusters (mnist_offline_label_shift_minority), the smallest cluster's — mean ± std
 over the seeds, per method, attack, attacker fraction and defense. A method the run's guard
-stopped (every client rejected for 5 rounds) is shown as diverged with its round."""
+stopped (every client rejected for 5 rounds) is shown as diverged with its round. With ``--matrix``: one table per
+method, attacks down and defenses across (the README's form).
+
+Usage: python summarize.py OUT [--matrix]"""
 import json
 import os
 import sys
@@ -60,12 +63,32 @@ def rows_of(path, name):
            '—' if small is None else cell([c[small] for c in per_cluster]))
 
 
-def main(out):
+DEFENSE_ORDER = ['mean', 'median', 'trimmed_mean_0.3', 'geomed_8', 'krum', 'centered_clip_1.0', 'norm_bound_0.5']
+
+
+def matrix(rows):
+  """One table per method: a row per attack and attacker fraction, a column per defense, cells ``accuracy (worst
+  cluster)``; a cell that was not run is empty."""
+  defenses = [d for d in DEFENSE_ORDER if any(r[3] == d for r in rows)]
+  defenses += sorted({r[3] for r in rows} - set(defenses))
+  for method in sorted({r[0] for r in rows}):
+    cells = {(r[1], r[2], r[3]): r[4] if r[5] == '—' else f'{r[4]} ({r[5]})' for r in rows if r[0] == method}
+    print(f'\n{method}: test accuracy % (worst cluster %)\n')
+    print('| attack | attackers | ' + ' | '.join(defenses) + ' |')
+    print('|---|---|' + '---|' * len(defenses))
+    for attack, frac in sorted({k[:2] for k in cells}, key=lambda k: (k[0] != 'none', k[0], k[1])):
+      print(f'| {attack} | {float(frac):.0%} | ' + ' | '.join(cells.get((attack, frac, d), '')
+                                                          for d in defenses) + ' |')
+
+
+def main(out, as_matrix=False):
   rows = []
   for name in sorted(os.listdir(out)):
     path = os.path.join(out, name)
     if name.count('-') == 2 and os.path.isfile(os.path.join(path, 'results.json')):
       rows.extend(rows_of(path, name))
+  if as_matrix:
+    return matrix(rows)
   minority = any(r[6] != '—' for r in rows)
   print('| method | attack | attackers | defense | test accuracy % | worst cluster % |'
         + (' smallest cluster % |' if minority else ''))
@@ -75,4 +98,4 @@ def main(out):
 
 
 if __name__ == '__main__':
-  main(sys.argv[1])
+  main(sys.argv[1], '--matrix' in sys.argv[2:])
