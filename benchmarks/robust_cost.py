@@ -25,11 +25,11 @@ from fedjax_adapters.data.federated import stack_clients
 from fedjax_adapters.federated import aggregators, client_data, make_round, robust
 
 NAMES = ['mean', 'median', 'median_sort', 'trimmed_mean', 'trimmed_mean_sort', 'geomed', 'krum', 'multikrum', 'bulyan',
-         'centered_clip', 'norm_bound']
+         'bulyan_sort', 'centered_clip', 'norm_bound']
 PARAMS = {'krum': 3, 'multikrum': 3, 'bulyan': 3}
 # The same reducer with its order statistics from a sort at every M (the library compares pairwise up to
 # aggregators.PAIRWISE_MAX_ROWS clients): what the pairwise path saves, side by side.
-SORTED = {'median_sort': 'median', 'trimmed_mean_sort': 'trimmed_mean'}
+SORTED = {'median_sort': 'median', 'trimmed_mean_sort': 'trimmed_mean', 'bulyan_sort': 'bulyan'}
 
 
 @contextlib.contextmanager

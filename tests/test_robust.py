@@ -181,7 +181,7 @@ def np_bulyan(stacked, w, fallback, f):
 
 
 @pytest.mark.parametrize('dead,f', [((2, 6), 1), ((), 1), ((), 2)])
-def test_bulyan_equals_numpy(dead, f):
+def test_bulyan_equals_numpy(dead, f, order_path):
   stacked, w, fb = inputs(seed=3, dead=dead, ties=False)
   check(robust.bulyan(f, chunk=3), np_bulyan(stacked, w, fb, f), stacked, w, fb)
 

@@ -207,7 +207,8 @@ def bulyan(num_byzantine: int, chunk: int = 256) -> Reducer:
   Tolerates ``f`` Byzantine clients when ``n >= 4f + 3``; with fewer live clients ``theta`` and ``beta`` are clamped
   to at least 1. Memory: the ``[M, M]`` squared-distance matrix is held (built ``chunk`` rows at a time) because each
   of the ``theta`` Krum rounds rescores the remaining set: 64 MiB at M = 4096; the selection costs
-  ``O(M^2 D + M^3 log M)``, so Bulyan suits cohorts up to about a thousand clients.
+  ``O(M^2 D + M^3 log M)``, so Bulyan suits cohorts up to about a thousand clients. The second stage's order
+  statistics come from pairwise comparisons up to ``PAIRWISE_MAX_ROWS`` clients, else from sorts.
 
   Args:
     num_byzantine: ``f`` (>= 0).
@@ -227,13 +228,21 @@ def bulyan(num_byzantine: int, chunk: int = 256) -> Reducer:
 
     def one(x, old):
       flat = x.reshape(x.shape[0], -1).astype(jnp.float32)
-      srt = jnp.sort(jnp.where(chosen[:, None], flat, jnp.inf), axis=0)
-      lo = jnp.take(srt, jnp.maximum((s - 1) // 2, 0), axis=0)
-      hi = jnp.take(srt, jnp.maximum(s // 2, 0), axis=0)
+      if x.shape[0] <= PAIRWISE_MAX_ROWS:  # ranks among the chosen rows from pairwise comparisons, no sort
+        rank = weight_before(flat, chosen)
+        at = lambda k: jnp.sum(jnp.where(chosen[:, None] & (rank == k), flat, 0.0), axis=0)
+        lo, hi = at(jnp.maximum((s - 1) // 2, 0)), at(jnp.maximum(s // 2, 0))
+      else:
+        srt = jnp.sort(jnp.where(chosen[:, None], flat, jnp.inf), axis=0)
+        lo = jnp.take(srt, jnp.maximum((s - 1) // 2, 0), axis=0)
+        hi = jnp.take(srt, jnp.maximum(s // 2, 0), axis=0)
       gap = jnp.where(chosen[:, None], jnp.abs(flat - 0.5 * (lo + hi)[None]), jnp.inf)
-      order = jnp.argsort(gap, axis=0, stable=True)
-      near = jnp.arange(x.shape[0])[:, None] < beta
-      mean = jnp.sum(jnp.where(near, jnp.take_along_axis(flat, order, axis=0), 0.0), axis=0) / beta
+      if x.shape[0] <= PAIRWISE_MAX_ROWS:
+        near, vals = chosen[:, None] & (weight_before(gap, chosen) < beta), flat
+      else:
+        near = jnp.arange(x.shape[0])[:, None] < beta
+        vals = jnp.take_along_axis(flat, jnp.argsort(gap, axis=0, stable=True), axis=0)
+      mean = jnp.sum(jnp.where(near, vals, 0.0), axis=0) / beta
       return jnp.where(s > 0, mean, old.reshape(-1)).reshape(old.shape).astype(old.dtype)
 
     return jax.tree.map(one, stacked, fallback)
